@@ -1,0 +1,1 @@
+"""Embedding pickles -> per-class arrays -> N-way K-shot episodes."""

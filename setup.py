@@ -1,0 +1,41 @@
+"""Packaging for leo_tf: LEO (Rusu et al., ICLR 2019) in TensorFlow 2 / Keras."""
+
+import pathlib
+
+import setuptools
+
+_HERE = pathlib.Path(__file__).parent
+
+setuptools.setup(
+    name="leo_tf",
+    version="0.1.0",
+    description=(
+        "Meta-Learning with Latent Embedding Optimization (LEO) in "
+        "TensorFlow 2 / Keras"
+    ),
+    long_description=(_HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["leo_tf", "leo_tf.*"]),
+    install_requires=[
+        "tensorflow>=2.16,<3",
+        "tensorflow-probability[tf]>=0.24,<1",
+        "tensorflow-datasets>=4.9,<5",
+        "absl-py>=1.4,<3",
+        "numpy>=1.23,<3",
+    ],
+    extras_require={
+        "test": ["pytest>=7,<10"],
+    },
+    entry_points={
+        "console_scripts": [
+            "leo-train=leo_tf.train:run",
+            "leo-export=leo_tf.export:run",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
