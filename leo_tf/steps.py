@@ -1,0 +1,105 @@
+"""The compiled outer-loop steps: meta-training update and evaluation.
+
+The meta-training step differentiates the meta-batch loss through both inner
+loops (second order), replaces NaN gradients by a weight-decay pull (spec
+item 10), clips each gradient tensor by value then by norm (item 11), and
+applies Adam.
+"""
+
+from typing import NamedTuple
+
+import keras
+import tensorflow as tf
+
+# Weight of the fallback L2 objective used when the loss or a gradient is NaN.
+_NAN_FALLBACK_L2_WEIGHT = 1e-4
+
+
+class TrainMetrics(NamedTuple):
+  """Scalars of one meta-training step (means over the meta-batch)."""
+  loss: tf.Tensor              # total objective (NaN if the guard fired)
+  query_loss: tf.Tensor
+  accuracy: tf.Tensor
+  kl: tf.Tensor
+  encoder_penalty: tf.Tensor
+  l2: tf.Tensor
+  orthogonality: tf.Tensor
+  gradient_norm: tf.Tensor     # global norm of the gradients before clipping
+  nan_guard: tf.Tensor         # bool: the NaN guard replaced the gradients
+  latents: tf.Tensor           # [B, N, K, L] initial latent codes
+
+
+def make_optimizer(config):
+  """Adam with the authors' TF1 defaults (epsilon 1e-8)."""
+  return keras.optimizers.Adam(learning_rate=config.outer_lr, epsilon=1e-8)
+
+
+def nan_guarded_gradients(loss, gradients, variables, weight_matrices):
+  """Replaces the gradients by those of 1e-4 * sum(w^2)/2 if any is NaN.
+
+  Args:
+    loss: scalar.
+    gradients: list of tensors, one per variable.
+    variables: the trainable variables.
+    weight_matrices: the variables the fallback decays (others get zeros).
+
+  Returns:
+    (gradients, fired): the gradients to apply and a bool scalar.
+  """
+  fired = tf.logical_not(tf.math.is_finite(loss))
+  for gradient in gradients:
+    fired = tf.logical_or(fired, tf.reduce_any(tf.math.is_nan(gradient)))
+  decayed = {id(w) for w in weight_matrices}
+  fallback = [
+      _NAN_FALLBACK_L2_WEIGHT * tf.convert_to_tensor(v) if id(v) in decayed
+      else tf.zeros_like(g) for g, v in zip(gradients, variables)]
+  guarded = [tf.where(fired, f, g) for f, g in zip(fallback, gradients)]
+  return guarded, fired
+
+
+def clip_gradients(gradients, value_threshold, norm_threshold):
+  """Clips each tensor to [-value, value], then each to norm <= norm."""
+  if value_threshold > 0:
+    gradients = [tf.clip_by_value(g, -value_threshold, value_threshold)
+                 for g in gradients]
+  if norm_threshold > 0:
+    gradients = [tf.clip_by_norm(g, norm_threshold) for g in gradients]
+  return gradients
+
+
+def train_step_fn(model, optimizer, config):
+  """The uncompiled meta-training step: (episodes, noise) -> TrainMetrics."""
+  variables = model.trainable_variables
+
+  def step(episodes, noise):
+    with tf.GradientTape() as tape:
+      objective = model.meta_batch_loss(episodes, noise)
+    gradients = tape.gradient(objective.total, variables)
+    gradients, fired = nan_guarded_gradients(
+        objective.total, gradients, variables, model.weight_matrices)
+    gradient_norm = tf.linalg.global_norm(gradients)
+    gradients = clip_gradients(gradients, config.gradient_threshold,
+                               config.gradient_norm_threshold)
+    optimizer.apply_gradients(zip(gradients, variables))
+    outputs = objective.episodes
+    return TrainMetrics(
+        loss=objective.total,
+        query_loss=tf.reduce_mean(outputs.query_loss),
+        accuracy=tf.reduce_mean(outputs.accuracy),
+        kl=tf.reduce_mean(outputs.kl),
+        encoder_penalty=tf.reduce_mean(outputs.encoder_penalty),
+        l2=objective.l2, orthogonality=objective.orthogonality,
+        gradient_norm=gradient_norm, nan_guard=fired,
+        latents=outputs.latents)
+
+  return step
+
+
+def episode_spec(batch_size, num_classes, num_tr, num_val, embedding_dim):
+  """TensorSpecs of a meta-batch: (tr_input, tr_output, val_input, val_output)."""
+  support = [batch_size, num_classes, num_tr]
+  query = [batch_size, num_classes, num_val]
+  return (tf.TensorSpec(support + [embedding_dim], tf.float32),
+          tf.TensorSpec(support + [1], tf.int32),
+          tf.TensorSpec(query + [embedding_dim], tf.float32),
+          tf.TensorSpec(query + [1], tf.int32))
