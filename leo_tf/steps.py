@@ -11,6 +11,8 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
+from leo_tf.noise import EpisodeNoise
+
 # Weight of the fallback L2 objective used when the loss or a gradient is NaN.
 _NAN_FALLBACK_L2_WEIGHT = 1e-4
 
@@ -70,6 +72,10 @@ def clip_gradients(gradients, value_threshold, norm_threshold):
 def train_step_fn(model, optimizer, config):
   """The uncompiled meta-training step: (episodes, noise) -> TrainMetrics."""
   variables = model.trainable_variables
+  # Creating Adam's slots up front keeps variable creation out of the trace,
+  # so the compiled step traces once.
+  if not optimizer.built:
+    optimizer.build(variables)
 
   def step(episodes, noise):
     with tf.GradientTape() as tape:
@@ -95,11 +101,47 @@ def train_step_fn(model, optimizer, config):
   return step
 
 
-def episode_spec(batch_size, num_classes, num_tr, num_val, embedding_dim):
-  """TensorSpecs of a meta-batch: (tr_input, tr_output, val_input, val_output)."""
+def episodes_spec(episodes_type, batch_size, num_classes, num_tr, num_val,
+                  embedding_dim):
+  """TensorSpecs of a meta-batch, as an `episodes_type` (e.g. Episodes)."""
   support = [batch_size, num_classes, num_tr]
   query = [batch_size, num_classes, num_val]
-  return (tf.TensorSpec(support + [embedding_dim], tf.float32),
-          tf.TensorSpec(support + [1], tf.int32),
-          tf.TensorSpec(query + [embedding_dim], tf.float32),
-          tf.TensorSpec(query + [1], tf.int32))
+  return episodes_type(
+      tr_input=tf.TensorSpec(support + [embedding_dim], tf.float32),
+      tr_output=tf.TensorSpec(support + [1], tf.int32),
+      val_input=tf.TensorSpec(query + [embedding_dim], tf.float32),
+      val_output=tf.TensorSpec(query + [1], tf.int32))
+
+
+def noise_spec(episodes_spec_, model_config, dtype=tf.float32):
+  """TensorSpecs of the EpisodeNoise that goes with `episodes_spec_`."""
+  support = episodes_spec_.tr_input.shape.as_list()
+  query = episodes_spec_.val_input.shape.as_list()
+  steps = (model_config.inner_unroll_length
+           + model_config.finetuning_unroll_length)
+  return EpisodeNoise(
+      encoder_dropout=tf.TensorSpec(support, dtype),
+      latent=tf.TensorSpec(support[:-1] + [model_config.num_latents], dtype),
+      weights=tf.TensorSpec([model_config.inner_unroll_length + 1] + support,
+                            dtype),
+      support_dropout=tf.TensorSpec([steps] + support, dtype),
+      query_dropout=tf.TensorSpec(query, dtype))
+
+
+def compile_train_step(model, optimizer, config, episodes_spec_):
+  """The meta-training step as a tf.function traced once for these shapes."""
+  return tf.function(
+      train_step_fn(model, optimizer, config),
+      input_signature=[episodes_spec_,
+                       noise_spec(episodes_spec_, model.config,
+                                  model.compute_dtype)])
+
+
+def compile_eval_step(model, episodes_spec_):
+  """Evaluation: episodes -> (accuracy [B], query loss [B]), no noise."""
+
+  def step(episodes):
+    outputs = model.run_episodes(episodes)
+    return outputs.accuracy, outputs.query_loss
+
+  return tf.function(step, input_signature=[episodes_spec_])
