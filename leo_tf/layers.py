@@ -10,144 +10,160 @@ import tensorflow as tf
 
 
 def _glorot(seed):
-  return keras.initializers.GlorotUniform(seed=seed)
+    return keras.initializers.GlorotUniform(seed=seed)
 
 
 def _linear(inputs, kernel):
-  """Applies a bias-free linear map `[..., I] x [I, O] -> [..., O]`.
+    """Applies a bias-free linear map `[..., I] x [I, O] -> [..., O]`.
 
-  Written as one 2-D matmul on the flattened leading axes: TensorFlow's
-  gradient of the equivalent `einsum("...i,io->...o")` is ~50x slower on CPU.
-  """
-  leading = tf.shape(inputs)[:-1]
-  flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
-  outputs = tf.matmul(flat, kernel)
-  return tf.reshape(outputs, tf.concat([leading, [kernel.shape[-1]]], axis=0))
+    Written as one 2-D matmul on the flattened leading axes: TensorFlow's
+    gradient of the equivalent `einsum("...i,io->...o")` is ~50x slower on CPU.
+    """
+    leading = tf.shape(inputs)[:-1]
+    flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
+    outputs = tf.matmul(flat, kernel)
+    return tf.reshape(outputs, tf.concat([leading, [kernel.shape[-1]]], axis=0))
 
 
 class Encoder(keras.layers.Layer):
-  """Dropout, then a bias-free linear map from embeddings to latent codes.
+    """Dropout, then a bias-free linear map from embeddings to latent codes.
 
-  `[B, N, K, D] -> [B, N, K, L]`. Dropout is applied with a pre-drawn, scaled
-  keep mask (0 or 1 / (1 - rate)) so that the random numbers come from the
-  input pipeline; no mask means no dropout (evaluation).
-  """
+    `[B, N, K, D] -> [B, N, K, L]`. Dropout is applied with a pre-drawn, scaled
+    keep mask (0 or 1 / (1 - rate)) so that the random numbers come from the
+    input pipeline; no mask means no dropout (evaluation).
+    """
 
-  def __init__(self, num_latents, seed=None, **kwargs):
-    super().__init__(**kwargs)
-    self.num_latents = num_latents
-    self.seed = seed
+    def __init__(self, num_latents, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_latents = num_latents
+        self.seed = seed
 
-  def build(self, input_shape):
-    self.kernel = self.add_weight(
-        name="kernel", shape=(input_shape[-1], self.num_latents),
-        initializer=_glorot(self.seed))
+    def build(self, input_shape):
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(input_shape[-1], self.num_latents),
+            initializer=_glorot(self.seed),
+        )
 
-  def call(self, inputs, dropout_mask=None):
-    """inputs, dropout_mask: [B, N, K, D] -> codes [B, N, K, L]."""
-    return _linear(apply_dropout(inputs, dropout_mask), self.kernel)
+    def call(self, inputs, dropout_mask=None):
+        """inputs, dropout_mask: [B, N, K, D] -> codes [B, N, K, L]."""
+        return _linear(apply_dropout(inputs, dropout_mask), self.kernel)
 
-  def get_config(self):
-    return {**super().get_config(), "num_latents": self.num_latents,
-            "seed": self.seed}
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_latents": self.num_latents,
+            "seed": self.seed,
+        }
 
 
 class RelationNetwork(keras.layers.Layer):
-  """Relates every code to every other code of the episode, then averages.
+    """Relates every code to every other code of the episode, then averages.
 
-  `[B, N, K, L] -> [B, N, K, 2L]`: for all (NK)^2 ordered pairs (i, j) of the
-  episode's codes, a 3-layer bias-free MLP of width 2L (ReLU between layers,
-  none after the last) maps concat(code_i, code_j) to 2L outputs; these are
-  averaged over the partners j, then over the K examples of each class, and
-  the class average is broadcast back to the K examples.
+    `[B, N, K, L] -> [B, N, K, 2L]`: for all (NK)^2 ordered pairs (i, j) of the
+    episode's codes, a 3-layer bias-free MLP of width 2L (ReLU between layers,
+    none after the last) maps concat(code_i, code_j) to 2L outputs; these are
+    averaged over the partners j, then over the K examples of each class, and
+    the class average is broadcast back to the K examples.
 
-  Two exact rewrites keep this cheap without changing the result:
-  * concat(a, b) @ W1 = a @ W1[:L] + b @ W1[L:], so the first layer runs on the
-    NK codes instead of the (NK)^2 concatenated pairs;
-  * mean_j(h_ij @ W3) = (mean_j h_ij) @ W3, since the last layer is linear, so
-    the last layer runs after averaging over partners.
-  """
+    Two exact rewrites keep this cheap without changing the result:
+    * concat(a, b) @ W1 = a @ W1[:L] + b @ W1[L:], so the first layer runs on the
+      NK codes instead of the (NK)^2 concatenated pairs;
+    * mean_j(h_ij @ W3) = (mean_j h_ij) @ W3, since the last layer is linear, so
+      the last layer runs after averaging over partners.
+    """
 
-  def __init__(self, num_layers=3, seed=None, **kwargs):
-    super().__init__(**kwargs)
-    self.num_layers = num_layers
-    self.seed = seed
+    def __init__(self, num_layers=3, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_layers = num_layers
+        self.seed = seed
 
-  def build(self, input_shape):
-    width = 2 * input_shape[-1]
-    self.kernels = [
-        self.add_weight(name=f"kernel_{i}", shape=(width, width),
-                        initializer=_glorot(
-                            None if self.seed is None else self.seed + i))
-        for i in range(self.num_layers)
-    ]
+    def build(self, input_shape):
+        width = 2 * input_shape[-1]
+        self.kernels = [
+            self.add_weight(
+                name=f"kernel_{i}",
+                shape=(width, width),
+                initializer=_glorot(None if self.seed is None else self.seed + i),
+            )
+            for i in range(self.num_layers)
+        ]
 
-  def call(self, codes):
-    """codes: [B, N, K, L] -> class-averaged relation outputs [B, N, K, 2L]."""
-    shape = tf.shape(codes)
-    batch, num_classes, num_shots = shape[0], shape[1], shape[2]
-    num_latents = codes.shape[-1]
-    flat = tf.reshape(codes, [batch, num_classes * num_shots, num_latents])
-    first = self.kernels[0]
-    own = _linear(flat, first[:num_latents])        # [B, NK, 2L], code_i part
-    partner = _linear(flat, first[num_latents:])    # [B, NK, 2L], code_j part
-    hidden = tf.nn.relu(own[:, :, None, :] + partner[:, None, :, :])
-    for kernel in self.kernels[1:-1]:
-      hidden = tf.nn.relu(_linear(hidden, kernel))  # [B, NK(i), NK(j), 2L]
-    related = _linear(tf.reduce_mean(hidden, axis=2), self.kernels[-1])
-    related = tf.reshape(related, [batch, num_classes, num_shots, -1])
-    class_mean = tf.reduce_mean(related, axis=2, keepdims=True)
-    return tf.broadcast_to(class_mean, tf.shape(related))
+    def call(self, codes):
+        """codes: [B, N, K, L] -> class-averaged relation outputs [B, N, K, 2L]."""
+        shape = tf.shape(codes)
+        batch, num_classes, num_shots = shape[0], shape[1], shape[2]
+        num_latents = codes.shape[-1]
+        flat = tf.reshape(codes, [batch, num_classes * num_shots, num_latents])
+        first = self.kernels[0]
+        own = _linear(flat, first[:num_latents])  # [B, NK, 2L], code_i part
+        partner = _linear(flat, first[num_latents:])  # [B, NK, 2L], code_j part
+        hidden = tf.nn.relu(own[:, :, None, :] + partner[:, None, :, :])
+        for kernel in self.kernels[1:-1]:
+            hidden = tf.nn.relu(_linear(hidden, kernel))  # [B, NK(i), NK(j), 2L]
+        related = _linear(tf.reduce_mean(hidden, axis=2), self.kernels[-1])
+        related = tf.reshape(related, [batch, num_classes, num_shots, -1])
+        class_mean = tf.reduce_mean(related, axis=2, keepdims=True)
+        return tf.broadcast_to(class_mean, tf.shape(related))
 
-  def get_config(self):
-    return {**super().get_config(), "num_layers": self.num_layers,
-            "seed": self.seed}
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_layers": self.num_layers,
+            "seed": self.seed,
+        }
 
 
 class Decoder(keras.layers.Layer):
-  """Bias-free linear map from latent codes to classifier-weight parameters.
+    """Bias-free linear map from latent codes to classifier-weight parameters.
 
-  `[B, N, K, L] -> [B, N, K, 2D]`: the first D outputs are the mean of the
-  classifier weights, the last D the pre-activation of their stddev.
-  """
+    `[B, N, K, L] -> [B, N, K, 2D]`: the first D outputs are the mean of the
+    classifier weights, the last D the pre-activation of their stddev.
+    """
 
-  def __init__(self, embedding_dim, seed=None, **kwargs):
-    super().__init__(**kwargs)
-    self.embedding_dim = embedding_dim
-    self.seed = seed
+    def __init__(self, embedding_dim, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding_dim = embedding_dim
+        self.seed = seed
 
-  def build(self, input_shape):
-    self.kernel = self.add_weight(
-        name="kernel", shape=(input_shape[-1], 2 * self.embedding_dim),
-        initializer=_glorot(self.seed))
+    def build(self, input_shape):
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(input_shape[-1], 2 * self.embedding_dim),
+            initializer=_glorot(self.seed),
+        )
 
-  def call(self, latents):
-    """latents: [B, N, K, L] -> weight distribution parameters [B, N, K, 2D]."""
-    return _linear(latents, self.kernel)
+    def call(self, latents):
+        """latents: [B, N, K, L] -> weight distribution parameters [B, N, K, 2D]."""
+        return _linear(latents, self.kernel)
 
-  def orthogonality_penalty(self):
-    """Mean squared distance of the kernel rows' cosine matrix from I."""
-    return orthogonality_penalty(self.kernel)
+    def orthogonality_penalty(self):
+        """Mean squared distance of the kernel rows' cosine matrix from I."""
+        return orthogonality_penalty(self.kernel)
 
-  def get_config(self):
-    return {**super().get_config(), "embedding_dim": self.embedding_dim,
-            "seed": self.seed}
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "embedding_dim": self.embedding_dim,
+            "seed": self.seed,
+        }
 
 
 def orthogonality_penalty(kernel):
-  """mean((C - I)^2), C the cosine-similarity matrix of the kernel's rows.
+    """mean((C - I)^2), C the cosine-similarity matrix of the kernel's rows.
 
-  kernel: [L, 2D] (the decoder kernel); C: [L, L]. As in the authors' code a
-  tiny epsilon is added to the row norms before dividing.
-  """
-  kernel = tf.convert_to_tensor(kernel)
-  norms = tf.norm(kernel, axis=1, keepdims=True) + 1e-32   # [L, 1]
-  cosine = tf.matmul(kernel, kernel, transpose_b=True) / tf.matmul(
-      norms, norms, transpose_b=True)
-  identity = tf.eye(tf.shape(kernel)[0], dtype=kernel.dtype)
-  return tf.reduce_mean(tf.square(cosine - identity))
+    kernel: [L, 2D] (the decoder kernel); C: [L, L]. As in the authors' code a
+    tiny epsilon is added to the row norms before dividing.
+    """
+    kernel = tf.convert_to_tensor(kernel)
+    norms = tf.norm(kernel, axis=1, keepdims=True) + 1e-32  # [L, 1]
+    cosine = tf.matmul(kernel, kernel, transpose_b=True) / tf.matmul(
+        norms, norms, transpose_b=True
+    )
+    identity = tf.eye(tf.shape(kernel)[0], dtype=kernel.dtype)
+    return tf.reduce_mean(tf.square(cosine - identity))
 
 
 def apply_dropout(inputs, dropout_mask):
-  """inputs * mask, mask a pre-drawn scaled keep mask; None: no dropout."""
-  return inputs if dropout_mask is None else inputs * dropout_mask
+    """inputs * mask, mask a pre-drawn scaled keep mask; None: no dropout."""
+    return inputs if dropout_mask is None else inputs * dropout_mask

@@ -28,286 +28,325 @@ _NO_NOISE = EpisodeNoise(None, None, None, None, None)
 
 
 class EpisodeOutputs(NamedTuple):
-  """Per-episode results of one forward pass."""
-  loss: tf.Tensor             # [B] query CE + kl_weight KL + gamma penalty
-  query_loss: tf.Tensor       # [B] mean query cross-entropy
-  accuracy: tf.Tensor         # [B] fraction of query examples right
-  kl: tf.Tensor               # [B] single-sample KL estimate (0 in eval)
-  encoder_penalty: tf.Tensor  # [B] ||z - stop_gradient(z')||^2 mean (0 in eval)
-  latents: tf.Tensor          # [B, N, K, L] codes before adaptation
-  logits: tf.Tensor           # [B, N, V, N] query logits
+    """Per-episode results of one forward pass."""
+
+    loss: tf.Tensor  # [B] query CE + kl_weight KL + gamma penalty
+    query_loss: tf.Tensor  # [B] mean query cross-entropy
+    accuracy: tf.Tensor  # [B] fraction of query examples right
+    kl: tf.Tensor  # [B] single-sample KL estimate (0 in eval)
+    encoder_penalty: tf.Tensor  # [B] ||z - stop_gradient(z')||^2 mean (0 in eval)
+    latents: tf.Tensor  # [B, N, K, L] codes before adaptation
+    logits: tf.Tensor  # [B, N, V, N] query logits
 
 
 class MetaBatchLoss(NamedTuple):
-  """The meta-training objective and its parts."""
-  total: tf.Tensor            # scalar, what the outer loop minimises
-  episodes: EpisodeOutputs
-  l2: tf.Tensor               # scalar, sum over weight matrices of sum(w^2)/2
-  orthogonality: tf.Tensor    # scalar, decoder orthogonality penalty
+    """The meta-training objective and its parts."""
+
+    total: tf.Tensor  # scalar, what the outer loop minimises
+    episodes: EpisodeOutputs
+    l2: tf.Tensor  # scalar, sum over weight matrices of sum(w^2)/2
+    orthogonality: tf.Tensor  # scalar, decoder orthogonality penalty
 
 
 def gaussian(parameters, stddev_offset=0.0):
-  """The Normal parameterised by `parameters: [..., 2M]` -> over `[..., M]`.
+    """The Normal parameterised by `parameters: [..., 2M]` -> over `[..., M]`.
 
-  The first half is the mean; the second, u, gives
-  stddev = max(exp(u) - (1 - stddev_offset), 1e-10), computed as
-  expm1(u) + stddev_offset, equal in exact arithmetic and accurate near u=0.
-  """
-  loc, pre_stddev = tf.split(parameters, 2, axis=-1)
-  stddev = tf.maximum(tf.math.expm1(pre_stddev) + stddev_offset, _MIN_STDDEV)
-  return tfd.Normal(loc=loc, scale=stddev)
+    The first half is the mean; the second, u, gives
+    stddev = max(exp(u) - (1 - stddev_offset), 1e-10), computed as
+    expm1(u) + stddev_offset, equal in exact arithmetic and accurate near u=0.
+    """
+    loc, pre_stddev = tf.split(parameters, 2, axis=-1)
+    stddev = tf.maximum(tf.math.expm1(pre_stddev) + stddev_offset, _MIN_STDDEV)
+    return tfd.Normal(loc=loc, scale=stddev)
 
 
 def sample(distribution, standard_noise):
-  """Reparameterised sample loc + scale * noise; the mean when noise is None."""
-  if standard_noise is None:
-    return distribution.mean()
-  return distribution.loc + distribution.scale * standard_noise
+    """Reparameterised sample loc + scale * noise; the mean when noise is None."""
+    if standard_noise is None:
+        return distribution.mean()
+    return distribution.loc + distribution.scale * standard_noise
 
 
 def kl_estimate(distribution, standard_noise, samples):
-  """Single-sample estimate of KL(q || N(0, I)) per episode.
+    """Single-sample estimate of KL(q || N(0, I)) per episode.
 
-  Mean over the elements of log q(z) - log N(z; 0, 1) at the sample z, as in
-  the authors' code. log q(z) is evaluated through the standardised noise e,
-  z = loc + scale * e: log q(z) = log N(e; 0, 1) - log(scale). This equals
-  `distribution.log_prob(z)` in exact arithmetic, but the latter recomputes
-  e = (z - loc) / scale, which in float32 cancels catastrophically where
-  scale sits at its 1e-10 floor (z rounds to loc, losing the -e^2/2 term).
+    Mean over the elements of log q(z) - log N(z; 0, 1) at the sample z, as in
+    the authors' code. log q(z) is evaluated through the standardised noise e,
+    z = loc + scale * e: log q(z) = log N(e; 0, 1) - log(scale). This equals
+    `distribution.log_prob(z)` in exact arithmetic, but the latter recomputes
+    e = (z - loc) / scale, which in float32 cancels catastrophically where
+    scale sits at its 1e-10 floor (z rounds to loc, losing the -e^2/2 term).
 
-  Args:
-    distribution: Normal over [B, ...].
-    standard_noise: e, [B, ...].
-    samples: z, [B, ...].
+    Args:
+      distribution: Normal over [B, ...].
+      standard_noise: e, [B, ...].
+      samples: z, [B, ...].
 
-  Returns:
-    [B].
-  """
-  standard = tfd.Normal(loc=tf.zeros([], samples.dtype),
-                        scale=tf.ones([], samples.dtype))
-  log_q = standard.log_prob(standard_noise) - tf.math.log(distribution.scale)
-  log_prior = standard.log_prob(samples)
-  return _mean_per_episode(log_q - log_prior)
+    Returns:
+      [B].
+    """
+    standard = tfd.Normal(
+        loc=tf.zeros([], samples.dtype), scale=tf.ones([], samples.dtype)
+    )
+    log_q = standard.log_prob(standard_noise) - tf.math.log(distribution.scale)
+    log_prior = standard.log_prob(samples)
+    return _mean_per_episode(log_q - log_prior)
 
 
 def _mean_per_episode(values):
-  """[B, ...] -> [B]."""
-  return tf.reduce_mean(tf.reshape(values, [tf.shape(values)[0], -1]), axis=1)
+    """[B, ...] -> [B]."""
+    return tf.reduce_mean(tf.reshape(values, [tf.shape(values)[0], -1]), axis=1)
 
 
 def _flatten_examples(values):
-  """[B, N, M, X] -> [B, N * M, X]."""
-  shape = tf.shape(values)
-  return tf.reshape(values, [shape[0], shape[1] * shape[2], values.shape[-1]])
+    """[B, N, M, X] -> [B, N * M, X]."""
+    shape = tf.shape(values)
+    return tf.reshape(values, [shape[0], shape[1] * shape[2], values.shape[-1]])
 
 
 def _pick(stack, index):
-  """stack[index], or None where there is no noise (evaluation)."""
-  return None if stack is None else stack[index]
+    """stack[index], or None where there is no noise (evaluation)."""
+    return None if stack is None else stack[index]
 
 
 class LEO(keras.layers.Layer):
-  """The LEO model; see the module docstring for shapes and modes."""
+    """The LEO model; see the module docstring for shapes and modes."""
 
-  def __init__(self, config, embedding_dim, seed=None, dtype="float32",
-               name="leo", **kwargs):
-    """Creates and builds the model.
+    def __init__(
+        self, config, embedding_dim, seed=None, dtype="float32", name="leo", **kwargs
+    ):
+        """Creates and builds the model.
 
-    Args:
-      config: ModelConfig.
-      embedding_dim: D, the width of the input embeddings.
-      seed: int seed of the weight initialisers, or None.
-      dtype: "float32" (default, as the authors) or "float64".
-      name: layer name.
-      **kwargs: other keras.layers.Layer arguments.
-    """
-    super().__init__(dtype=dtype, name=name, **kwargs)
-    self.config = config
-    self.embedding_dim = embedding_dim
-    self.seed = seed
-    num_latents = config.num_latents
-    self.encoder = layers.Encoder(num_latents, seed=seed, dtype=dtype,
-                                  name="encoder")
-    self.relation_network = layers.RelationNetwork(
-        seed=None if seed is None else seed + 1, dtype=dtype,
-        name="relation_network")
-    self.decoder = layers.Decoder(
-        embedding_dim, seed=None if seed is None else seed + 10, dtype=dtype,
-        name="decoder")
-    self.encoder.build((None, None, None, embedding_dim))
-    self.relation_network.build((None, None, None, num_latents))
-    self.decoder.build((None, None, None, num_latents))
-    self.inner_lr = self.add_weight(
-        name="inner_lr", shape=(num_latents,),
-        initializer=keras.initializers.Constant(config.inner_lr_init))
-    self.finetuning_lr = self.add_weight(
-        name="finetuning_lr", shape=(embedding_dim,),
-        initializer=keras.initializers.Constant(config.finetuning_lr_init))
-    self.built = True
+        Args:
+          config: ModelConfig.
+          embedding_dim: D, the width of the input embeddings.
+          seed: int seed of the weight initialisers, or None.
+          dtype: "float32" (default, as the authors) or "float64".
+          name: layer name.
+          **kwargs: other keras.layers.Layer arguments.
+        """
+        super().__init__(dtype=dtype, name=name, **kwargs)
+        self.config = config
+        self.embedding_dim = embedding_dim
+        self.seed = seed
+        num_latents = config.num_latents
+        self.encoder = layers.Encoder(
+            num_latents, seed=seed, dtype=dtype, name="encoder"
+        )
+        self.relation_network = layers.RelationNetwork(
+            seed=None if seed is None else seed + 1,
+            dtype=dtype,
+            name="relation_network",
+        )
+        self.decoder = layers.Decoder(
+            embedding_dim,
+            seed=None if seed is None else seed + 10,
+            dtype=dtype,
+            name="decoder",
+        )
+        self.encoder.build((None, None, None, embedding_dim))
+        self.relation_network.build((None, None, None, num_latents))
+        self.decoder.build((None, None, None, num_latents))
+        self.inner_lr = self.add_weight(
+            name="inner_lr",
+            shape=(num_latents,),
+            initializer=keras.initializers.Constant(config.inner_lr_init),
+        )
+        self.finetuning_lr = self.add_weight(
+            name="finetuning_lr",
+            shape=(embedding_dim,),
+            initializer=keras.initializers.Constant(config.finetuning_lr_init),
+        )
+        self.built = True
 
-  @property
-  def weight_matrices(self):
-    """The kernels that the L2 penalty covers (not the learning rates)."""
-    return [self.encoder.kernel, *self.relation_network.kernels,
-            self.decoder.kernel]
+    @property
+    def weight_matrices(self):
+        """The kernels that the L2 penalty covers (not the learning rates)."""
+        return [
+            self.encoder.kernel,
+            *self.relation_network.kernels,
+            self.decoder.kernel,
+        ]
 
-  # Section 3.1: encoding the support set into a distribution over codes.
-  def encode(self, tr_input, dropout_mask=None):
-    """tr_input: [B, N, K, D] -> Normal over latent codes [B, N, K, L]."""
-    codes = self.encoder(tr_input, dropout_mask)
-    return gaussian(self.relation_network(codes))
+    # Section 3.1: encoding the support set into a distribution over codes.
+    def encode(self, tr_input, dropout_mask=None):
+        """tr_input: [B, N, K, D] -> Normal over latent codes [B, N, K, L]."""
+        codes = self.encoder(tr_input, dropout_mask)
+        return gaussian(self.relation_network(codes))
 
-  # Section 3.1: decoding codes into a distribution over classifier weights.
-  def decode(self, latents):
-    """latents: [B, N, K, L] -> Normal over classifier weights [B, N, K, D].
+    # Section 3.1: decoding codes into a distribution over classifier weights.
+    def decode(self, latents):
+        """latents: [B, N, K, L] -> Normal over classifier weights [B, N, K, D].
 
-    The stddev offset sqrt(2 / (D + N)) is the Glorot scale of an N-way
-    classifier on D inputs, as in the authors' code.
-    """
-    num_classes = tf.cast(tf.shape(latents)[1], self.compute_dtype)
-    offset = tf.sqrt(2.0 / (self.embedding_dim + num_classes))
-    return gaussian(self.decoder(latents), stddev_offset=offset)
+        The stddev offset sqrt(2 / (D + N)) is the Glorot scale of an N-way
+        classifier on D inputs, as in the authors' code.
+        """
+        num_classes = tf.cast(tf.shape(latents)[1], self.compute_dtype)
+        offset = tf.sqrt(2.0 / (self.embedding_dim + num_classes))
+        return gaussian(self.decoder(latents), stddev_offset=offset)
 
-  def predict(self, inputs, weights, dropout_mask=None):
-    """Classifier logits.
+    def predict(self, inputs, weights, dropout_mask=None):
+        """Classifier logits.
 
-    logit(x, n) = mean_k <x, w[n, k]> = <x, mean_k w[n, k]>: the mean over k
-    is taken on the weights first, so no [.., N, K] products are formed.
+        logit(x, n) = mean_k <x, w[n, k]> = <x, mean_k w[n, k]>: the mean over k
+        is taken on the weights first, so no [.., N, K] products are formed.
 
-    Args:
-      inputs: [B, N, M, D] examples (M = K or V).
-      weights: [B, N, K, D] classifier weights.
-      dropout_mask: [B, N, M, D] or None.
+        Args:
+          inputs: [B, N, M, D] examples (M = K or V).
+          weights: [B, N, K, D] classifier weights.
+          dropout_mask: [B, N, M, D] or None.
 
-    Returns:
-      [B, N, M, N] logits.
-    """
-    class_weights = tf.reduce_mean(weights, axis=2)               # [B, N, D]
-    inputs = layers.apply_dropout(inputs, dropout_mask)
-    shape = tf.shape(inputs)
-    logits = tf.matmul(_flatten_examples(inputs), class_weights,
-                       transpose_b=True)                          # [B, NM, N]
-    return tf.reshape(logits, tf.concat([shape[:3], shape[1:2]], axis=0))
+        Returns:
+          [B, N, M, N] logits.
+        """
+        class_weights = tf.reduce_mean(weights, axis=2)  # [B, N, D]
+        inputs = layers.apply_dropout(inputs, dropout_mask)
+        shape = tf.shape(inputs)
+        logits = tf.matmul(
+            _flatten_examples(inputs), class_weights, transpose_b=True
+        )  # [B, NM, N]
+        return tf.reshape(logits, tf.concat([shape[:3], shape[1:2]], axis=0))
 
-  def support_loss_gradient(self, tr_input, tr_onehot, weights,
-                            dropout_mask=None):
-    """d/dw of the SUM over support examples of the softmax cross-entropy.
+    def support_loss_gradient(self, tr_input, tr_onehot, weights, dropout_mask=None):
+        """d/dw of the SUM over support examples of the softmax cross-entropy.
 
-    Closed form: d CE / d logits = softmax(logits) - onehot(label), and
-    logits = x . mean_k w[n, k], so d/dw[n, k] = (1/K) sum_x (p - y)_n x.
-    The outer tape differentiates through this expression, so second-order
-    gradients stay exact.
+        Closed form: d CE / d logits = softmax(logits) - onehot(label), and
+        logits = x . mean_k w[n, k], so d/dw[n, k] = (1/K) sum_x (p - y)_n x.
+        The outer tape differentiates through this expression, so second-order
+        gradients stay exact.
 
-    Args:
-      tr_input: [B, N, K, D].
-      tr_onehot: [B, N, K, N] one-hot labels.
-      weights: [B, N, K, D].
-      dropout_mask: [B, N, K, D] or None.
+        Args:
+          tr_input: [B, N, K, D].
+          tr_onehot: [B, N, K, N] one-hot labels.
+          weights: [B, N, K, D].
+          dropout_mask: [B, N, K, D] or None.
 
-    Returns:
-      [B, N, K, D].
-    """
-    inputs = layers.apply_dropout(tr_input, dropout_mask)
-    logits = self.predict(inputs, weights)
-    residual = tf.nn.softmax(logits) - tr_onehot                 # [B, N, K, N]
-    class_gradient = tf.matmul(_flatten_examples(residual),
-                               _flatten_examples(inputs),
-                               transpose_a=True)                  # [B, N, D]
-    num_shots = tf.cast(tf.shape(weights)[2], weights.dtype)
-    return tf.broadcast_to(class_gradient[:, :, None, :] / num_shots,
-                           tf.shape(weights))
+        Returns:
+          [B, N, K, D].
+        """
+        inputs = layers.apply_dropout(tr_input, dropout_mask)
+        logits = self.predict(inputs, weights)
+        residual = tf.nn.softmax(logits) - tr_onehot  # [B, N, K, N]
+        class_gradient = tf.matmul(
+            _flatten_examples(residual), _flatten_examples(inputs), transpose_a=True
+        )  # [B, N, D]
+        num_shots = tf.cast(tf.shape(weights)[2], weights.dtype)
+        return tf.broadcast_to(
+            class_gradient[:, :, None, :] / num_shots, tf.shape(weights)
+        )
 
-  # Section 3.2: adaptation in latent space.
-  def leo_inner_loop(self, tr_input, tr_onehot, latents, noise):
-    """S steps of z <- z - inner_lr * dL_tr/dz; returns adapted [B, N, K, L].
+    # Section 3.2: adaptation in latent space.
+    def leo_inner_loop(self, tr_input, tr_onehot, latents, noise):
+        """S steps of z <- z - inner_lr * dL_tr/dz; returns adapted [B, N, K, L].
 
-    L_tr is the summed support loss of the weights decoded (and, in
-    meta-training, re-sampled) from the current z; each step's gradient is
-    the closed-form dL_tr/dw carried back to z by a tape over the decoder.
-    """
-    for step in range(self.config.inner_unroll_length):
-      with tf.GradientTape() as tape:
-        tape.watch(latents)
-        weights = sample(self.decode(latents), _pick(noise.weights, step))
-      weight_gradient = self.support_loss_gradient(
-          tr_input, tr_onehot, weights, _pick(noise.support_dropout, step))
-      latent_gradient = tape.gradient(weights, latents,
-                                      output_gradients=weight_gradient)
-      latents = latents - self.inner_lr * latent_gradient
-    return latents
+        L_tr is the summed support loss of the weights decoded (and, in
+        meta-training, re-sampled) from the current z; each step's gradient is
+        the closed-form dL_tr/dw carried back to z by a tape over the decoder.
+        """
+        for step in range(self.config.inner_unroll_length):
+            with tf.GradientTape() as tape:
+                tape.watch(latents)
+                weights = sample(self.decode(latents), _pick(noise.weights, step))
+            weight_gradient = self.support_loss_gradient(
+                tr_input, tr_onehot, weights, _pick(noise.support_dropout, step)
+            )
+            latent_gradient = tape.gradient(
+                weights, latents, output_gradients=weight_gradient
+            )
+            latents = latents - self.inner_lr * latent_gradient
+        return latents
 
-  # Section 3.3: fine-tuning the decoded weights in parameter space.
-  def finetuning_inner_loop(self, tr_input, tr_onehot, weights, noise):
-    """F steps of w <- w - finetuning_lr * dL_tr/dw; returns [B, N, K, D]."""
-    first = self.config.inner_unroll_length
-    for step in range(self.config.finetuning_unroll_length):
-      weight_gradient = self.support_loss_gradient(
-          tr_input, tr_onehot, weights,
-          _pick(noise.support_dropout, first + step))
-      weights = weights - self.finetuning_lr * weight_gradient
-    return weights
+    # Section 3.3: fine-tuning the decoded weights in parameter space.
+    def finetuning_inner_loop(self, tr_input, tr_onehot, weights, noise):
+        """F steps of w <- w - finetuning_lr * dL_tr/dw; returns [B, N, K, D]."""
+        first = self.config.inner_unroll_length
+        for step in range(self.config.finetuning_unroll_length):
+            weight_gradient = self.support_loss_gradient(
+                tr_input, tr_onehot, weights, _pick(noise.support_dropout, first + step)
+            )
+            weights = weights - self.finetuning_lr * weight_gradient
+        return weights
 
-  def run_episodes(self, episodes, noise=None):
-    """Adapts to each episode's support set and scores its query set.
+    def run_episodes(self, episodes, noise=None):
+        """Adapts to each episode's support set and scores its query set.
 
-    Args:
-      episodes: tr_input [B, N, K, D], tr_output [B, N, K, 1] int,
-        val_input [B, N, V, D], val_output [B, N, V, 1] int.
-      noise: EpisodeNoise for meta-training; None for evaluation.
+        Args:
+          episodes: tr_input [B, N, K, D], tr_output [B, N, K, 1] int,
+            val_input [B, N, V, D], val_output [B, N, V, 1] int.
+          noise: EpisodeNoise for meta-training; None for evaluation.
 
-    Returns:
-      EpisodeOutputs.
-    """
-    training = noise is not None
-    noise = noise or _NO_NOISE
-    tr_input = tf.cast(episodes.tr_input, self.compute_dtype)
-    val_input = tf.cast(episodes.val_input, self.compute_dtype)
-    num_classes = tf.shape(tr_input)[1]
-    tr_onehot = tf.one_hot(episodes.tr_output[..., 0], num_classes,
-                           dtype=self.compute_dtype)
+        Returns:
+          EpisodeOutputs.
+        """
+        training = noise is not None
+        noise = noise or _NO_NOISE
+        tr_input = tf.cast(episodes.tr_input, self.compute_dtype)
+        val_input = tf.cast(episodes.val_input, self.compute_dtype)
+        num_classes = tf.shape(tr_input)[1]
+        tr_onehot = tf.one_hot(
+            episodes.tr_output[..., 0], num_classes, dtype=self.compute_dtype
+        )
 
-    latent_distribution = self.encode(tr_input, noise.encoder_dropout)
-    latents = sample(latent_distribution, noise.latent)
-    adapted = self.leo_inner_loop(tr_input, tr_onehot, latents, noise)
-    weights = sample(self.decode(adapted),
-                     _pick(noise.weights, self.config.inner_unroll_length))
-    weights = self.finetuning_inner_loop(tr_input, tr_onehot, weights, noise)
+        latent_distribution = self.encode(tr_input, noise.encoder_dropout)
+        latents = sample(latent_distribution, noise.latent)
+        adapted = self.leo_inner_loop(tr_input, tr_onehot, latents, noise)
+        weights = sample(
+            self.decode(adapted), _pick(noise.weights, self.config.inner_unroll_length)
+        )
+        weights = self.finetuning_inner_loop(tr_input, tr_onehot, weights, noise)
 
-    logits = self.predict(val_input, weights, noise.query_dropout)
-    labels = episodes.val_output[..., 0]
-    query_loss = _mean_per_episode(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-    correct = tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype),
-                       labels)
-    accuracy = _mean_per_episode(tf.cast(correct, self.compute_dtype))
+        logits = self.predict(val_input, weights, noise.query_dropout)
+        labels = episodes.val_output[..., 0]
+        query_loss = _mean_per_episode(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+        )
+        correct = tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels)
+        accuracy = _mean_per_episode(tf.cast(correct, self.compute_dtype))
 
-    if training:
-      kl = kl_estimate(latent_distribution, noise.latent, latents)
-      encoder_penalty = _mean_per_episode(
-          tf.square(latents - tf.stop_gradient(adapted)))
-    else:
-      kl = encoder_penalty = tf.zeros_like(query_loss)
-    loss = (query_loss + self.config.kl_weight * kl
-            + self.config.encoder_penalty_weight * encoder_penalty)
-    return EpisodeOutputs(loss=loss, query_loss=query_loss, accuracy=accuracy,
-                          kl=kl, encoder_penalty=encoder_penalty,
-                          latents=latents, logits=logits)
+        if training:
+            kl = kl_estimate(latent_distribution, noise.latent, latents)
+            encoder_penalty = _mean_per_episode(
+                tf.square(latents - tf.stop_gradient(adapted))
+            )
+        else:
+            kl = encoder_penalty = tf.zeros_like(query_loss)
+        loss = (
+            query_loss
+            + self.config.kl_weight * kl
+            + self.config.encoder_penalty_weight * encoder_penalty
+        )
+        return EpisodeOutputs(
+            loss=loss,
+            query_loss=query_loss,
+            accuracy=accuracy,
+            kl=kl,
+            encoder_penalty=encoder_penalty,
+            latents=latents,
+            logits=logits,
+        )
 
-  def l2_penalty(self):
-    """Sum over the weight matrices of sum(w^2) / 2 (scalar)."""
-    return tf.add_n([tf.nn.l2_loss(w) for w in self.weight_matrices])
+    def l2_penalty(self):
+        """Sum over the weight matrices of sum(w^2) / 2 (scalar)."""
+        return tf.add_n([tf.nn.l2_loss(w) for w in self.weight_matrices])
 
-  def meta_batch_loss(self, episodes, noise=None):
-    """Mean episode loss plus the L2 and orthogonality penalties."""
-    outputs = self.run_episodes(episodes, noise)
-    l2 = self.l2_penalty()
-    orthogonality = self.decoder.orthogonality_penalty()
-    total = (tf.reduce_mean(outputs.loss)
-             + self.config.l2_penalty_weight * l2
-             + self.config.orthogonality_penalty_weight * orthogonality)
-    return MetaBatchLoss(total=total, episodes=outputs, l2=l2,
-                         orthogonality=orthogonality)
+    def meta_batch_loss(self, episodes, noise=None):
+        """Mean episode loss plus the L2 and orthogonality penalties."""
+        outputs = self.run_episodes(episodes, noise)
+        l2 = self.l2_penalty()
+        orthogonality = self.decoder.orthogonality_penalty()
+        total = (
+            tf.reduce_mean(outputs.loss)
+            + self.config.l2_penalty_weight * l2
+            + self.config.orthogonality_penalty_weight * orthogonality
+        )
+        return MetaBatchLoss(
+            total=total, episodes=outputs, l2=l2, orthogonality=orthogonality
+        )
 
-  def get_config(self):
-    return {**super().get_config(), "embedding_dim": self.embedding_dim,
-            "seed": self.seed, **vars(self.config)}
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "embedding_dim": self.embedding_dim,
+            "seed": self.seed,
+            **vars(self.config),
+        }

@@ -23,54 +23,63 @@ _ALGORITHM = "philox"
 
 
 class EpisodeNoise(NamedTuple):
-  """Noise for a meta-batch. Dropout masks are scaled keep masks."""
-  encoder_dropout: tf.Tensor   # [B, N, K, D]
-  latent: tf.Tensor            # [B, N, K, L], standard normal
-  weights: tf.Tensor           # [S + 1, B, N, K, D], standard normal
-  support_dropout: tf.Tensor   # [S + F, B, N, K, D]
-  query_dropout: tf.Tensor     # [B, N, V, D]
+    """Noise for a meta-batch. Dropout masks are scaled keep masks."""
+
+    encoder_dropout: tf.Tensor  # [B, N, K, D]
+    latent: tf.Tensor  # [B, N, K, L], standard normal
+    weights: tf.Tensor  # [S + 1, B, N, K, D], standard normal
+    support_dropout: tf.Tensor  # [S + F, B, N, K, D]
+    query_dropout: tf.Tensor  # [B, N, V, D]
 
 
-def draw_noise(seed, support_shape, query_shape, *, num_latents,
-               inner_unroll_length, finetuning_unroll_length, dropout_rate,
-               dtype=tf.float32):
-  """Draws the noise of one meta-training step.
+def draw_noise(
+    seed,
+    support_shape,
+    query_shape,
+    *,
+    num_latents,
+    inner_unroll_length,
+    finetuning_unroll_length,
+    dropout_rate,
+    dtype=tf.float32
+):
+    """Draws the noise of one meta-training step.
 
-  Args:
-    seed: int [2], a stateless seed; equal seeds give equal noise.
-    support_shape: [B, N, K, D] (a list or a 1-D int tensor).
-    query_shape: [B, N, V, D].
-    num_latents: L.
-    inner_unroll_length: S, latent-space adaptation steps.
-    finetuning_unroll_length: F, weight-space adaptation steps.
-    dropout_rate: probability of dropping a unit; 0 gives all-ones masks.
-    dtype: float dtype of the noise.
+    Args:
+      seed: int [2], a stateless seed; equal seeds give equal noise.
+      support_shape: [B, N, K, D] (a list or a 1-D int tensor).
+      query_shape: [B, N, V, D].
+      num_latents: L.
+      inner_unroll_length: S, latent-space adaptation steps.
+      finetuning_unroll_length: F, weight-space adaptation steps.
+      dropout_rate: probability of dropping a unit; 0 gives all-ones masks.
+      dtype: float dtype of the noise.
 
-  Returns:
-    EpisodeNoise.
-  """
-  support_shape = tf.convert_to_tensor(support_shape, tf.int32)
-  query_shape = tf.convert_to_tensor(query_shape, tf.int32)
-  seeds = tf.random.experimental.stateless_split(
-      tf.convert_to_tensor(seed, tf.int64), num=5, alg=_ALGORITHM)
-  steps = inner_unroll_length + finetuning_unroll_length
+    Returns:
+      EpisodeNoise.
+    """
+    support_shape = tf.convert_to_tensor(support_shape, tf.int32)
+    query_shape = tf.convert_to_tensor(query_shape, tf.int32)
+    seeds = tf.random.experimental.stateless_split(
+        tf.convert_to_tensor(seed, tf.int64), num=5, alg=_ALGORITHM
+    )
+    steps = inner_unroll_length + finetuning_unroll_length
 
-  def dropout_mask(shape, seed):
-    uniform = tf.random.stateless_uniform(shape, seed, dtype=dtype,
-                                          alg=_ALGORITHM)
-    keep = tf.cast(uniform >= dropout_rate, dtype)
-    return keep / tf.cast(1.0 - dropout_rate, dtype)
+    def dropout_mask(shape, seed):
+        uniform = tf.random.stateless_uniform(shape, seed, dtype=dtype, alg=_ALGORITHM)
+        keep = tf.cast(uniform >= dropout_rate, dtype)
+        return keep / tf.cast(1.0 - dropout_rate, dtype)
 
-  def normal(shape, seed):
-    return tf.random.stateless_normal(shape, seed, dtype=dtype, alg=_ALGORITHM)
+    def normal(shape, seed):
+        return tf.random.stateless_normal(shape, seed, dtype=dtype, alg=_ALGORITHM)
 
-  latent_shape = tf.concat([support_shape[:-1], [num_latents]], axis=0)
-  return EpisodeNoise(
-      encoder_dropout=dropout_mask(support_shape, seeds[0]),
-      latent=normal(latent_shape, seeds[1]),
-      weights=normal(tf.concat([[inner_unroll_length + 1], support_shape], 0),
-                     seeds[2]),
-      support_dropout=dropout_mask(tf.concat([[steps], support_shape], 0),
-                                   seeds[3]),
-      query_dropout=dropout_mask(query_shape, seeds[4]),
-  )
+    latent_shape = tf.concat([support_shape[:-1], [num_latents]], axis=0)
+    return EpisodeNoise(
+        encoder_dropout=dropout_mask(support_shape, seeds[0]),
+        latent=normal(latent_shape, seeds[1]),
+        weights=normal(
+            tf.concat([[inner_unroll_length + 1], support_shape], 0), seeds[2]
+        ),
+        support_dropout=dropout_mask(tf.concat([[steps], support_shape], 0), seeds[3]),
+        query_dropout=dropout_mask(query_shape, seeds[4]),
+    )

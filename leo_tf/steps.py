@@ -18,130 +18,145 @@ _NAN_FALLBACK_L2_WEIGHT = 1e-4
 
 
 class TrainMetrics(NamedTuple):
-  """Scalars of one meta-training step (means over the meta-batch)."""
-  loss: tf.Tensor              # total objective (NaN if the guard fired)
-  query_loss: tf.Tensor
-  accuracy: tf.Tensor
-  kl: tf.Tensor
-  encoder_penalty: tf.Tensor
-  l2: tf.Tensor
-  orthogonality: tf.Tensor
-  gradient_norm: tf.Tensor     # global norm of the gradients before clipping
-  nan_guard: tf.Tensor         # bool: the NaN guard replaced the gradients
-  latents: tf.Tensor           # [B, N, K, L] initial latent codes
+    """Scalars of one meta-training step (means over the meta-batch)."""
+
+    loss: tf.Tensor  # total objective (NaN if the guard fired)
+    query_loss: tf.Tensor
+    accuracy: tf.Tensor
+    kl: tf.Tensor
+    encoder_penalty: tf.Tensor
+    l2: tf.Tensor
+    orthogonality: tf.Tensor
+    gradient_norm: tf.Tensor  # global norm of the gradients before clipping
+    nan_guard: tf.Tensor  # bool: the NaN guard replaced the gradients
+    latents: tf.Tensor  # [B, N, K, L] initial latent codes
 
 
 def make_optimizer(config):
-  """Adam with the authors' TF1 defaults (epsilon 1e-8)."""
-  return keras.optimizers.Adam(learning_rate=config.outer_lr, epsilon=1e-8)
+    """Adam with the authors' TF1 defaults (epsilon 1e-8)."""
+    return keras.optimizers.Adam(learning_rate=config.outer_lr, epsilon=1e-8)
 
 
 def nan_guarded_gradients(loss, gradients, variables, weight_matrices):
-  """Replaces the gradients by those of 1e-4 * sum(w^2)/2 if any is NaN.
+    """Replaces the gradients by those of 1e-4 * sum(w^2)/2 if any is NaN.
 
-  Args:
-    loss: scalar.
-    gradients: list of tensors, one per variable.
-    variables: the trainable variables.
-    weight_matrices: the variables the fallback decays (others get zeros).
+    Args:
+      loss: scalar.
+      gradients: list of tensors, one per variable.
+      variables: the trainable variables.
+      weight_matrices: the variables the fallback decays (others get zeros).
 
-  Returns:
-    (gradients, fired): the gradients to apply and a bool scalar.
-  """
-  fired = tf.logical_not(tf.math.is_finite(loss))
-  for gradient in gradients:
-    fired = tf.logical_or(fired, tf.reduce_any(tf.math.is_nan(gradient)))
-  decayed = {id(w) for w in weight_matrices}
-  fallback = [
-      _NAN_FALLBACK_L2_WEIGHT * tf.convert_to_tensor(v) if id(v) in decayed
-      else tf.zeros_like(g) for g, v in zip(gradients, variables)]
-  guarded = [tf.where(fired, f, g) for f, g in zip(fallback, gradients)]
-  return guarded, fired
+    Returns:
+      (gradients, fired): the gradients to apply and a bool scalar.
+    """
+    fired = tf.logical_not(tf.math.is_finite(loss))
+    for gradient in gradients:
+        fired = tf.logical_or(fired, tf.reduce_any(tf.math.is_nan(gradient)))
+    decayed = {id(w) for w in weight_matrices}
+    fallback = [
+        (
+            _NAN_FALLBACK_L2_WEIGHT * tf.convert_to_tensor(v)
+            if id(v) in decayed
+            else tf.zeros_like(g)
+        )
+        for g, v in zip(gradients, variables)
+    ]
+    guarded = [tf.where(fired, f, g) for f, g in zip(fallback, gradients)]
+    return guarded, fired
 
 
 def clip_gradients(gradients, value_threshold, norm_threshold):
-  """Clips each tensor to [-value, value], then each to norm <= norm."""
-  if value_threshold > 0:
-    gradients = [tf.clip_by_value(g, -value_threshold, value_threshold)
-                 for g in gradients]
-  if norm_threshold > 0:
-    gradients = [tf.clip_by_norm(g, norm_threshold) for g in gradients]
-  return gradients
+    """Clips each tensor to [-value, value], then each to norm <= norm."""
+    if value_threshold > 0:
+        gradients = [
+            tf.clip_by_value(g, -value_threshold, value_threshold) for g in gradients
+        ]
+    if norm_threshold > 0:
+        gradients = [tf.clip_by_norm(g, norm_threshold) for g in gradients]
+    return gradients
 
 
 def train_step_fn(model, optimizer, config):
-  """The uncompiled meta-training step: (episodes, noise) -> TrainMetrics."""
-  variables = model.trainable_variables
-  # Creating Adam's slots up front keeps variable creation out of the trace,
-  # so the compiled step traces once.
-  if not optimizer.built:
-    optimizer.build(variables)
+    """The uncompiled meta-training step: (episodes, noise) -> TrainMetrics."""
+    variables = model.trainable_variables
+    # Creating Adam's slots up front keeps variable creation out of the trace,
+    # so the compiled step traces once.
+    if not optimizer.built:
+        optimizer.build(variables)
 
-  def step(episodes, noise):
-    with tf.GradientTape() as tape:
-      objective = model.meta_batch_loss(episodes, noise)
-    gradients = tape.gradient(objective.total, variables)
-    gradients, fired = nan_guarded_gradients(
-        objective.total, gradients, variables, model.weight_matrices)
-    gradient_norm = tf.linalg.global_norm(gradients)
-    gradients = clip_gradients(gradients, config.gradient_threshold,
-                               config.gradient_norm_threshold)
-    optimizer.apply_gradients(zip(gradients, variables))
-    outputs = objective.episodes
-    return TrainMetrics(
-        loss=objective.total,
-        query_loss=tf.reduce_mean(outputs.query_loss),
-        accuracy=tf.reduce_mean(outputs.accuracy),
-        kl=tf.reduce_mean(outputs.kl),
-        encoder_penalty=tf.reduce_mean(outputs.encoder_penalty),
-        l2=objective.l2, orthogonality=objective.orthogonality,
-        gradient_norm=gradient_norm, nan_guard=fired,
-        latents=outputs.latents)
+    def step(episodes, noise):
+        with tf.GradientTape() as tape:
+            objective = model.meta_batch_loss(episodes, noise)
+        gradients = tape.gradient(objective.total, variables)
+        gradients, fired = nan_guarded_gradients(
+            objective.total, gradients, variables, model.weight_matrices
+        )
+        gradient_norm = tf.linalg.global_norm(gradients)
+        gradients = clip_gradients(
+            gradients, config.gradient_threshold, config.gradient_norm_threshold
+        )
+        optimizer.apply_gradients(zip(gradients, variables))
+        outputs = objective.episodes
+        return TrainMetrics(
+            loss=objective.total,
+            query_loss=tf.reduce_mean(outputs.query_loss),
+            accuracy=tf.reduce_mean(outputs.accuracy),
+            kl=tf.reduce_mean(outputs.kl),
+            encoder_penalty=tf.reduce_mean(outputs.encoder_penalty),
+            l2=objective.l2,
+            orthogonality=objective.orthogonality,
+            gradient_norm=gradient_norm,
+            nan_guard=fired,
+            latents=outputs.latents,
+        )
 
-  return step
+    return step
 
 
-def episodes_spec(episodes_type, batch_size, num_classes, num_tr, num_val,
-                  embedding_dim):
-  """TensorSpecs of a meta-batch, as an `episodes_type` (e.g. Episodes)."""
-  support = [batch_size, num_classes, num_tr]
-  query = [batch_size, num_classes, num_val]
-  return episodes_type(
-      tr_input=tf.TensorSpec(support + [embedding_dim], tf.float32),
-      tr_output=tf.TensorSpec(support + [1], tf.int32),
-      val_input=tf.TensorSpec(query + [embedding_dim], tf.float32),
-      val_output=tf.TensorSpec(query + [1], tf.int32))
+def episodes_spec(
+    episodes_type, batch_size, num_classes, num_tr, num_val, embedding_dim
+):
+    """TensorSpecs of a meta-batch, as an `episodes_type` (e.g. Episodes)."""
+    support = [batch_size, num_classes, num_tr]
+    query = [batch_size, num_classes, num_val]
+    return episodes_type(
+        tr_input=tf.TensorSpec(support + [embedding_dim], tf.float32),
+        tr_output=tf.TensorSpec(support + [1], tf.int32),
+        val_input=tf.TensorSpec(query + [embedding_dim], tf.float32),
+        val_output=tf.TensorSpec(query + [1], tf.int32),
+    )
 
 
 def noise_spec(episodes_spec_, model_config, dtype=tf.float32):
-  """TensorSpecs of the EpisodeNoise that goes with `episodes_spec_`."""
-  support = episodes_spec_.tr_input.shape.as_list()
-  query = episodes_spec_.val_input.shape.as_list()
-  steps = (model_config.inner_unroll_length
-           + model_config.finetuning_unroll_length)
-  return EpisodeNoise(
-      encoder_dropout=tf.TensorSpec(support, dtype),
-      latent=tf.TensorSpec(support[:-1] + [model_config.num_latents], dtype),
-      weights=tf.TensorSpec([model_config.inner_unroll_length + 1] + support,
-                            dtype),
-      support_dropout=tf.TensorSpec([steps] + support, dtype),
-      query_dropout=tf.TensorSpec(query, dtype))
+    """TensorSpecs of the EpisodeNoise that goes with `episodes_spec_`."""
+    support = episodes_spec_.tr_input.shape.as_list()
+    query = episodes_spec_.val_input.shape.as_list()
+    steps = model_config.inner_unroll_length + model_config.finetuning_unroll_length
+    return EpisodeNoise(
+        encoder_dropout=tf.TensorSpec(support, dtype),
+        latent=tf.TensorSpec(support[:-1] + [model_config.num_latents], dtype),
+        weights=tf.TensorSpec([model_config.inner_unroll_length + 1] + support, dtype),
+        support_dropout=tf.TensorSpec([steps] + support, dtype),
+        query_dropout=tf.TensorSpec(query, dtype),
+    )
 
 
 def compile_train_step(model, optimizer, config, episodes_spec_):
-  """The meta-training step as a tf.function traced once for these shapes."""
-  return tf.function(
-      train_step_fn(model, optimizer, config),
-      input_signature=[episodes_spec_,
-                       noise_spec(episodes_spec_, model.config,
-                                  model.compute_dtype)])
+    """The meta-training step as a tf.function traced once for these shapes."""
+    return tf.function(
+        train_step_fn(model, optimizer, config),
+        input_signature=[
+            episodes_spec_,
+            noise_spec(episodes_spec_, model.config, model.compute_dtype),
+        ],
+    )
 
 
 def compile_eval_step(model, episodes_spec_):
-  """Evaluation: episodes -> (accuracy [B], query loss [B]), no noise."""
+    """Evaluation: episodes -> (accuracy [B], query loss [B]), no noise."""
 
-  def step(episodes):
-    outputs = model.run_episodes(episodes)
-    return outputs.accuracy, outputs.query_loss
+    def step(episodes):
+        outputs = model.run_episodes(episodes)
+        return outputs.accuracy, outputs.query_loss
 
-  return tf.function(step, input_signature=[episodes_spec_])
+    return tf.function(step, input_signature=[episodes_spec_])

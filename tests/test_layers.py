@@ -8,119 +8,125 @@ from leo_tf import layers
 
 
 def _relu(x):
-  return np.maximum(x, 0.0)
+    return np.maximum(x, 0.0)
 
 
 def test_encoder_is_dropout_then_bias_free_linear_map():
-  rng = np.random.default_rng(0)
-  inputs = rng.normal(size=(2, 3, 2, 5))
-  mask = rng.choice([0.0, 2.0], size=inputs.shape)
-  encoder = layers.Encoder(4, seed=1, dtype="float64")
-  encoder.build(inputs.shape)
-  kernel = encoder.kernel.numpy()
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=(2, 3, 2, 5))
+    mask = rng.choice([0.0, 2.0], size=inputs.shape)
+    encoder = layers.Encoder(4, seed=1, dtype="float64")
+    encoder.build(inputs.shape)
+    kernel = encoder.kernel.numpy()
 
-  outputs = encoder(inputs, mask).numpy()
+    outputs = encoder(inputs, mask).numpy()
 
-  np.testing.assert_allclose(outputs, (inputs * mask) @ kernel, rtol=1e-12)
-  np.testing.assert_allclose(encoder(inputs).numpy(), inputs @ kernel,
-                             rtol=1e-12)
-  assert len(encoder.trainable_variables) == 1  # no bias
+    np.testing.assert_allclose(outputs, (inputs * mask) @ kernel, rtol=1e-12)
+    np.testing.assert_allclose(encoder(inputs).numpy(), inputs @ kernel, rtol=1e-12)
+    assert len(encoder.trainable_variables) == 1  # no bias
 
 
 def test_encoder_kernel_is_glorot_uniform():
-  encoder = layers.Encoder(64, seed=3)
-  encoder.build((None, None, None, 640))
-  kernel = encoder.kernel.numpy()
-  limit = np.sqrt(6.0 / (640 + 64))
-  assert np.abs(kernel).max() <= limit
-  # Uniform on [-limit, limit] has variance limit^2 / 3.
-  np.testing.assert_allclose(kernel.var(), limit ** 2 / 3, rtol=0.05)
+    encoder = layers.Encoder(64, seed=3)
+    encoder.build((None, None, None, 640))
+    kernel = encoder.kernel.numpy()
+    limit = np.sqrt(6.0 / (640 + 64))
+    assert np.abs(kernel).max() <= limit
+    # Uniform on [-limit, limit] has variance limit^2 / 3.
+    np.testing.assert_allclose(kernel.var(), limit**2 / 3, rtol=0.05)
 
 
 def _relation_network_numpy(codes, kernels):
-  """Explicit (NK)^2 concatenated pairs, as in the authors' code."""
-  batch, classes, shots, _ = codes.shape
-  outputs = []
-  for b in range(batch):
-    flat = codes[b].reshape(classes * shots, -1)
-    total = flat.shape[0]
-    pairs = np.array([[np.concatenate([flat[i], flat[j]])
-                       for j in range(total)] for i in range(total)])
-    hidden = pairs
-    for depth, kernel in enumerate(kernels):
-      hidden = hidden @ kernel
-      if depth < len(kernels) - 1:
-        hidden = _relu(hidden)
-    per_example = hidden.mean(axis=1).reshape(classes, shots, -1)
-    class_mean = per_example.mean(axis=1, keepdims=True)
-    outputs.append(np.broadcast_to(class_mean, per_example.shape))
-  return np.stack(outputs)
+    """Explicit (NK)^2 concatenated pairs, as in the authors' code."""
+    batch, classes, shots, _ = codes.shape
+    outputs = []
+    for b in range(batch):
+        flat = codes[b].reshape(classes * shots, -1)
+        total = flat.shape[0]
+        pairs = np.array(
+            [
+                [np.concatenate([flat[i], flat[j]]) for j in range(total)]
+                for i in range(total)
+            ]
+        )
+        hidden = pairs
+        for depth, kernel in enumerate(kernels):
+            hidden = hidden @ kernel
+            if depth < len(kernels) - 1:
+                hidden = _relu(hidden)
+        per_example = hidden.mean(axis=1).reshape(classes, shots, -1)
+        class_mean = per_example.mean(axis=1, keepdims=True)
+        outputs.append(np.broadcast_to(class_mean, per_example.shape))
+    return np.stack(outputs)
 
 
 def test_relation_network_matches_explicit_pairs():
-  rng = np.random.default_rng(1)
-  codes = rng.normal(size=(2, 3, 2, 4))
-  network = layers.RelationNetwork(seed=5, dtype="float64")
-  network.build(codes.shape)
-  kernels = [k.numpy() for k in network.kernels]
+    rng = np.random.default_rng(1)
+    codes = rng.normal(size=(2, 3, 2, 4))
+    network = layers.RelationNetwork(seed=5, dtype="float64")
+    network.build(codes.shape)
+    kernels = [k.numpy() for k in network.kernels]
 
-  outputs = network(codes).numpy()
+    outputs = network(codes).numpy()
 
-  assert outputs.shape == (2, 3, 2, 8)
-  np.testing.assert_allclose(outputs, _relation_network_numpy(codes, kernels),
-                             rtol=1e-10, atol=1e-12)
-  # The K shots of a class share their averaged parameters.
-  np.testing.assert_array_equal(outputs[:, :, 0], outputs[:, :, 1])
+    assert outputs.shape == (2, 3, 2, 8)
+    np.testing.assert_allclose(
+        outputs, _relation_network_numpy(codes, kernels), rtol=1e-10, atol=1e-12
+    )
+    # The K shots of a class share their averaged parameters.
+    np.testing.assert_array_equal(outputs[:, :, 0], outputs[:, :, 1])
 
 
 def test_relation_network_pair_order_matters():
-  """Swapping (i, j) in the pairs changes the result: the test above binds."""
-  rng = np.random.default_rng(2)
-  codes = rng.normal(size=(1, 3, 2, 4))
-  network = layers.RelationNetwork(seed=5, dtype="float64")
-  network.build(codes.shape)
-  kernels = [k.numpy() for k in network.kernels]
-  swapped_first = np.concatenate([kernels[0][4:], kernels[0][:4]])
-  swapped = _relation_network_numpy(codes, [swapped_first, *kernels[1:]])
-  assert np.abs(network(codes).numpy() - swapped).max() > 1e-3
+    """Swapping (i, j) in the pairs changes the result: the test above binds."""
+    rng = np.random.default_rng(2)
+    codes = rng.normal(size=(1, 3, 2, 4))
+    network = layers.RelationNetwork(seed=5, dtype="float64")
+    network.build(codes.shape)
+    kernels = [k.numpy() for k in network.kernels]
+    swapped_first = np.concatenate([kernels[0][4:], kernels[0][:4]])
+    swapped = _relation_network_numpy(codes, [swapped_first, *kernels[1:]])
+    assert np.abs(network(codes).numpy() - swapped).max() > 1e-3
 
 
 def test_decoder_is_bias_free_linear_map_to_twice_the_embedding_width():
-  rng = np.random.default_rng(3)
-  latents = rng.normal(size=(2, 3, 1, 4))
-  decoder = layers.Decoder(6, seed=2, dtype="float64")
-  decoder.build(latents.shape)
-  kernel = decoder.kernel.numpy()
-  assert kernel.shape == (4, 12)
-  np.testing.assert_allclose(decoder(latents).numpy(), latents @ kernel,
-                             rtol=1e-12)
+    rng = np.random.default_rng(3)
+    latents = rng.normal(size=(2, 3, 1, 4))
+    decoder = layers.Decoder(6, seed=2, dtype="float64")
+    decoder.build(latents.shape)
+    kernel = decoder.kernel.numpy()
+    assert kernel.shape == (4, 12)
+    np.testing.assert_allclose(decoder(latents).numpy(), latents @ kernel, rtol=1e-12)
 
 
 def test_orthogonality_penalty_matches_numpy():
-  rng = np.random.default_rng(4)
-  kernel = rng.normal(size=(4, 10))
-  norms = np.linalg.norm(kernel, axis=1, keepdims=True)
-  cosine = (kernel @ kernel.T) / (norms @ norms.T)
-  expected = np.mean((cosine - np.eye(4)) ** 2)
+    rng = np.random.default_rng(4)
+    kernel = rng.normal(size=(4, 10))
+    norms = np.linalg.norm(kernel, axis=1, keepdims=True)
+    cosine = (kernel @ kernel.T) / (norms @ norms.T)
+    expected = np.mean((cosine - np.eye(4)) ** 2)
 
-  penalty = layers.orthogonality_penalty(tf.constant(kernel)).numpy()
+    penalty = layers.orthogonality_penalty(tf.constant(kernel)).numpy()
 
-  np.testing.assert_allclose(penalty, expected, rtol=1e-12)
+    np.testing.assert_allclose(penalty, expected, rtol=1e-12)
 
 
 def test_orthogonality_penalty_is_zero_for_orthogonal_rows_and_known_value():
-  orthogonal = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, -3.0]])
-  assert layers.orthogonality_penalty(orthogonal).numpy() == pytest.approx(0)
-  # Two identical rows: C = [[1, 1], [1, 1]], (C - I)^2 has two ones in four.
-  identical = np.array([[1.0, 2.0], [1.0, 2.0]])
-  assert layers.orthogonality_penalty(identical).numpy() == pytest.approx(0.5)
+    orthogonal = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, -3.0]])
+    assert layers.orthogonality_penalty(orthogonal).numpy() == pytest.approx(0)
+    # Two identical rows: C = [[1, 1], [1, 1]], (C - I)^2 has two ones in four.
+    identical = np.array([[1.0, 2.0], [1.0, 2.0]])
+    assert layers.orthogonality_penalty(identical).numpy() == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("layer", [
-    layers.Encoder(7, seed=1),
-    layers.RelationNetwork(num_layers=3, seed=2),
-    layers.Decoder(11, seed=3),
-])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        layers.Encoder(7, seed=1),
+        layers.RelationNetwork(num_layers=3, seed=2),
+        layers.Decoder(11, seed=3),
+    ],
+)
 def test_layer_config_round_trips(layer):
-  rebuilt = type(layer).from_config(layer.get_config())
-  assert rebuilt.get_config() == layer.get_config()
+    rebuilt = type(layer).from_config(layer.get_config())
+    assert rebuilt.get_config() == layer.get_config()

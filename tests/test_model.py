@@ -10,322 +10,362 @@ from tests import reference_leo
 
 
 def _softmax(logits):
-  shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-  return shifted / shifted.sum(axis=-1, keepdims=True)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 # ---------------------------------------------------------------- equations
 @pytest.mark.parametrize("offset", [0.0, np.sqrt(2.0 / (640 + 5))])
 def test_gaussian_stddev_transform_matches_numpy(offset):
-  params = np.array([[0.3, -1.2, 0.5, 1e-9, -3.0, 2.0]])
-  # exp(u) - (1 - offset), with exp(u) - 1 taken exactly (expm1) near u = 0.
-  expected_scale = np.maximum(np.expm1(params[:, 3:]) + offset, 1e-10)
+    params = np.array([[0.3, -1.2, 0.5, 1e-9, -3.0, 2.0]])
+    # exp(u) - (1 - offset), with exp(u) - 1 taken exactly (expm1) near u = 0.
+    expected_scale = np.maximum(np.expm1(params[:, 3:]) + offset, 1e-10)
 
-  distribution = model_lib.gaussian(tf.constant(params), offset)
+    distribution = model_lib.gaussian(tf.constant(params), offset)
 
-  np.testing.assert_allclose(distribution.loc.numpy(), params[:, :3])
-  np.testing.assert_allclose(distribution.scale.numpy(), expected_scale,
-                             rtol=1e-9)
-  assert distribution.scale.numpy().min() >= 1e-10  # the floor applies
+    np.testing.assert_allclose(distribution.loc.numpy(), params[:, :3])
+    np.testing.assert_allclose(distribution.scale.numpy(), expected_scale, rtol=1e-9)
+    assert distribution.scale.numpy().min() >= 1e-10  # the floor applies
 
 
 def test_decode_uses_glorot_stddev_offset_of_the_episode():
-  model = fx.small_model(dim=8, dtype="float64")
-  latents = np.random.default_rng(0).normal(size=(2, 3, 2, 4))
-  params = latents @ model.decoder.kernel.numpy()
-  offset = np.sqrt(2.0 / (8 + 3))                    # D = 8, N = 3
-  expected_scale = np.maximum(np.exp(params[..., 8:]) - (1 - offset), 1e-10)
+    model = fx.small_model(dim=8, dtype="float64")
+    latents = np.random.default_rng(0).normal(size=(2, 3, 2, 4))
+    params = latents @ model.decoder.kernel.numpy()
+    offset = np.sqrt(2.0 / (8 + 3))  # D = 8, N = 3
+    expected_scale = np.maximum(np.exp(params[..., 8:]) - (1 - offset), 1e-10)
 
-  distribution = model.decode(tf.constant(latents))
+    distribution = model.decode(tf.constant(latents))
 
-  np.testing.assert_allclose(distribution.mean().numpy(), params[..., :8])
-  np.testing.assert_allclose(distribution.scale.numpy(), expected_scale,
-                             rtol=1e-9)
+    np.testing.assert_allclose(distribution.mean().numpy(), params[..., :8])
+    np.testing.assert_allclose(distribution.scale.numpy(), expected_scale, rtol=1e-9)
 
 
 def test_predict_is_mean_over_shots_of_per_weight_logits():
-  rng = np.random.default_rng(1)
-  model = fx.small_model(dtype="float64")
-  inputs = rng.normal(size=(2, 3, 4, 8))
-  weights = rng.normal(size=(2, 3, 2, 8))
-  mask = rng.choice([0.0, 1.5], size=inputs.shape)
-  expected = np.stack([
-      np.einsum("ijk,lmk->ijlm", inputs[b] * mask[b], weights[b]).mean(-1)
-      for b in range(2)])
+    rng = np.random.default_rng(1)
+    model = fx.small_model(dtype="float64")
+    inputs = rng.normal(size=(2, 3, 4, 8))
+    weights = rng.normal(size=(2, 3, 2, 8))
+    mask = rng.choice([0.0, 1.5], size=inputs.shape)
+    expected = np.stack(
+        [
+            np.einsum("ijk,lmk->ijlm", inputs[b] * mask[b], weights[b]).mean(-1)
+            for b in range(2)
+        ]
+    )
 
-  logits = model.predict(tf.constant(inputs), tf.constant(weights),
-                         tf.constant(mask)).numpy()
+    logits = model.predict(
+        tf.constant(inputs), tf.constant(weights), tf.constant(mask)
+    ).numpy()
 
-  np.testing.assert_allclose(logits, expected, rtol=1e-10)
+    np.testing.assert_allclose(logits, expected, rtol=1e-10)
 
 
 def test_support_loss_gradient_hand_computed():
-  """N = 2, K = 1, w = 0: p = 1/2, so dL/dw[n] = sum_x (1/2 - y_n) x."""
-  model = fx.small_model(dim=2, dtype="float64")
-  inputs = np.array([[[[1.0, 0.0]], [[0.0, 2.0]]]])   # class 0: e1, class 1: 2e2
-  onehot = np.array([[[[1.0, 0.0]], [[0.0, 1.0]]]])
-  weights = np.zeros((1, 2, 1, 2))
-  # Class 0 weight: (1/2 - 1) e1 + (1/2 - 0) 2e2 = (-1/2, 1).
-  expected = np.array([[[[-0.5, 1.0]], [[0.5, -1.0]]]])
+    """N = 2, K = 1, w = 0: p = 1/2, so dL/dw[n] = sum_x (1/2 - y_n) x."""
+    model = fx.small_model(dim=2, dtype="float64")
+    inputs = np.array([[[[1.0, 0.0]], [[0.0, 2.0]]]])  # class 0: e1, class 1: 2e2
+    onehot = np.array([[[[1.0, 0.0]], [[0.0, 1.0]]]])
+    weights = np.zeros((1, 2, 1, 2))
+    # Class 0 weight: (1/2 - 1) e1 + (1/2 - 0) 2e2 = (-1/2, 1).
+    expected = np.array([[[[-0.5, 1.0]], [[0.5, -1.0]]]])
 
-  gradient = model.support_loss_gradient(inputs, onehot, weights).numpy()
+    gradient = model.support_loss_gradient(inputs, onehot, weights).numpy()
 
-  np.testing.assert_allclose(gradient, expected, atol=1e-12)
+    np.testing.assert_allclose(gradient, expected, atol=1e-12)
 
 
 def test_support_loss_gradient_is_gradient_of_the_summed_loss():
-  rng = np.random.default_rng(2)
-  model = fx.small_model(dtype="float64")
-  episodes = fx.random_episodes(3, batch=2, classes=3, shots=2)
-  inputs = tf.cast(episodes.tr_input, tf.float64)
-  onehot = tf.one_hot(episodes.tr_output[..., 0], 3, dtype=tf.float64)
-  weights = tf.constant(rng.normal(size=(2, 3, 2, 8)))
-  mask = tf.constant(rng.choice([0.0, 2.0], size=(2, 3, 2, 8)))
-  with tf.GradientTape() as tape:
-    tape.watch(weights)
-    logits = model.predict(inputs, weights, mask)
-    per_example = tf.nn.softmax_cross_entropy_with_logits(onehot, logits)
-    summed = tf.reduce_sum(per_example)
-  expected = tape.gradient(summed, weights).numpy()
+    rng = np.random.default_rng(2)
+    model = fx.small_model(dtype="float64")
+    episodes = fx.random_episodes(3, batch=2, classes=3, shots=2)
+    inputs = tf.cast(episodes.tr_input, tf.float64)
+    onehot = tf.one_hot(episodes.tr_output[..., 0], 3, dtype=tf.float64)
+    weights = tf.constant(rng.normal(size=(2, 3, 2, 8)))
+    mask = tf.constant(rng.choice([0.0, 2.0], size=(2, 3, 2, 8)))
+    with tf.GradientTape() as tape:
+        tape.watch(weights)
+        logits = model.predict(inputs, weights, mask)
+        per_example = tf.nn.softmax_cross_entropy_with_logits(onehot, logits)
+        summed = tf.reduce_sum(per_example)
+    expected = tape.gradient(summed, weights).numpy()
 
-  gradient = model.support_loss_gradient(inputs, onehot, weights,
-                                         mask).numpy()
+    gradient = model.support_loss_gradient(inputs, onehot, weights, mask).numpy()
 
-  np.testing.assert_allclose(gradient, expected, rtol=1e-10, atol=1e-12)
-  # The sum, not the mean: the mean's gradient is NK = 6 times smaller.
-  assert np.abs(gradient).max() > 5 * np.abs(expected / 6).max()
+    np.testing.assert_allclose(gradient, expected, rtol=1e-10, atol=1e-12)
+    # The sum, not the mean: the mean's gradient is NK = 6 times smaller.
+    assert np.abs(gradient).max() > 5 * np.abs(expected / 6).max()
 
 
 # -------------------------------------------------------------- inner loops
 class _QuadraticSupportLoss:
-  """Replaces the support loss by c/2 ||w||^2 (gradient c w) for hand maths."""
+    """Replaces the support loss by c/2 ||w||^2 (gradient c w) for hand maths."""
 
-  def __init__(self, coefficient):
-    self.coefficient = coefficient
+    def __init__(self, coefficient):
+        self.coefficient = coefficient
 
-  def __call__(self, tr_input, tr_onehot, weights, dropout_mask=None):
-    return self.coefficient * weights
+    def __call__(self, tr_input, tr_onehot, weights, dropout_mask=None):
+        return self.coefficient * weights
 
 
 def test_latent_inner_loop_scales_latents_by_the_known_factor(monkeypatch):
-  """Decoder mean map M with M M^T = a I: each step maps z to (1 - lr c a) z."""
-  config = fx.small_config(num_latents=2, inner_unroll_length=5)
-  model = fx.small_model(config, dim=3, dtype="float64")
-  mean_map = np.array([[1.0, 1.0, 0.0], [1.0, -1.0, 0.0]])    # M M^T = 2 I
-  model.decoder.kernel.assign(np.concatenate([mean_map, np.zeros((2, 3))], 1))
-  model.inner_lr.assign([0.1, 0.2])
-  coefficient = 0.5
-  monkeypatch.setattr(model, "support_loss_gradient",
-                      _QuadraticSupportLoss(coefficient))
-  latents = np.array([[[[1.0, -2.0]], [[3.0, 0.5]]]])             # [1, 2, 1, 2]
-  factors = (1 - np.array([0.1, 0.2]) * coefficient * 2.0) ** 5   # 0.9^5, 0.8^5
+    """Decoder mean map M with M M^T = a I: each step maps z to (1 - lr c a) z."""
+    config = fx.small_config(num_latents=2, inner_unroll_length=5)
+    model = fx.small_model(config, dim=3, dtype="float64")
+    mean_map = np.array([[1.0, 1.0, 0.0], [1.0, -1.0, 0.0]])  # M M^T = 2 I
+    model.decoder.kernel.assign(np.concatenate([mean_map, np.zeros((2, 3))], 1))
+    model.inner_lr.assign([0.1, 0.2])
+    coefficient = 0.5
+    monkeypatch.setattr(
+        model, "support_loss_gradient", _QuadraticSupportLoss(coefficient)
+    )
+    latents = np.array([[[[1.0, -2.0]], [[3.0, 0.5]]]])  # [1, 2, 1, 2]
+    factors = (1 - np.array([0.1, 0.2]) * coefficient * 2.0) ** 5  # 0.9^5, 0.8^5
 
-  adapted = model.leo_inner_loop(None, None, tf.constant(latents),
-                                 model_lib._NO_NOISE).numpy()
+    adapted = model.leo_inner_loop(
+        None, None, tf.constant(latents), model_lib._NO_NOISE
+    ).numpy()
 
-  np.testing.assert_allclose(adapted, latents * factors, rtol=1e-12)
+    np.testing.assert_allclose(adapted, latents * factors, rtol=1e-12)
 
 
 def test_finetuning_loop_scales_weights_by_the_known_factor(monkeypatch):
-  config = fx.small_config(finetuning_unroll_length=5)
-  model = fx.small_model(config, dim=3, dtype="float64")
-  model.finetuning_lr.assign([0.1, 0.2, 0.4])
-  monkeypatch.setattr(model, "support_loss_gradient", _QuadraticSupportLoss(1.0))
-  weights = np.arange(1.0, 7.0).reshape(1, 2, 1, 3)
+    config = fx.small_config(finetuning_unroll_length=5)
+    model = fx.small_model(config, dim=3, dtype="float64")
+    model.finetuning_lr.assign([0.1, 0.2, 0.4])
+    monkeypatch.setattr(model, "support_loss_gradient", _QuadraticSupportLoss(1.0))
+    weights = np.arange(1.0, 7.0).reshape(1, 2, 1, 3)
 
-  adapted = model.finetuning_inner_loop(None, None, tf.constant(weights),
-                                        model_lib._NO_NOISE).numpy()
+    adapted = model.finetuning_inner_loop(
+        None, None, tf.constant(weights), model_lib._NO_NOISE
+    ).numpy()
 
-  np.testing.assert_allclose(adapted,
-                             weights * (1 - np.array([0.1, 0.2, 0.4])) ** 5,
-                             rtol=1e-12)
+    np.testing.assert_allclose(
+        adapted, weights * (1 - np.array([0.1, 0.2, 0.4])) ** 5, rtol=1e-12
+    )
 
 
 # ---------------------------------------------------------------------- KL
 def test_kl_estimate_matches_numpy_log_densities():
-  rng = np.random.default_rng(5)
-  loc = rng.normal(size=(2, 3, 1, 4))
-  scale = rng.uniform(0.2, 2.0, size=loc.shape)
-  noise = rng.normal(size=loc.shape)
-  samples = loc + scale * noise
-  log_q = (-0.5 * ((samples - loc) / scale) ** 2 - np.log(scale)
-           - 0.5 * np.log(2 * np.pi))
-  log_p = -0.5 * samples ** 2 - 0.5 * np.log(2 * np.pi)
-  expected = (log_q - log_p).reshape(2, -1).mean(axis=1)
+    rng = np.random.default_rng(5)
+    loc = rng.normal(size=(2, 3, 1, 4))
+    scale = rng.uniform(0.2, 2.0, size=loc.shape)
+    noise = rng.normal(size=loc.shape)
+    samples = loc + scale * noise
+    log_q = (
+        -0.5 * ((samples - loc) / scale) ** 2 - np.log(scale) - 0.5 * np.log(2 * np.pi)
+    )
+    log_p = -0.5 * samples**2 - 0.5 * np.log(2 * np.pi)
+    expected = (log_q - log_p).reshape(2, -1).mean(axis=1)
 
-  kl = model_lib.kl_estimate(
-      model_lib.tfd.Normal(tf.constant(loc), tf.constant(scale)),
-      tf.constant(noise), tf.constant(samples)).numpy()
+    kl = model_lib.kl_estimate(
+        model_lib.tfd.Normal(tf.constant(loc), tf.constant(scale)),
+        tf.constant(noise),
+        tf.constant(samples),
+    ).numpy()
 
-  np.testing.assert_allclose(kl, expected, rtol=1e-12)
+    np.testing.assert_allclose(kl, expected, rtol=1e-12)
 
 
 def test_kl_estimate_is_stable_in_float32_at_the_stddev_floor():
-  rng = np.random.default_rng(6)
-  loc = rng.normal(size=(1, 64)).astype(np.float32)
-  scale = np.full_like(loc, 1e-10)
-  noise = rng.normal(size=loc.shape).astype(np.float32)
-  # Exact value in float64: log q = log N(e) - log(scale).
-  exact = np.mean(-0.5 * noise.astype(np.float64) ** 2 - np.log(1e-10)
-                  + 0.5 * loc.astype(np.float64) ** 2)
-  distribution = model_lib.tfd.Normal(tf.constant(loc), tf.constant(scale))
-  samples = distribution.loc + distribution.scale * noise
+    rng = np.random.default_rng(6)
+    loc = rng.normal(size=(1, 64)).astype(np.float32)
+    scale = np.full_like(loc, 1e-10)
+    noise = rng.normal(size=loc.shape).astype(np.float32)
+    # Exact value in float64: log q = log N(e) - log(scale).
+    exact = np.mean(
+        -0.5 * noise.astype(np.float64) ** 2
+        - np.log(1e-10)
+        + 0.5 * loc.astype(np.float64) ** 2
+    )
+    distribution = model_lib.tfd.Normal(tf.constant(loc), tf.constant(scale))
+    samples = distribution.loc + distribution.scale * noise
 
-  stable = model_lib.kl_estimate(distribution, tf.constant(noise),
-                                 samples).numpy()[0]
-  naive = np.mean((distribution.log_prob(samples)
-                   - model_lib.tfd.Normal(0.0, 1.0).log_prob(samples)).numpy())
+    stable = model_lib.kl_estimate(distribution, tf.constant(noise), samples).numpy()[0]
+    naive = np.mean(
+        (
+            distribution.log_prob(samples)
+            - model_lib.tfd.Normal(0.0, 1.0).log_prob(samples)
+        ).numpy()
+    )
 
-  assert stable == pytest.approx(exact, rel=1e-5)
-  assert abs(naive - exact) > 0.1  # what the authors' form loses in float32
+    assert stable == pytest.approx(exact, rel=1e-5)
+    assert abs(naive - exact) > 0.1  # what the authors' form loses in float32
 
 
 # ------------------------------------------------- whole model vs reference
 def _both_losses(model, episodes, noise, first_order=False):
-  variables = model.trainable_variables
-  with tf.GradientTape(persistent=True) as tape:
-    objective = model.meta_batch_loss(episodes, noise)
-    reference, reference_losses, reference_accuracy = (
-        reference_leo.reference_meta_batch_loss(model, episodes, noise,
-                                                first_order))
-  gradients = tape.gradient(objective.total, variables)
-  reference_gradients = tape.gradient(reference, variables)
-  return (objective, gradients, reference, reference_losses,
-          reference_accuracy, reference_gradients)
+    variables = model.trainable_variables
+    with tf.GradientTape(persistent=True) as tape:
+        objective = model.meta_batch_loss(episodes, noise)
+        reference, reference_losses, reference_accuracy = (
+            reference_leo.reference_meta_batch_loss(model, episodes, noise, first_order)
+        )
+    gradients = tape.gradient(objective.total, variables)
+    reference_gradients = tape.gradient(reference, variables)
+    return (
+        objective,
+        gradients,
+        reference,
+        reference_losses,
+        reference_accuracy,
+        reference_gradients,
+    )
 
 
-@pytest.mark.parametrize("training,kl_weight,rtol", [
-    (True, 0.0, 1e-12),
-    # With the KL term the reference's float64 log_prob loses ~6 digits of
-    # (z - loc) / scale where scale sits at its 1e-10 floor (leo_tf computes
-    # it from the noise), so the two agree to ~1e-8 only.
-    (True, 0.1, 1e-6),
-    (False, 0.1, 1e-12),
-])
-def test_model_matches_literal_reference_formulation(training, kl_weight,
-                                                     rtol):
-  """Loss, accuracy and second-order gradients equal the authors' form."""
-  model = fx.small_model(fx.small_config(kl_weight=kl_weight),
-                         dtype="float64")
-  episodes = fx.random_episodes(7, batch=3, classes=3, shots=2, queries=4)
-  noise = (fx.noise_for(episodes, model.config, dtype=tf.float64)
-           if training else None)
+@pytest.mark.parametrize(
+    "training,kl_weight,rtol",
+    [
+        (True, 0.0, 1e-12),
+        # With the KL term the reference's float64 log_prob loses ~6 digits of
+        # (z - loc) / scale where scale sits at its 1e-10 floor (leo_tf computes
+        # it from the noise), so the two agree to ~1e-8 only.
+        (True, 0.1, 1e-6),
+        (False, 0.1, 1e-12),
+    ],
+)
+def test_model_matches_literal_reference_formulation(training, kl_weight, rtol):
+    """Loss, accuracy and second-order gradients equal the authors' form."""
+    model = fx.small_model(fx.small_config(kl_weight=kl_weight), dtype="float64")
+    episodes = fx.random_episodes(7, batch=3, classes=3, shots=2, queries=4)
+    noise = fx.noise_for(episodes, model.config, dtype=tf.float64) if training else None
 
-  (objective, gradients, reference, reference_losses, reference_accuracy,
-   reference_gradients) = _both_losses(model, episodes, noise)
+    (
+        objective,
+        gradients,
+        reference,
+        reference_losses,
+        reference_accuracy,
+        reference_gradients,
+    ) = _both_losses(model, episodes, noise)
 
-  np.testing.assert_allclose(objective.episodes.loss.numpy(),
-                             reference_losses.numpy(), rtol=rtol)
-  np.testing.assert_allclose(objective.episodes.accuracy.numpy(),
-                             reference_accuracy.numpy())
-  np.testing.assert_allclose(objective.total.numpy(), reference.numpy(),
-                             rtol=rtol)
-  for variable, gradient, expected in zip(model.trainable_variables,
-                                          gradients, reference_gradients):
-    scale = np.abs(expected.numpy()).max()
-    np.testing.assert_allclose(gradient.numpy(), expected.numpy(), rtol=0,
-                               atol=rtol * scale, err_msg=variable.path)
-  if training:
-    assert np.all(objective.episodes.kl.numpy() != 0)
-    assert np.all(objective.episodes.encoder_penalty.numpy() > 0)
-  else:
-    assert np.all(objective.episodes.kl.numpy() == 0)
-    assert np.all(objective.episodes.encoder_penalty.numpy() == 0)
+    np.testing.assert_allclose(
+        objective.episodes.loss.numpy(), reference_losses.numpy(), rtol=rtol
+    )
+    np.testing.assert_allclose(
+        objective.episodes.accuracy.numpy(), reference_accuracy.numpy()
+    )
+    np.testing.assert_allclose(objective.total.numpy(), reference.numpy(), rtol=rtol)
+    for variable, gradient, expected in zip(
+        model.trainable_variables, gradients, reference_gradients
+    ):
+        scale = np.abs(expected.numpy()).max()
+        np.testing.assert_allclose(
+            gradient.numpy(),
+            expected.numpy(),
+            rtol=0,
+            atol=rtol * scale,
+            err_msg=variable.path,
+        )
+    if training:
+        assert np.all(objective.episodes.kl.numpy() != 0)
+        assert np.all(objective.episodes.encoder_penalty.numpy() > 0)
+    else:
+        assert np.all(objective.episodes.kl.numpy() == 0)
+        assert np.all(objective.episodes.encoder_penalty.numpy() == 0)
 
 
 def _perturbed_loss(loss_fn, variable, index, delta):
-  original = variable.numpy()
-  perturbed = original.copy()
-  perturbed[index] += delta
-  variable.assign(perturbed)
-  loss = loss_fn().numpy()
-  variable.assign(original)
-  return loss
+    original = variable.numpy()
+    perturbed = original.copy()
+    perturbed[index] += delta
+    variable.assign(perturbed)
+    loss = loss_fn().numpy()
+    variable.assign(original)
+    return loss
 
 
 def test_outer_gradient_is_second_order_and_matches_finite_differences():
-  # The encoder penalty's stop_gradient(adapted latents) makes the outer
-  # gradient differ from the loss's derivative by design, so it is off here
-  # (the reference test above covers it).
-  config = fx.small_config(inner_unroll_length=2, finetuning_unroll_length=2,
-                           encoder_penalty_weight=0.0)
-  model = fx.small_model(config, dim=6, dtype="float64", seed=3)
-  episodes = fx.random_episodes(8, batch=2, classes=3, shots=2, queries=3,
-                                dim=6)
-  noise = fx.noise_for(episodes, config, dtype=tf.float64)
-  (_, gradients, _, _, _, _) = _both_losses(model, episodes, noise)
-  (_, _, _, _, _, first_order) = _both_losses(model, episodes, noise,
-                                              first_order=True)
-  loss_fn = tf.function(lambda: model.meta_batch_loss(episodes, noise).total)
-  rng = np.random.default_rng(0)
-  delta = 1e-6
-  differences = {}
-  for variable, gradient, first in zip(model.trainable_variables, gradients,
-                                       first_order):
-    for _ in range(4):
-      index = tuple(rng.integers(0, s) for s in variable.shape)
-      numeric = (_perturbed_loss(loss_fn, variable, index, delta)
-                 - _perturbed_loss(loss_fn, variable, index, -delta)
-                 ) / (2 * delta)
-      assert gradient.numpy()[index] == pytest.approx(
-          numeric, rel=1e-5, abs=1e-9), variable.path
-    differences[variable.path] = (
-        np.linalg.norm(gradient.numpy() - first.numpy())
-        / np.linalg.norm(gradient.numpy()))
-  # Dropping the second-order terms changes the encoder, relation network
-  # and decoder gradients measurably.
-  network = [v.path for v in model.weight_matrices]
-  assert min(differences[path] for path in network) > 0.1, differences
+    # The encoder penalty's stop_gradient(adapted latents) makes the outer
+    # gradient differ from the loss's derivative by design, so it is off here
+    # (the reference test above covers it).
+    config = fx.small_config(
+        inner_unroll_length=2, finetuning_unroll_length=2, encoder_penalty_weight=0.0
+    )
+    model = fx.small_model(config, dim=6, dtype="float64", seed=3)
+    episodes = fx.random_episodes(8, batch=2, classes=3, shots=2, queries=3, dim=6)
+    noise = fx.noise_for(episodes, config, dtype=tf.float64)
+    _, gradients, _, _, _, _ = _both_losses(model, episodes, noise)
+    _, _, _, _, _, first_order = _both_losses(model, episodes, noise, first_order=True)
+    loss_fn = tf.function(lambda: model.meta_batch_loss(episodes, noise).total)
+    rng = np.random.default_rng(0)
+    delta = 1e-6
+    differences = {}
+    for variable, gradient, first in zip(
+        model.trainable_variables, gradients, first_order
+    ):
+        for _ in range(4):
+            index = tuple(rng.integers(0, s) for s in variable.shape)
+            numeric = (
+                _perturbed_loss(loss_fn, variable, index, delta)
+                - _perturbed_loss(loss_fn, variable, index, -delta)
+            ) / (2 * delta)
+            assert gradient.numpy()[index] == pytest.approx(
+                numeric, rel=1e-5, abs=1e-9
+            ), variable.path
+        differences[variable.path] = np.linalg.norm(
+            gradient.numpy() - first.numpy()
+        ) / np.linalg.norm(gradient.numpy())
+    # Dropping the second-order terms changes the encoder, relation network
+    # and decoder gradients measurably.
+    network = [v.path for v in model.weight_matrices]
+    assert min(differences[path] for path in network) > 0.1, differences
 
 
 def test_meta_batch_gives_the_same_per_episode_results_as_single_episodes():
-  model = fx.small_model()
-  episodes = fx.random_episodes(9, batch=4)
-  noise = fx.noise_for(episodes, model.config)
+    model = fx.small_model()
+    episodes = fx.random_episodes(9, batch=4)
+    noise = fx.noise_for(episodes, model.config)
 
-  batched = model.run_episodes(episodes, noise)
+    batched = model.run_episodes(episodes, noise)
 
-  for index in range(4):
-    single_episode = fx.Episodes(*(x[index:index + 1] for x in episodes))
-    single = model.run_episodes(single_episode, fx.slice_noise(noise, index))
-    for name in ("loss", "accuracy", "kl", "encoder_penalty"):
-      np.testing.assert_allclose(getattr(single, name).numpy()[0],
-                                 getattr(batched, name).numpy()[index],
-                                 rtol=1e-5, err_msg=name)
-    np.testing.assert_allclose(single.logits.numpy()[0],
-                               batched.logits.numpy()[index], rtol=1e-4,
-                               atol=1e-6)
+    for index in range(4):
+        single_episode = fx.Episodes(*(x[index : index + 1] for x in episodes))
+        single = model.run_episodes(single_episode, fx.slice_noise(noise, index))
+        for name in ("loss", "accuracy", "kl", "encoder_penalty"):
+            np.testing.assert_allclose(
+                getattr(single, name).numpy()[0],
+                getattr(batched, name).numpy()[index],
+                rtol=1e-5,
+                err_msg=name,
+            )
+        np.testing.assert_allclose(
+            single.logits.numpy()[0],
+            batched.logits.numpy()[index],
+            rtol=1e-4,
+            atol=1e-6,
+        )
 
 
 def test_evaluation_is_deterministic_and_uses_means():
-  model = fx.small_model()
-  episodes = fx.random_episodes(10)
-  first = model.run_episodes(episodes).logits.numpy()
-  second = model.run_episodes(episodes).logits.numpy()
-  np.testing.assert_array_equal(first, second)
-  # Meta-training noise changes the result; evaluation has none.
-  noisy = model.run_episodes(episodes, fx.noise_for(episodes, model.config))
-  assert np.abs(noisy.logits.numpy() - first).max() > 1e-4
+    model = fx.small_model()
+    episodes = fx.random_episodes(10)
+    first = model.run_episodes(episodes).logits.numpy()
+    second = model.run_episodes(episodes).logits.numpy()
+    np.testing.assert_array_equal(first, second)
+    # Meta-training noise changes the result; evaluation has none.
+    noisy = model.run_episodes(episodes, fx.noise_for(episodes, model.config))
+    assert np.abs(noisy.logits.numpy() - first).max() > 1e-4
 
 
 def test_float32_agrees_with_float64():
-  config = fx.small_config()
-  model32 = fx.small_model(config, dtype="float32", seed=4)
-  model64 = fx.small_model(config, dtype="float64", seed=4)
-  for v32, v64 in zip(model32.trainable_variables,
-                      model64.trainable_variables):
-    v64.assign(v32.numpy().astype(np.float64))
-  episodes = fx.random_episodes(11)
-  noise32 = fx.noise_for(episodes, config, dtype=tf.float32)
-  noise64 = tf.nest.map_structure(lambda x: tf.cast(x, tf.float64), noise32)
+    config = fx.small_config()
+    model32 = fx.small_model(config, dtype="float32", seed=4)
+    model64 = fx.small_model(config, dtype="float64", seed=4)
+    for v32, v64 in zip(model32.trainable_variables, model64.trainable_variables):
+        v64.assign(v32.numpy().astype(np.float64))
+    episodes = fx.random_episodes(11)
+    noise32 = fx.noise_for(episodes, config, dtype=tf.float32)
+    noise64 = tf.nest.map_structure(lambda x: tf.cast(x, tf.float64), noise32)
 
-  with tf.GradientTape(persistent=True) as tape:
-    loss32 = model32.meta_batch_loss(episodes, noise32).total
-    loss64 = model64.meta_batch_loss(episodes, noise64).total
-  gradients32 = tape.gradient(loss32, model32.trainable_variables)
-  gradients64 = tape.gradient(loss64, model64.trainable_variables)
+    with tf.GradientTape(persistent=True) as tape:
+        loss32 = model32.meta_batch_loss(episodes, noise32).total
+        loss64 = model64.meta_batch_loss(episodes, noise64).total
+    gradients32 = tape.gradient(loss32, model32.trainable_variables)
+    gradients64 = tape.gradient(loss64, model64.trainable_variables)
 
-  assert loss32.numpy() == pytest.approx(loss64.numpy(), rel=1e-5)
-  for g32, g64 in zip(gradients32, gradients64):
-    np.testing.assert_allclose(g32.numpy(), g64.numpy(), rtol=1e-3,
-                               atol=1e-5 * np.abs(g64.numpy()).max())
+    assert loss32.numpy() == pytest.approx(loss64.numpy(), rel=1e-5)
+    for g32, g64 in zip(gradients32, gradients64):
+        np.testing.assert_allclose(
+            g32.numpy(), g64.numpy(), rtol=1e-3, atol=1e-5 * np.abs(g64.numpy()).max()
+        )

@@ -10,159 +10,171 @@ from tests import model_fixtures as fx
 
 
 def _adam_first_update(gradient, lr, epsilon=1e-8, beta1=0.9, beta2=0.999):
-  """The change of a variable by one Adam step from zero moments, in NumPy."""
-  m = (1 - beta1) * gradient
-  v = (1 - beta2) * gradient ** 2
-  alpha = lr * np.sqrt(1 - beta2) / (1 - beta1)
-  return -alpha * m / (np.sqrt(v) + epsilon)
+    """The change of a variable by one Adam step from zero moments, in NumPy."""
+    m = (1 - beta1) * gradient
+    v = (1 - beta2) * gradient**2
+    alpha = lr * np.sqrt(1 - beta2) / (1 - beta1)
+    return -alpha * m / (np.sqrt(v) + epsilon)
 
 
 def _assert_update(new, old, expected_update, name):
-  # Keras keeps Adam's beta constants in float32 (1 - 0.999 is off by 1e-5
-  # relative there), so updates agree to ~1e-5, not to float64 precision.
-  np.testing.assert_allclose(new - old, expected_update, rtol=1e-4,
-                             atol=1e-12, err_msg=name)
+    # Keras keeps Adam's beta constants in float32 (1 - 0.999 is off by 1e-5
+    # relative there), so updates agree to ~1e-5, not to float64 precision.
+    np.testing.assert_allclose(
+        new - old, expected_update, rtol=1e-4, atol=1e-12, err_msg=name
+    )
 
 
 def _clip_numpy(gradient, value, norm):
-  gradient = np.clip(gradient, -value, value)
-  length = np.linalg.norm(gradient)
-  return gradient * norm / length if length > norm else gradient
+    gradient = np.clip(gradient, -value, value)
+    length = np.linalg.norm(gradient)
+    return gradient * norm / length if length > norm else gradient
 
 
 def test_clipping_is_by_value_then_by_norm_per_tensor():
-  large = np.array([0.3, -0.05, 0.02])
-  small = np.array([0.01, 0.01])
+    large = np.array([0.3, -0.05, 0.02])
+    small = np.array([0.01, 0.01])
 
-  clipped = steps.clip_gradients([tf.constant(large), tf.constant(small)],
-                                 0.1, 0.1)
+    clipped = steps.clip_gradients([tf.constant(large), tf.constant(small)], 0.1, 0.1)
 
-  # Value clip gives [0.1, -0.05, 0.02], norm 0.1136 > 0.1, so rescaled.
-  np.testing.assert_allclose(clipped[0].numpy(),
-                             _clip_numpy(large, 0.1, 0.1), rtol=1e-12)
-  assert np.linalg.norm(clipped[0].numpy()) == pytest.approx(0.1)
-  # Per tensor, never global: the small tensor is untouched.
-  np.testing.assert_array_equal(clipped[1].numpy(), small)
+    # Value clip gives [0.1, -0.05, 0.02], norm 0.1136 > 0.1, so rescaled.
+    np.testing.assert_allclose(
+        clipped[0].numpy(), _clip_numpy(large, 0.1, 0.1), rtol=1e-12
+    )
+    assert np.linalg.norm(clipped[0].numpy()) == pytest.approx(0.1)
+    # Per tensor, never global: the small tensor is untouched.
+    np.testing.assert_array_equal(clipped[1].numpy(), small)
 
 
 def test_clipping_thresholds_of_zero_disable_clipping():
-  gradient = tf.constant([5.0, -7.0])
-  np.testing.assert_array_equal(
-      steps.clip_gradients([gradient], 0, 0)[0].numpy(), [5.0, -7.0])
+    gradient = tf.constant([5.0, -7.0])
+    np.testing.assert_array_equal(
+        steps.clip_gradients([gradient], 0, 0)[0].numpy(), [5.0, -7.0]
+    )
 
 
 def test_nan_guard_substitutes_weight_decay_and_zeros():
-  weights = tf.Variable([[1.0, -2.0]])
-  rate = tf.Variable([0.5])
-  gradients = [tf.constant([[np.nan, 1.0]]), tf.constant([3.0])]
+    weights = tf.Variable([[1.0, -2.0]])
+    rate = tf.Variable([0.5])
+    gradients = [tf.constant([[np.nan, 1.0]]), tf.constant([3.0])]
 
-  guarded, fired = steps.nan_guarded_gradients(
-      tf.constant(1.0), gradients, [weights, rate], [weights])
+    guarded, fired = steps.nan_guarded_gradients(
+        tf.constant(1.0), gradients, [weights, rate], [weights]
+    )
 
-  assert bool(fired)
-  np.testing.assert_allclose(guarded[0].numpy(), [[1e-4, -2e-4]])
-  np.testing.assert_array_equal(guarded[1].numpy(), [0.0])
+    assert bool(fired)
+    np.testing.assert_allclose(guarded[0].numpy(), [[1e-4, -2e-4]])
+    np.testing.assert_array_equal(guarded[1].numpy(), [0.0])
 
 
 def test_nan_guard_passes_finite_gradients_through():
-  weights = tf.Variable([[1.0, -2.0]])
-  gradients = [tf.constant([[0.5, 1.0]])]
-  guarded, fired = steps.nan_guarded_gradients(
-      tf.constant(2.0), gradients, [weights], [weights])
-  assert not bool(fired)
-  np.testing.assert_array_equal(guarded[0].numpy(), [[0.5, 1.0]])
+    weights = tf.Variable([[1.0, -2.0]])
+    gradients = [tf.constant([[0.5, 1.0]])]
+    guarded, fired = steps.nan_guarded_gradients(
+        tf.constant(2.0), gradients, [weights], [weights]
+    )
+    assert not bool(fired)
+    np.testing.assert_array_equal(guarded[0].numpy(), [[0.5, 1.0]])
 
 
 def _train_setup(dtype="float64", seed=0):
-  model = fx.small_model(dtype=dtype, seed=seed)
-  config = OptimizerConfig(outer_lr=1e-3)
-  optimizer = steps.make_optimizer(config)
-  return model, optimizer, config
+    model = fx.small_model(dtype=dtype, seed=seed)
+    config = OptimizerConfig(outer_lr=1e-3)
+    optimizer = steps.make_optimizer(config)
+    return model, optimizer, config
 
 
 def test_nan_in_the_loss_yields_the_weight_decay_update_not_nan_weights():
-  model, optimizer, config = _train_setup()
-  episodes = fx.random_episodes(1)
-  corrupted = episodes.tr_input.numpy()
-  corrupted[0, 0, 0, 0] = np.nan
-  episodes = episodes._replace(tr_input=tf.constant(corrupted))
-  noise = fx.noise_for(episodes, model.config, dtype=tf.float64)
-  before = [v.numpy() for v in model.trainable_variables]
-  decayed = {v.path for v in model.weight_matrices}
+    model, optimizer, config = _train_setup()
+    episodes = fx.random_episodes(1)
+    corrupted = episodes.tr_input.numpy()
+    corrupted[0, 0, 0, 0] = np.nan
+    episodes = episodes._replace(tr_input=tf.constant(corrupted))
+    noise = fx.noise_for(episodes, model.config, dtype=tf.float64)
+    before = [v.numpy() for v in model.trainable_variables]
+    decayed = {v.path for v in model.weight_matrices}
 
-  metrics = steps.train_step_fn(model, optimizer, config)(episodes, noise)
+    metrics = steps.train_step_fn(model, optimizer, config)(episodes, noise)
 
-  assert bool(metrics.nan_guard)
-  assert np.isnan(metrics.loss.numpy())
-  for variable, old in zip(model.trainable_variables, before):
-    new = variable.numpy()
-    assert np.all(np.isfinite(new)), variable.path
-    if variable.path in decayed:
-      gradient = _clip_numpy(1e-4 * old, 0.1, 0.1)
-      _assert_update(new, old, _adam_first_update(gradient, 1e-3),
-                     variable.path)
-    else:  # the learning-rate vectors get zero gradients
-      np.testing.assert_array_equal(new, old)
+    assert bool(metrics.nan_guard)
+    assert np.isnan(metrics.loss.numpy())
+    for variable, old in zip(model.trainable_variables, before):
+        new = variable.numpy()
+        assert np.all(np.isfinite(new)), variable.path
+        if variable.path in decayed:
+            gradient = _clip_numpy(1e-4 * old, 0.1, 0.1)
+            _assert_update(new, old, _adam_first_update(gradient, 1e-3), variable.path)
+        else:  # the learning-rate vectors get zero gradients
+            np.testing.assert_array_equal(new, old)
 
 
 def test_train_step_applies_adam_to_clipped_second_order_gradients():
-  model, optimizer, config = _train_setup()
-  episodes = fx.random_episodes(2)
-  noise = fx.noise_for(episodes, model.config, dtype=tf.float64)
-  variables = model.trainable_variables
-  with tf.GradientTape() as tape:
-    objective = model.meta_batch_loss(episodes, noise)
-  gradients = [g.numpy() for g in tape.gradient(objective.total, variables)]
-  before = [v.numpy() for v in variables]
+    model, optimizer, config = _train_setup()
+    episodes = fx.random_episodes(2)
+    noise = fx.noise_for(episodes, model.config, dtype=tf.float64)
+    variables = model.trainable_variables
+    with tf.GradientTape() as tape:
+        objective = model.meta_batch_loss(episodes, noise)
+    gradients = [g.numpy() for g in tape.gradient(objective.total, variables)]
+    before = [v.numpy() for v in variables]
 
-  metrics = steps.train_step_fn(model, optimizer, config)(episodes, noise)
+    metrics = steps.train_step_fn(model, optimizer, config)(episodes, noise)
 
-  assert not bool(metrics.nan_guard)
-  assert metrics.loss.numpy() == pytest.approx(objective.total.numpy())
-  assert metrics.gradient_norm.numpy() == pytest.approx(
-      np.sqrt(sum(np.sum(g ** 2) for g in gradients)))
-  assert metrics.accuracy.numpy() == pytest.approx(
-      np.mean(objective.episodes.accuracy.numpy()))
-  assert metrics.kl.numpy() == pytest.approx(
-      np.mean(objective.episodes.kl.numpy()))
-  for variable, old, gradient in zip(variables, before, gradients):
-    _assert_update(variable.numpy(), old,
-                   _adam_first_update(_clip_numpy(gradient, 0.1, 0.1), 1e-3),
-                   variable.path)
+    assert not bool(metrics.nan_guard)
+    assert metrics.loss.numpy() == pytest.approx(objective.total.numpy())
+    assert metrics.gradient_norm.numpy() == pytest.approx(
+        np.sqrt(sum(np.sum(g**2) for g in gradients))
+    )
+    assert metrics.accuracy.numpy() == pytest.approx(
+        np.mean(objective.episodes.accuracy.numpy())
+    )
+    assert metrics.kl.numpy() == pytest.approx(np.mean(objective.episodes.kl.numpy()))
+    for variable, old, gradient in zip(variables, before, gradients):
+        _assert_update(
+            variable.numpy(),
+            old,
+            _adam_first_update(_clip_numpy(gradient, 0.1, 0.1), 1e-3),
+            variable.path,
+        )
 
 
 def _run_steps(seed, noise_seed, num_steps=3):
-  model, optimizer, config = _train_setup(dtype="float32", seed=seed)
-  step = steps.train_step_fn(model, optimizer, config)
-  history = []
-  for index in range(num_steps):
-    episodes = fx.random_episodes(100 + index)
-    noise = fx.noise_for(episodes, model.config, seed=(noise_seed, index))
-    metrics = step(episodes, noise)
-    history.append([metrics.loss.numpy(), metrics.accuracy.numpy(),
-                    metrics.gradient_norm.numpy()])
-  return np.array(history), [v.numpy() for v in model.trainable_variables]
+    model, optimizer, config = _train_setup(dtype="float32", seed=seed)
+    step = steps.train_step_fn(model, optimizer, config)
+    history = []
+    for index in range(num_steps):
+        episodes = fx.random_episodes(100 + index)
+        noise = fx.noise_for(episodes, model.config, seed=(noise_seed, index))
+        metrics = step(episodes, noise)
+        history.append(
+            [
+                metrics.loss.numpy(),
+                metrics.accuracy.numpy(),
+                metrics.gradient_norm.numpy(),
+            ]
+        )
+    return np.array(history), [v.numpy() for v in model.trainable_variables]
 
 
 def test_training_with_a_fixed_seed_is_reproducible():
-  first, first_weights = _run_steps(seed=0, noise_seed=5)
-  second, second_weights = _run_steps(seed=0, noise_seed=5)
-  other, _ = _run_steps(seed=0, noise_seed=6)
+    first, first_weights = _run_steps(seed=0, noise_seed=5)
+    second, second_weights = _run_steps(seed=0, noise_seed=5)
+    other, _ = _run_steps(seed=0, noise_seed=6)
 
-  np.testing.assert_array_equal(first, second)
-  for a, b in zip(first_weights, second_weights):
-    np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(first, other)
+    np.testing.assert_array_equal(first, second)
+    for a, b in zip(first_weights, second_weights):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first, other)
 
 
 def test_compiled_steps_trace_once_per_shape():
-  model, optimizer, config = _train_setup(dtype="float32")
-  spec = steps.episodes_spec(fx.Episodes, 3, 3, 2, 4, 8)
-  train_step = steps.compile_train_step(model, optimizer, config, spec)
-  eval_step = steps.compile_eval_step(model, spec)
-  for index in range(12):
-    episodes = fx.random_episodes(index)
-    train_step(episodes, fx.noise_for(episodes, model.config, seed=(0, index)))
-    eval_step(episodes)
-  assert train_step.experimental_get_tracing_count() == 1
-  assert eval_step.experimental_get_tracing_count() == 1
+    model, optimizer, config = _train_setup(dtype="float32")
+    spec = steps.episodes_spec(fx.Episodes, 3, 3, 2, 4, 8)
+    train_step = steps.compile_train_step(model, optimizer, config, spec)
+    eval_step = steps.compile_eval_step(model, spec)
+    for index in range(12):
+        episodes = fx.random_episodes(index)
+        train_step(episodes, fx.noise_for(episodes, model.config, seed=(0, index)))
+        eval_step(episodes)
+    assert train_step.experimental_get_tracing_count() == 1
+    assert eval_step.experimental_get_tracing_count() == 1
