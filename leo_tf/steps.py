@@ -141,7 +141,7 @@ def noise_spec(episodes_spec_, model_config, dtype=tf.float32):
     )
 
 
-def compile_train_step(model, optimizer, config, episodes_spec_):
+def compile_train_step(model, optimizer, config, episodes_spec_, jit_compile=False):
     """The meta-training step as a tf.function traced once for these shapes."""
     return tf.function(
         train_step_fn(model, optimizer, config),
@@ -149,14 +149,15 @@ def compile_train_step(model, optimizer, config, episodes_spec_):
             episodes_spec_,
             noise_spec(episodes_spec_, model.config, model.compute_dtype),
         ],
+        jit_compile=jit_compile,
     )
 
 
-def compile_eval_step(model, episodes_spec_):
+def compile_eval_step(model, episodes_spec_, jit_compile=False):
     """Evaluation: episodes -> (accuracy [B], query loss [B]), no noise."""
 
     def step(episodes):
         outputs = model.run_episodes(episodes)
         return outputs.accuracy, outputs.query_loss
 
-    return tf.function(step, input_signature=[episodes_spec_])
+    return tf.function(step, input_signature=[episodes_spec_], jit_compile=jit_compile)

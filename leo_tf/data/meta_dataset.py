@@ -1,0 +1,83 @@
+"""The episode samplers of a run's splits, from a DataConfig.
+
+Meta-training episodes have V = num_val_examples_per_class query examples per
+class; meta-validation and meta-test episodes use all remaining examples of
+each class, V = min(total_examples_per_class, smallest class) - K.
+"""
+
+from absl import logging
+
+from leo_tf.data import embeddings, episodes, synthetic
+
+# The published embeddings are 640-d; other data sets give their own width.
+_EMBEDDING_DIMS = {"miniImageNet": 640, "tieredImageNet": 640, "synthetic": 640}
+
+# Sampler streams: one per split, so that splits never share random numbers.
+_STREAMS = {"train": 0, "val": 1, "test": 2}
+
+
+def load_classes(data_config, split):
+    """The ClassEmbeddings of `split` ("train", "val" or "test").
+
+    The built-in synthetic set is generated under data_path on first use.
+    """
+    if data_config.dataset_name == "synthetic":
+        synthetic.ensure_synthetic(data_config.data_path)
+    return embeddings.load_split(
+        data_config.data_path,
+        data_config.dataset_name,
+        data_config.embedding_crop,
+        split,
+        train_on_val=data_config.train_on_val and split == "train",
+        embedding_dim=_EMBEDDING_DIMS.get(data_config.dataset_name),
+    )
+
+
+def train_sampler(data_config, classes, seed, stream_offset=0):
+    """The meta-training sampler: metatrain_batch_size episodes per batch."""
+    return episodes.EpisodeSampler(
+        classes,
+        num_classes=data_config.num_classes,
+        num_tr_examples_per_class=data_config.num_tr_examples_per_class,
+        num_val_examples_per_class=data_config.num_val_examples_per_class,
+        batch_size=data_config.metatrain_batch_size,
+        seed=seed,
+        stream=_STREAMS["train"] + stream_offset,
+        split="train",
+    )
+
+
+def eval_sampler(data_config, classes, split, seed):
+    """The meta-validation or meta-test sampler, with all remaining examples."""
+    num_val = episodes.eval_num_val_examples(
+        classes,
+        data_config.num_tr_examples_per_class,
+        data_config.total_examples_per_class,
+    )
+    full = data_config.total_examples_per_class - data_config.num_tr_examples_per_class
+    if num_val < full:
+        logging.info(
+            "%s split: smallest class has %d examples, so %s episodes use "
+            "%d query examples per class (all remaining after K=%d), not %d",
+            split,
+            classes.min_examples_per_class,
+            split,
+            num_val,
+            data_config.num_tr_examples_per_class,
+            full,
+        )
+    batch_size = (
+        data_config.metavalid_batch_size
+        if split == "val"
+        else data_config.metatest_batch_size
+    )
+    return episodes.EpisodeSampler(
+        classes,
+        num_classes=data_config.num_classes,
+        num_tr_examples_per_class=data_config.num_tr_examples_per_class,
+        num_val_examples_per_class=num_val,
+        batch_size=batch_size,
+        seed=seed,
+        stream=_STREAMS[split],
+        split=split,
+    )

@@ -1,0 +1,172 @@
+"""Flags: the authors' names and defaults, validation, the flagfiles."""
+
+import pathlib
+
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+from leo_tf import config as config_lib
+
+FLAGS = flags.FLAGS
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# The authors' config.py and runner.py defaults (github.com/deepmind/leo).
+AUTHORS_DEFAULTS = {
+    "data_path": None,
+    "dataset_name": "miniImageNet",
+    "embedding_crop": "center",
+    "train_on_val": False,
+    "inner_unroll_length": 5,
+    "finetuning_unroll_length": 5,
+    "num_latents": 64,
+    "inner_lr_init": 1.0,
+    "finetuning_lr_init": 0.001,
+    "dropout_rate": 0.5,
+    "kl_weight": 1e-3,
+    "encoder_penalty_weight": 1e-9,
+    "l2_penalty_weight": 1e-8,
+    "orthogonality_penalty_weight": 1e-3,
+    "num_classes": 5,
+    "num_tr_examples_per_class": 1,
+    "num_val_examples_per_class": 15,
+    "metatrain_batch_size": 12,
+    "metavalid_batch_size": 200,
+    "metatest_batch_size": 200,
+    "num_steps_limit": 100000,
+    "outer_lr": 1e-4,
+    "gradient_threshold": 0.1,
+    "gradient_norm_threshold": 0.1,
+    "checkpoint_path": "/tmp/leo",
+    "checkpoint_steps": 1000,
+    "evaluation_mode": False,
+}
+
+
+def _config(tmp_path, *args):
+    """Parses `args` (after a fresh parse) and returns the RunConfig."""
+    FLAGS.unparse_flags()
+    FLAGS(["leo_tf.train", f"--data_path={tmp_path}", *args])
+    return config_lib.from_flags()
+
+
+@pytest.fixture(autouse=True)
+def _restore_flags():
+    with flagsaver.flagsaver():
+        yield
+    FLAGS.unparse_flags()
+
+
+def test_every_authors_flag_has_its_name_and_default():
+    for name, default in AUTHORS_DEFAULTS.items():
+        assert FLAGS[name].default == default, name
+
+
+def test_defaults_become_typed_configs(tmp_path):
+    config = _config(tmp_path, "--checkpoint_path=" + str(tmp_path / "run"))
+    assert config.model.num_latents == 64
+    assert config.model.dropout_rate == 0.5
+    assert config.optimizer.outer_lr == 1e-4
+    assert config.data.metatrain_batch_size == 12
+    assert config.data.total_examples_per_class == 600
+    assert config.train.checkpoint_steps == 1000
+    assert config.train.seed == 0
+    assert config.data.data_path == str(tmp_path)
+
+
+def test_data_path_defaults_to_the_user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    FLAGS.unparse_flags()
+    FLAGS(["leo_tf.train", "--dataset_name=synthetic"])
+    config = config_lib.from_flags()
+    assert config.data.data_path == str(tmp_path / "cache" / "leo_tf" / "data")
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("--num_classes=1", "--num_classes=1: must be at least 2"),
+        ("--num_tr_examples_per_class=0", "--num_tr_examples_per_class=0: must be"),
+        ("--num_val_examples_per_class=0", "--num_val_examples_per_class=0: must be"),
+        ("--dropout_rate=1.0", "--dropout_rate=1.0: must be in [0, 1)"),
+        ("--dropout_rate=-0.1", "--dropout_rate=-0.1: must be in [0, 1)"),
+        ("--outer_lr=-1e-4", "--outer_lr=-0.0001: must be a finite number > 0"),
+        ("--outer_lr=0", "--outer_lr=0.0: must be a finite number > 0"),
+        ("--inner_lr_init=-1", "--inner_lr_init=-1.0: must be a finite number >= 0"),
+        ("--kl_weight=nan", "--kl_weight=nan: must be a finite number >= 0"),
+        ("--gradient_threshold=-1", "--gradient_threshold=-1.0: must be"),
+        (
+            "--checkpoint_steps=0",
+            "--checkpoint_steps=0: must be at least 1 when training",
+        ),
+        ("--num_steps_limit=0", "--num_steps_limit=0: must be at least 1"),
+        ("--metatrain_batch_size=0", "--metatrain_batch_size=0: must be at least 1"),
+        ("--num_latents=0", "--num_latents=0: must be at least 1"),
+        ("--inner_unroll_length=0", "--inner_unroll_length=0: must be at least 1"),
+        ("--embedding_crop=left", "--embedding_crop=left: must be one of center"),
+    ],
+)
+def test_invalid_values_name_the_flag(tmp_path, flag, message):
+    with pytest.raises(config_lib.ConfigError) as error:
+        _config(tmp_path, "--dataset_name=synthetic", flag)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_tiered_imagenet_has_center_crops_only(tmp_path):
+    with pytest.raises(
+        config_lib.ConfigError,
+        match="--embedding_crop=multiview: " "tieredImageNet has center crops only",
+    ):
+        _config(tmp_path, "--dataset_name=tieredImageNet", "--embedding_crop=multiview")
+
+
+def test_unknown_dataset_lists_the_available_ones(tmp_path):
+    (tmp_path / "omniglot").mkdir()
+    with pytest.raises(config_lib.ConfigError) as error:
+        _config(tmp_path, "--dataset_name=miniimagenet")
+    assert str(error.value) == (
+        "--dataset_name=miniimagenet: unknown data set; available: "
+        "miniImageNet, tieredImageNet, synthetic, omniglot"
+    )
+    # A directory under data_path is a valid custom data set.
+    assert _config(tmp_path, "--dataset_name=omniglot").data.dataset_name == "omniglot"
+
+
+def test_evaluation_mode_accepts_checkpoint_steps_zero(tmp_path):
+    """The authors' evaluation needed --checkpoint_steps=0; ours takes any."""
+    config = _config(
+        tmp_path,
+        "--dataset_name=synthetic",
+        "--evaluation_mode",
+        "--checkpoint_steps=0",
+    )
+    assert config.train.evaluation_mode
+
+
+def test_checkpoint_path_that_is_a_file_is_rejected(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(
+        config_lib.ConfigError,
+        match="--checkpoint_path=.*: exists and is not a directory",
+    ):
+        _config(tmp_path, "--dataset_name=synthetic", f"--checkpoint_path={path}")
+
+
+@pytest.mark.parametrize(
+    "flagfile", sorted((REPO / "flags").glob("*.cfg")), ids=lambda p: p.name
+)
+def test_flagfiles_parse_and_validate(tmp_path, flagfile):
+    for name in ("miniImageNet", "tieredImageNet", "omniglot"):
+        (tmp_path / name).mkdir()
+    config = _config(tmp_path, f"--flagfile={flagfile}")
+    text = flagfile.read_text()
+    assert text.startswith("#"), "each flagfile says what it reproduces"
+    if "miniImageNet_5way1shot" in flagfile.name:
+        assert config.optimizer.outer_lr == 2.739071e-4
+        assert config.model.kl_weight == 0.756143
+        assert config.data.num_tr_examples_per_class == 1
+    if "tieredImageNet_5way5shot" in flagfile.name:
+        assert config.model.orthogonality_penalty_weight == 2.481216e-2
+        assert config.data.num_tr_examples_per_class == 5
