@@ -80,14 +80,24 @@ class RelationNetwork(keras.layers.Layer):
 
     def build(self, input_shape):
         width = 2 * input_shape[-1]
-        self.kernels = [
-            self.add_weight(
-                name=f"kernel_{i}",
-                shape=(width, width),
-                initializer=_glorot(None if self.seed is None else self.seed + i),
+        # One attribute per kernel: TensorFlow checkpoints track attributes,
+        # not the elements of a plain Python list.
+        for i in range(self.num_layers):
+            seed = None if self.seed is None else self.seed + i
+            setattr(
+                self,
+                f"kernel_{i}",
+                self.add_weight(
+                    name=f"kernel_{i}",
+                    shape=(width, width),
+                    initializer=_glorot(seed),
+                ),
             )
-            for i in range(self.num_layers)
-        ]
+
+    @property
+    def kernels(self):
+        """The MLP's kernels, first to last, each [2L, 2L]."""
+        return [getattr(self, f"kernel_{i}") for i in range(self.num_layers)]
 
     def call(self, codes):
         """codes: [B, N, K, L] -> class-averaged relation outputs [B, N, K, 2L]."""

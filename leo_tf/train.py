@@ -9,16 +9,12 @@ import sys
 
 from absl import app, logging
 
-from leo_tf import checkpoints, config as config_lib, runtime, trainer
-from leo_tf.data.embeddings import DataError
-
-# What a user can fix: reported as one line, without a traceback.
-_USER_ERRORS = (config_lib.ConfigError, DataError, checkpoints.CheckpointError)
+from leo_tf import config as config_lib
 
 
-def _evaluate_and_report(config):
-    results = trainer.evaluate(config)
-    print(trainer.result_line(results), flush=True)
+def _fail(error):
+    logging.flush()
+    sys.exit(f"leo_tf.train: error: {error}")
 
 
 def main(argv):
@@ -26,16 +22,28 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         config = config_lib.from_flags()
-        runtime.configure_threads()
+    except config_lib.ConfigError as error:
+        _fail(error)  # before TensorFlow is even imported
+    # Imported here so that flag errors are reported at once.
+    from leo_tf import (
+        checkpoints,
+        runtime,
+        trainer,
+    )  # pylint: disable=g-import-not-at-top
+    from leo_tf.data.embeddings import DataError  # pylint: disable=g-import-not-at-top
+
+    runtime.configure_threads()
+    try:
         if config.train.evaluation_mode:
-            _evaluate_and_report(config)
-            return
-        outcome = trainer.train(config)
-        if config.train.evaluate_after_training and "stopped_by" not in outcome:
-            _evaluate_and_report(config)
-    except _USER_ERRORS as error:
-        logging.flush()
-        sys.exit(f"leo_tf.train: error: {error}")
+            results = trainer.evaluate(config)
+        else:
+            outcome = trainer.train(config)
+            if not config.train.evaluate_after_training or "stopped_by" in outcome:
+                return
+            results = trainer.evaluate(config)
+    except (config_lib.ConfigError, DataError, checkpoints.CheckpointError) as error:
+        _fail(error)
+    print(trainer.result_line(results), flush=True)
 
 
 def run():

@@ -137,6 +137,9 @@ class _TrainingLog:
         self.counts = {name: 0 for name in self._SCALARS}
         self.window_start = (step, time.perf_counter())
 
+    def restart_clock(self, step):
+        self.window_start = (step, time.perf_counter())
+
     def add(self, metrics):
         values = {name: float(getattr(metrics, name)) for name in self._SCALARS}
         for name, value in values.items():
@@ -304,6 +307,8 @@ def train(config):
             step = int(step_tensor) + 1
             run.step.assign(step)
             log.add(metrics)
+            if step == first_step + 1:
+                log.restart_clock(step)  # steps/s without the tracing time
             if step % config.train.summary_steps == 0 or step == limit:
                 log.write(step)
             if step % config.train.checkpoint_steps == 0 or step == limit:

@@ -369,3 +369,17 @@ def test_float32_agrees_with_float64():
         np.testing.assert_allclose(
             g32.numpy(), g64.numpy(), rtol=1e-3, atol=1e-5 * np.abs(g64.numpy()).max()
         )
+
+
+def test_checkpoint_round_trip_restores_every_variable(tmp_path):
+    model = fx.small_model(seed=1)
+    saved = [v.numpy() for v in model.trainable_variables]
+    path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+    for variable in model.trainable_variables:
+        variable.assign(tf.zeros_like(variable))
+
+    tf.train.Checkpoint(model=model).read(path).assert_consumed()
+
+    assert len(saved) == 7  # encoder, 3 relation kernels, decoder, 2 rates
+    for variable, value in zip(model.trainable_variables, saved):
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)

@@ -1,0 +1,219 @@
+"""End to end: `python -m leo_tf.train` in a subprocess on small data."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import data_fixtures
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Small, fast settings: 16-d toy embeddings, short intervals.
+_FAST = [
+    "--dataset_name=toy",
+    "--num_latents=8",
+    "--metatrain_batch_size=4",
+    "--metavalid_batch_size=20",
+    "--metatest_batch_size=500",
+    "--checkpoint_steps=10",
+    "--summary_steps=5",
+    "--dropout_rate=0.2",
+    "--outer_lr=1e-3",
+]
+
+
+def run_cli(*args, check=True):
+    """Runs the training CLI; returns the CompletedProcess (text)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+    process = subprocess.run(
+        [sys.executable, "-m", "leo_tf.train", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and process.returncode != 0:
+        raise AssertionError(
+            f"exit {process.returncode}\n{process.stdout}\n{process.stderr}"
+        )
+    return process
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    return data_fixtures.write_toy_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(data_path, tmp_path_factory):
+    """A 20-step run, then the same run resumed to 30 steps."""
+    directory = tmp_path_factory.mktemp("run") / "leo"
+    common = [f"--data_path={data_path}", f"--checkpoint_path={directory}", *_FAST]
+    first = run_cli(*common, "--num_steps_limit=20")
+    second = run_cli(*common, "--num_steps_limit=30")
+    return directory, common, first, second
+
+
+def _scalars(directory):
+    """{tag: {step: value}} from the run's TensorBoard event files."""
+    values = {}
+    for path in directory.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    number = float(tf.make_ndarray(value.tensor))
+                    values.setdefault(value.tag, {})[event.step] = number
+    return values
+
+
+def _histogram_tags(directory):
+    tags = set()
+    for path in directory.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "histograms":
+                    tags.add(value.tag)
+    return tags
+
+
+def test_training_writes_checkpoints_events_and_best_metrics(trained):
+    directory, _, first, _ = trained
+    assert sorted(p.name for p in directory.glob("ckpt-*.index")) == [
+        "ckpt-10.index",
+        "ckpt-20.index",
+        "ckpt-30.index",
+    ]
+    metrics = json.loads((directory / "best_checkpoint" / "metrics.json").read_text())
+    assert set(metrics) >= {"step", "metavalid_accuracy", "checkpoint"}
+    assert metrics["checkpoint"] == f"ckpt-{metrics['step']}"
+    assert (directory / "best_checkpoint" / f"ckpt-{metrics['step']}.index").exists()
+    validation = _scalars(directory)["validation/accuracy"]
+    assert set(validation) == {10, 20, 30}
+    # The best checkpoint is the one with the highest validation accuracy.
+    best_step = max(validation, key=validation.get)
+    assert metrics["step"] == best_step
+    assert metrics["metavalid_accuracy"] == pytest.approx(validation[best_step])
+    assert "step 20/20 | loss" in first.stdout
+
+
+def test_tensorboard_has_the_named_scalars_and_histograms(trained):
+    directory = trained[0]
+    scalars = _scalars(directory)
+    for tag in (
+        "train/loss",
+        "train/accuracy",
+        "train/kl",
+        "train/encoder_penalty",
+        "train/l2_penalty",
+        "train/orthogonality_penalty",
+        "train/gradient_norm",
+        "train/nan_guard_count",
+        "train/inner_lr_mean",
+        "train/finetuning_lr_mean",
+        "train/steps_per_second",
+        "validation/accuracy",
+    ):
+        assert tag in scalars, tag
+    assert set(scalars["train/loss"]) == {5, 10, 15, 20, 25, 30}
+    assert scalars["train/inner_lr_mean"][5] != 1.0  # it is trained
+    assert _histogram_tags(directory) >= {
+        "train/latents",
+        "train/inner_lr",
+        "train/finetuning_lr",
+    }
+
+
+def test_second_invocation_resumes_at_the_saved_step(trained):
+    directory, _, _, second = trained
+    assert "Resuming from" in second.stderr and "at step 20" in second.stderr
+    assert "step 25/30" in second.stdout and "step 5/30" not in second.stdout
+    reader = tf.train.load_checkpoint(str(directory / "ckpt-30"))
+    assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 30
+
+
+def test_interrupted_run_equals_an_uninterrupted_one(trained, tmp_path):
+    directory, common, _, _ = trained
+    straight = tmp_path / "straight"
+    args = [a for a in common if not a.startswith("--checkpoint_path")]
+    run_cli(*args, f"--checkpoint_path={straight}", "--num_steps_limit=30")
+    resumed = tf.train.load_checkpoint(str(directory / "ckpt-30"))
+    uninterrupted = tf.train.load_checkpoint(str(straight / "ckpt-30"))
+    names = [n for n in resumed.get_variable_to_shape_map() if "model" in n]
+    assert len(names) >= 7
+    for name in names:
+        np.testing.assert_array_equal(
+            resumed.get_tensor(name), uninterrupted.get_tensor(name), err_msg=name
+        )
+
+
+def test_evaluation_mode_writes_results_and_prints_them_last(trained):
+    directory, common, _, _ = trained
+    process = run_cli(*common, "--evaluation_mode")
+    results = json.loads((directory / "test_results.json").read_text())
+    best = json.loads((directory / "best_checkpoint" / "metrics.json").read_text())
+    assert results["split"] == "test"
+    assert results["num_episodes"] == 10000
+    assert results["num_classes"] == 5
+    assert results["num_tr_examples_per_class"] == 1
+    assert results["step"] == best["step"]
+    assert results["checkpoint"].endswith(f"best_checkpoint/ckpt-{best['step']}")
+    assert 0.2 < results["accuracy"] <= 1.0
+    assert 0 < results["ci95"] < 0.02
+    last_line = process.stdout.strip().splitlines()[-1]
+    assert last_line.startswith(
+        f"Meta-test accuracy {100 * results['accuracy']:.2f}% "
+        f"+- {100 * results['ci95']:.2f}%"
+    )
+
+
+def test_same_seed_gives_identical_metrics(data_path, tmp_path):
+    outputs = []
+    for name in ("a", "b", "c"):
+        seed = "--seed=7" if name != "c" else "--seed=8"
+        directory = tmp_path / name
+        run_cli(
+            f"--data_path={data_path}",
+            f"--checkpoint_path={directory}",
+            *_FAST,
+            seed,
+            "--num_steps_limit=10",
+        )
+        scalars = _scalars(directory)
+        outputs.append((scalars["train/loss"], scalars["validation/accuracy"]))
+    assert outputs[0] == outputs[1]
+    assert outputs[0] != outputs[2]
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("--num_classes=1", "--num_classes=1: must be at least 2"),
+        ("--num_tr_examples_per_class=0", "--num_tr_examples_per_class=0"),
+        ("--outer_lr=-1", "--outer_lr=-1.0: must be a finite number > 0"),
+        ("--checkpoint_steps=0", "--checkpoint_steps=0: must be at least 1"),
+        ("--dataset_name=imagenet", "available: miniImageNet, tieredImageNet"),
+    ],
+)
+def test_invalid_flags_fail_before_writing_anything(data_path, tmp_path, flag, message):
+    directory = tmp_path / "run"
+    directory.mkdir()
+    (directory / "keep.txt").write_text("untouched")
+    process = run_cli(
+        f"--data_path={data_path}",
+        f"--checkpoint_path={directory}",
+        *_FAST,
+        flag,
+        check=False,
+    )
+    assert process.returncode != 0
+    assert message in process.stderr
+    assert "Traceback" not in process.stderr
+    assert [p.name for p in directory.iterdir()] == ["keep.txt"]
+    assert (directory / "keep.txt").read_text() == "untouched"
