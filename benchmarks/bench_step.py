@@ -1,0 +1,319 @@
+"""Episodes per second and peak memory of LEO steps, three formulations.
+
+    python benchmarks/bench_step.py [--windows 7] [--json PATH]
+
+Each (variant, setting) runs in a fresh process: import, build, trace and
+warm up, then the median rate of repeated timed windows, and the process's
+peak resident memory (and its growth over the resident memory just before
+the first batch existed). Variants:
+
+  shipped   leo_tf's compiled steps, fed by its tf.data pipeline (episodes
+            and noise drawn ahead of the step);
+  map_fn    the literal per-episode formulation of tests/reference_leo.py
+            under tf.map_fn, with the same outer update, same pipeline;
+  torch     the equivalent PyTorch eager step of benchmarks/torch_leo.py
+            (second order), if torch is installed.
+
+Settings: meta-training 12 x 5-way 1-shot and 12 x 5-way 5-shot (V=15);
+evaluation 200 x 5-way 1-shot with V=15 and with V=599. Training batches
+come from an EpisodeSampler over random unit-norm data (64 classes x 600 x
+640); evaluation reuses one sampled batch (sampling 1.5 GB per step would
+measure memory bandwidth, not the step).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SETTINGS = {
+    "train_1shot": dict(mode="train", batch=12, shots=1, queries=15),
+    "train_5shot": dict(mode="train", batch=12, shots=5, queries=15),
+    "eval_v15": dict(mode="eval", batch=200, shots=1, queries=15),
+    "eval_v599": dict(mode="eval", batch=200, shots=1, queries=599),
+}
+VARIANTS = ("shipped", "map_fn", "torch")
+NUM_CLASSES, DIM = 5, 640
+
+
+def _peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_rss_mb():
+    with open("/proc/self/statm") as stream:
+        return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _sampler(setting, seed=0):
+    import numpy as np
+
+    from leo_tf.data import embeddings, episodes
+
+    rng = np.random.default_rng(seed)
+    classes = embeddings.ClassEmbeddings(
+        source="random",
+        embeddings={
+            f"c{c:03d}": rng.standard_normal((600, DIM), dtype=np.float32)
+            for c in range(64)
+        },
+    )
+    return episodes.EpisodeSampler(
+        classes,
+        num_classes=NUM_CLASSES,
+        num_tr_examples_per_class=setting["shots"],
+        num_val_examples_per_class=setting["queries"],
+        batch_size=setting["batch"],
+        seed=seed,
+    )
+
+
+def _time_windows(run_steps, steps_per_window, windows):
+    """Median steps/s over `windows` timed windows of `steps_per_window`."""
+    rates = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        run_steps(steps_per_window)
+        rates.append(steps_per_window / (time.perf_counter() - start))
+    return statistics.median(rates), rates
+
+
+def _tf_worker(variant, setting, args):
+    import tensorflow as tf
+
+    from leo_tf import runtime, steps
+    from leo_tf.config import ModelConfig, OptimizerConfig
+    from leo_tf.data import episodes as episodes_lib
+    from leo_tf.model import LEO
+    from leo_tf.trainer import _noise_fn
+
+    runtime.configure_threads()
+    sampler = _sampler(setting)
+    model_config = ModelConfig(dropout_rate=0.3)
+    model = LEO(model_config, DIM, seed=0)
+    if variant == "map_fn":
+        sys.path.insert(0, str(REPO))
+        from tests.reference_leo import ReferenceModel
+
+        model = ReferenceModel(model)
+    spec = sampler.element_spec
+    baseline_rss = _current_rss_mb()
+    if setting["mode"] == "train":
+        optimizer = steps.make_optimizer(OptimizerConfig())
+        step = steps.compile_train_step(
+            model, optimizer, OptimizerConfig(), spec, jit_compile=args.jit_compile
+        )
+        from types import SimpleNamespace
+
+        fake_config = SimpleNamespace(model=model_config, train=SimpleNamespace(seed=0))
+        dataset = (
+            episodes_lib.make_dataset(sampler, 0)
+            .map(_noise_fn(fake_config, spec))
+            .prefetch(2)
+        )
+        iterator = iter(dataset)
+
+        def run_steps(count):
+            for _ in range(count):
+                _, episodes, noise = next(iterator)
+                metrics = step(episodes, noise)
+            metrics.loss.numpy()
+
+    else:
+        step = steps.compile_eval_step(model, spec, jit_compile=args.jit_compile)
+        episodes = episodes_lib.Episodes(
+            *(tf.convert_to_tensor(x) for x in sampler.sample(0))
+        )
+
+        def run_steps(count):
+            for _ in range(count):
+                accuracy, _ = step(episodes)
+            accuracy.numpy()
+
+    return run_steps, baseline_rss
+
+
+def _torch_worker(setting, args):
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import torch_leo
+    from leo_tf.config import ModelConfig, OptimizerConfig
+
+    torch.manual_seed(0)
+    sampler = _sampler(setting)
+    model = torch_leo.TorchLEO(ModelConfig(dropout_rate=0.3), DIM)
+    baseline_rss = _current_rss_mb()
+
+    def tensors(batch):
+        return (
+            torch.from_numpy(batch.tr_input),
+            torch.from_numpy(batch.tr_output[..., 0].astype(np.int64)),
+            torch.from_numpy(batch.val_input),
+            torch.from_numpy(batch.val_output[..., 0].astype(np.int64)),
+        )
+
+    if setting["mode"] == "train":
+        step = torch_leo.make_train_step(model, OptimizerConfig())
+        counter = iter(range(10**9))
+
+        def run_steps(count):
+            for _ in range(count):
+                step(*tensors(sampler.sample(next(counter))))
+
+    else:
+        step = torch_leo.make_eval_step(model)
+        batch = tensors(sampler.sample(0))
+
+        def run_steps(count):
+            for _ in range(count):
+                step(*batch)
+
+    return run_steps, baseline_rss
+
+
+def worker(args):
+    setting = SETTINGS[args.setting]
+    if args.variant == "torch":
+        run_steps, baseline_rss = _torch_worker(setting, args)
+    else:
+        run_steps, baseline_rss = _tf_worker(args.variant, setting, args)
+    steps_per_window = args.steps or (20 if setting["mode"] == "train" else 2)
+    run_steps(max(3, steps_per_window // 2))  # trace and warm up
+    rate, rates = _time_windows(run_steps, steps_per_window, args.windows)
+    result = {
+        "variant": args.variant + ("+xla" if args.jit_compile else ""),
+        "setting": args.setting,
+        "episodes_per_second": rate * setting["batch"],
+        "window_episodes_per_second": [r * setting["batch"] for r in rates],
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_growth_mb": _peak_rss_mb() - baseline_rss,
+    }
+    print(json.dumps(result))
+
+
+def _run_worker(variant, setting, args, jit_compile=False):
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        f"--variant={variant}",
+        f"--setting={setting}",
+        f"--windows={args.windows}",
+    ]
+    if args.steps:
+        command.append(f"--steps={args.steps}")
+    if jit_compile:
+        command.append("--jit_compile")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+    process = subprocess.run(command, capture_output=True, text=True, env=env)
+    if process.returncode != 0:
+        return {"variant": variant, "setting": setting, "error": process.stderr[-2000:]}
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS)
+    parser.add_argument("--setting", choices=list(SETTINGS))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--windows", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=0, help="steps per window")
+    parser.add_argument("--jit_compile", action="store_true")
+    parser.add_argument(
+        "--with_xla",
+        action="store_true",
+        help="also measure the shipped step with --jit_compile",
+    )
+    parser.add_argument(
+        "--json", default=str(REPO / "benchmarks" / "results" / "bench_step.json")
+    )
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    try:
+        import torch  # noqa: F401
+
+        have_torch = True
+    except ImportError:
+        have_torch = False
+        print(
+            "torch is not installed: skipping the PyTorch variant "
+            "(pip install '.[bench]' to include it)"
+        )
+    results = []
+    for setting in args.settings.split(","):
+        for variant in args.variants.split(","):
+            if variant == "torch" and not have_torch:
+                continue
+            results.append(_run_worker(variant, setting, args))
+            print(_row(results[-1]), flush=True)
+            if variant == "shipped" and args.with_xla:
+                results.append(_run_worker(variant, setting, args, jit_compile=True))
+                print(_row(results[-1]), flush=True)
+    print()
+    print(_table(results))
+    path = pathlib.Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps({"results": results, "ratios": _ratios(results)}, indent=2)
+    )
+    print(f"\nwritten to {path}")
+
+
+def _row(result):
+    if "error" in result:
+        return f"{result['setting']:12s} {result['variant']:12s} FAILED: {result['error'][-300:]}"
+    return (
+        f"{result['setting']:12s} {result['variant']:12s} "
+        f"{result['episodes_per_second']:10.1f} episodes/s  "
+        f"peak {result['peak_rss_mb']:7.0f} MB (+{result['peak_growth_mb']:.0f} MB)"
+    )
+
+
+def _ratios(results):
+    by_key = {(r["setting"], r["variant"]): r for r in results if "error" not in r}
+    ratios = {}
+    for (setting, variant), result in by_key.items():
+        if variant == "shipped":
+            continue
+        shipped = by_key.get((setting, "shipped"))
+        if shipped:
+            ratios[f"{setting}: shipped / {variant}"] = (
+                shipped["episodes_per_second"] / result["episodes_per_second"]
+            )
+    return ratios
+
+
+def _table(results):
+    lines = [
+        f"{'setting':12s} {'variant':12s} {'episodes/s':>10s} {'peak MB':>8s} {'growth MB':>9s}",
+    ]
+    for result in results:
+        if "error" in result:
+            lines.append(f"{result['setting']:12s} {result['variant']:12s} failed")
+            continue
+        lines.append(
+            f"{result['setting']:12s} {result['variant']:12s} "
+            f"{result['episodes_per_second']:10.1f} {result['peak_rss_mb']:8.0f} "
+            f"{result['peak_growth_mb']:9.0f}"
+        )
+    lines.append("")
+    for name, ratio in _ratios(results).items():
+        lines.append(f"{name:40s} {ratio:6.2f}x")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
