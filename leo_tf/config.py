@@ -101,6 +101,12 @@ flags.DEFINE_integer(
     "leo_tf: write training summaries and the progress line " "every this many steps.",
 )
 flags.DEFINE_boolean("jit_compile", False, "leo_tf: compile the steps with XLA.")
+flags.DEFINE_integer(
+    "num_metatest_episodes",
+    10000,
+    "leo_tf: meta-test episodes to average over (the authors' 10000), in "
+    "whole batches of metatest_batch_size.",
+)
 flags.DEFINE_enum(
     "distribution",
     "none",
@@ -344,6 +350,12 @@ def validate(config):
             train.summary_steps,
             "must be at least 1 when training",
         )
+    _require(
+        train.num_metatest_episodes >= 1,
+        "num_metatest_episodes",
+        train.num_metatest_episodes,
+        "must be at least 1",
+    )
     _require(
         train.distribution in DISTRIBUTIONS,
         "distribution",

@@ -20,7 +20,7 @@ def _linear(inputs, kernel):
     gradient of the equivalent `einsum("...i,io->...o")` is ~50x slower on CPU.
     """
     leading = tf.shape(inputs)[:-1]
-    flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
+    flat = tf.reshape(inputs, [-1, kernel.shape[0]])
     outputs = tf.matmul(flat, kernel)
     return tf.reshape(outputs, tf.concat([leading, [kernel.shape[-1]]], axis=0))
 

@@ -39,6 +39,15 @@ class EpisodeOutputs(NamedTuple):
     logits: tf.Tensor  # [B, N, V, N] query logits
 
 
+class Adaptation(NamedTuple):
+    """What adapting to a support set produces."""
+
+    latent_distribution: tfd.Normal  # over [B, N, K, L]
+    latents: tf.Tensor  # [B, N, K, L] sampled (or mean) initial codes
+    adapted_latents: tf.Tensor  # [B, N, K, L] after the latent inner loop
+    weights: tf.Tensor  # [B, N, K, D] classifier weights after finetuning
+
+
 class MetaBatchLoss(NamedTuple):
     """The meta-training objective and its parts."""
 
@@ -101,7 +110,7 @@ def _mean_per_episode(values):
 def _flatten_examples(values):
     """[B, N, M, X] -> [B, N * M, X]."""
     shape = tf.shape(values)
-    return tf.reshape(values, [shape[0], shape[1] * shape[2], values.shape[-1]])
+    return tf.reshape(values, [shape[0], shape[1] * shape[2], shape[3]])
 
 
 def _pick(stack, index):
@@ -192,20 +201,21 @@ class LEO(keras.layers.Layer):
         is taken on the weights first, so no [.., N, K] products are formed.
 
         Args:
-          inputs: [B, N, M, D] examples (M = K or V).
+          inputs: [B, G, M, D] examples in G groups of M (the N classes'
+            K or V examples of an episode, or any grouping).
           weights: [B, N, K, D] classifier weights.
-          dropout_mask: [B, N, M, D] or None.
+          dropout_mask: [B, G, M, D] or None.
 
         Returns:
-          [B, N, M, N] logits.
+          [B, G, M, N] logits.
         """
         class_weights = tf.reduce_mean(weights, axis=2)  # [B, N, D]
         inputs = layers.apply_dropout(inputs, dropout_mask)
-        shape = tf.shape(inputs)
         logits = tf.matmul(
             _flatten_examples(inputs), class_weights, transpose_b=True
-        )  # [B, NM, N]
-        return tf.reshape(logits, tf.concat([shape[:3], shape[1:2]], axis=0))
+        )  # [B, GM, N]
+        shape = tf.concat([tf.shape(inputs)[:3], tf.shape(weights)[1:2]], axis=0)
+        return tf.reshape(logits, shape)
 
     def support_loss_gradient(self, tr_input, tr_onehot, weights, dropout_mask=None):
         """d/dw of the SUM over support examples of the softmax cross-entropy.
@@ -267,6 +277,30 @@ class LEO(keras.layers.Layer):
             weights = weights - self.finetuning_lr * weight_gradient
         return weights
 
+    def adapt(self, tr_input, tr_output, noise=_NO_NOISE):
+        """Encodes the support set, adapts in latent space, then finetunes.
+
+        Args:
+          tr_input: [B, N, K, D] support examples.
+          tr_output: [B, N, K, 1] int labels.
+          noise: EpisodeNoise (meta-training) or _NO_NOISE (evaluation).
+
+        Returns:
+          Adaptation: the latent distribution, its sample [B, N, K, L], the
+          adapted latents [B, N, K, L] and finetuned weights [B, N, K, D].
+        """
+        tr_input = tf.cast(tr_input, self.compute_dtype)
+        num_classes = tf.shape(tr_input)[1]
+        tr_onehot = tf.one_hot(tr_output[..., 0], num_classes, dtype=self.compute_dtype)
+        latent_distribution = self.encode(tr_input, noise.encoder_dropout)
+        latents = sample(latent_distribution, noise.latent)
+        adapted = self.leo_inner_loop(tr_input, tr_onehot, latents, noise)
+        weights = sample(
+            self.decode(adapted), _pick(noise.weights, self.config.inner_unroll_length)
+        )
+        weights = self.finetuning_inner_loop(tr_input, tr_onehot, weights, noise)
+        return Adaptation(latent_distribution, latents, adapted, weights)
+
     def run_episodes(self, episodes, noise=None):
         """Adapts to each episode's support set and scores its query set.
 
@@ -280,20 +314,9 @@ class LEO(keras.layers.Layer):
         """
         training = noise is not None
         noise = noise or _NO_NOISE
-        tr_input = tf.cast(episodes.tr_input, self.compute_dtype)
         val_input = tf.cast(episodes.val_input, self.compute_dtype)
-        num_classes = tf.shape(tr_input)[1]
-        tr_onehot = tf.one_hot(
-            episodes.tr_output[..., 0], num_classes, dtype=self.compute_dtype
-        )
-
-        latent_distribution = self.encode(tr_input, noise.encoder_dropout)
-        latents = sample(latent_distribution, noise.latent)
-        adapted = self.leo_inner_loop(tr_input, tr_onehot, latents, noise)
-        weights = sample(
-            self.decode(adapted), _pick(noise.weights, self.config.inner_unroll_length)
-        )
-        weights = self.finetuning_inner_loop(tr_input, tr_onehot, weights, noise)
+        adaptation = self.adapt(episodes.tr_input, episodes.tr_output, noise)
+        latent_distribution, latents, adapted, weights = adaptation
 
         logits = self.predict(val_input, weights, noise.query_dropout)
         labels = episodes.val_output[..., 0]
