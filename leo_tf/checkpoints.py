@@ -21,6 +21,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 
 import tensorflow as tf
 
@@ -32,8 +33,41 @@ RESULTS_FILE = "test_results.json"
 CHECKPOINT_PREFIX = "ckpt"
 
 
+# Test hook: the crash point named in this environment variable kills the
+# process there (see crash_point).
+CRASH_POINT_ENV = "LEO_TF_CRASH_AT"
+
+
 class CheckpointError(RuntimeError):
     """The run directory cannot be used; the message says why and where."""
+
+
+def crash_point(name):
+    """Dies abruptly (SIGKILL) here if $LEO_TF_CRASH_AT is `name`.
+
+    Lets the preemption tests kill a run at exact moments, such as between
+    the steps of a best-checkpoint promotion, and check that nothing is lost.
+    """
+    if os.environ.get(CRASH_POINT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_stale_temporaries(directory):
+    """Removes what a killed run may have left half-written in `directory`.
+
+    Temporary JSON files and symlinks of ours, and the `ckpt-*_temp*`
+    directories TensorFlow writes a checkpoint into before renaming it.
+    None of them is ever read.
+    """
+    directory = pathlib.Path(directory)
+    for path in directory.glob(".*.tmp-*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    for path in directory.glob(f"{CHECKPOINT_PREFIX}-*_temp*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def write_json_atomically(path, payload):
@@ -123,9 +157,11 @@ def promote_to_best(directory, checkpoint_prefix, metrics):
     _write_checkpoint_index(staging, name)
     write_json_atomically(staging / METRICS_FILE, metrics)
     _fsync_directory(staging)
+    crash_point("promote:staged")
     if target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)
+    crash_point("promote:moved")
     link = directory / BEST_LINK
     temporary_link = directory / f".{BEST_LINK}.tmp-{os.getpid()}"
     if temporary_link.is_symlink() or temporary_link.exists():
@@ -133,6 +169,7 @@ def promote_to_best(directory, checkpoint_prefix, metrics):
     os.symlink(os.path.relpath(target, directory), temporary_link)
     os.replace(temporary_link, link)
     _fsync_directory(directory)
+    crash_point("promote:linked")
     for stale in root.iterdir():
         if stale != target:
             shutil.rmtree(stale, ignore_errors=True)

@@ -40,6 +40,9 @@ def make_optimizer(config):
 def nan_guarded_gradients(loss, gradients, variables, weight_matrices):
     """Replaces the gradients by those of 1e-4 * sum(w^2)/2 if any is NaN.
 
+    As in the authors' code, the guard fires on a NaN loss or a NaN in any
+    gradient; infinite gradients are left to the value clipping.
+
     Args:
       loss: scalar.
       gradients: list of tensors, one per variable.
@@ -49,7 +52,7 @@ def nan_guarded_gradients(loss, gradients, variables, weight_matrices):
     Returns:
       (gradients, fired): the gradients to apply and a bool scalar.
     """
-    fired = tf.logical_not(tf.math.is_finite(loss))
+    fired = tf.math.is_nan(loss)
     for gradient in gradients:
         fired = tf.logical_or(fired, tf.reduce_any(tf.math.is_nan(gradient)))
     decayed = {id(w) for w in weight_matrices}

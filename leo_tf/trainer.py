@@ -267,6 +267,7 @@ def train(config):
         )
     # From here on the directory is written to.
     directory.mkdir(parents=True, exist_ok=True)
+    checkpoints.remove_stale_temporaries(directory)
     checkpoints.write_json_atomically(
         directory / checkpoints.CONFIG_FILE,
         {**config.to_dict(), "embedding_dim": embedding_dim},
@@ -367,6 +368,7 @@ def _checkpoint_and_validate(
         tf.summary.scalar("validation/loss", loss)
     writer.flush()
     prefix = _save(run, manager, directory)
+    checkpoints.crash_point("save:done")
     best = checkpoints.best_metrics(directory)
     is_best = best is None or accuracy > best["metavalid_accuracy"]
     logging.info(
