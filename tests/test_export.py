@@ -12,37 +12,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from leo_tf import config as config_lib
 from leo_tf import export as export_lib
 from leo_tf import trainer
 from leo_tf.data import meta_dataset
 from leo_tf.model import LEO
-from tests import data_fixtures
+from tests import data_fixtures, run_fixtures
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DIM = 16
-
-
-def _run_config(data_path, directory, **train):
-    return config_lib.RunConfig(
-        model=config_lib.ModelConfig(num_latents=8, dropout_rate=0.2),
-        optimizer=config_lib.OptimizerConfig(outer_lr=1e-3),
-        data=config_lib.DataConfig(
-            data_path=str(data_path),
-            dataset_name="toy",
-            metatrain_batch_size=4,
-            metavalid_batch_size=20,
-            metatest_batch_size=50,
-        ),
-        train=config_lib.TrainConfig(
-            checkpoint_path=str(directory),
-            num_steps_limit=20,
-            checkpoint_steps=10,
-            summary_steps=10,
-            num_metatest_episodes=200,
-            **train,
-        ),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +27,7 @@ def trained(tmp_path_factory):
     """A briefly trained run directory and its SavedModel export."""
     root = tmp_path_factory.mktemp("export")
     data_path = data_fixtures.write_toy_dataset(root / "data", dim=DIM)
-    config = _run_config(data_path, root / "run")
+    config = run_fixtures.toy_run_config(data_path, root / "run")
     trainer.train(config)
     export_dir = export_lib.export(config.train.checkpoint_path, root / "exported")
     return config, export_dir

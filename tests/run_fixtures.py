@@ -1,0 +1,27 @@
+"""RunConfigs for short in-process runs on the toy data of data_fixtures."""
+
+from leo_tf import config as config_lib
+
+
+def toy_run_config(data_path, directory, **train):
+    """A fast 5-way 1-shot run on data_fixtures' 'toy' set (16-d)."""
+    defaults = dict(
+        checkpoint_path=str(directory),
+        num_steps_limit=20,
+        checkpoint_steps=10,
+        summary_steps=10,
+        num_metatest_episodes=200,
+    )
+    defaults.update(train)
+    return config_lib.RunConfig(
+        model=config_lib.ModelConfig(num_latents=8, dropout_rate=0.2),
+        optimizer=config_lib.OptimizerConfig(outer_lr=1e-3),
+        data=config_lib.DataConfig(
+            data_path=str(data_path),
+            dataset_name="toy",
+            metatrain_batch_size=4,
+            metavalid_batch_size=20,
+            metatest_batch_size=50,
+        ),
+        train=config_lib.TrainConfig(**defaults),
+    )
