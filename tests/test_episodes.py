@@ -332,6 +332,25 @@ def test_sampled_arrays_are_aligned_for_zero_copy_hand_over():
         assert array.flags.c_contiguous
 
 
+class RecordingSampler(episodes.EpisodeSampler):
+    """Records the steps it samples, in any thread."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sampled = []
+
+    def sample(self, step):
+        self.sampled.append(step)
+        return super().sample(step)
+
+
+def recording_sampler():
+    return RecordingSampler(make_classes(UNEQUAL), num_classes=5,
+                            num_tr_examples_per_class=1,
+                            num_val_examples_per_class=3, batch_size=2,
+                            seed=0)
+
+
 def test_python_runs_only_when_a_batch_is_asked_for(monkeypatch):
     # tf.data worker threads that call into Python while the interpreter
     # shuts down can deadlock the exit (seen here with a prefetching,
@@ -355,24 +374,41 @@ def test_python_runs_only_when_a_batch_is_asked_for(monkeypatch):
 
 
 def test_sampling_runs_ahead_of_the_consumer():
-    sampled = []
-
-    class Recording(episodes.EpisodeSampler):
-
-        def sample(self, step):
-            sampled.append(step)
-            return super().sample(step)
-
-    sampler = Recording(make_classes(UNEQUAL), num_classes=5,
-                        num_tr_examples_per_class=1,
-                        num_val_examples_per_class=3, batch_size=2, seed=0)
+    sampler = recording_sampler()
     iterator = iter(episodes.make_dataset(sampler, first_step=0, prefetch=3))
     next(iterator)
     deadline = time.monotonic() + 10
-    while len(sampled) < 4 and time.monotonic() < deadline:
+    while len(sampler.sampled) < 4 and time.monotonic() < deadline:
         time.sleep(0.01)
+    time.sleep(0.2)
     # Step 0 was asked for; steps 1-3 were sampled ahead, each once.
-    assert sorted(sampled) == [0, 1, 2, 3]
+    assert sorted(sampler.sampled) == [0, 1, 2, 3]
+
+
+def test_finite_dataset_samples_nothing_past_its_end():
+    sampler = recording_sampler()
+    dataset = episodes.make_dataset(sampler, first_step=10, num_steps=3,
+                                    prefetch=4)
+    assert [int(step) for step, _ in dataset] == [10, 11, 12]
+    time.sleep(0.5)
+    assert sorted(sampler.sampled) == [10, 11, 12]
+
+
+def test_idle_prefetcher_frees_its_batches_and_restarts_on_demand():
+    sampler = recording_sampler()
+    prefetcher = episodes._Prefetcher(  # pylint: disable=protected-access
+        sampler, depth=2, idle_seconds=0.3)
+    first = prefetcher.get(0)
+    deadline = time.monotonic() + 10
+    while prefetcher._thread is not None and time.monotonic() < deadline:  # pylint: disable=protected-access
+        time.sleep(0.05)
+    assert prefetcher._thread is None  # pylint: disable=protected-access
+    assert not prefetcher._ready  # pylint: disable=protected-access
+    assert sorted(sampler.sampled) == [0, 1, 2]  # steps 1, 2 ahead, dropped
+    again = prefetcher.get(1)  # sampled again, and a new thread started
+    np.testing.assert_array_equal(again.val_input, sampler.sample(1).val_input)
+    assert prefetcher._thread is not None  # pylint: disable=protected-access
+    assert first.val_input.shape == again.val_input.shape
 
 
 def test_process_exits_while_a_batch_is_being_sampled(tmp_path):

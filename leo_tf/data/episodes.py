@@ -17,6 +17,7 @@ different streams see different episodes.
 """
 
 import threading
+import time
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -326,34 +327,55 @@ class _Prefetcher:
     `get(step)` returns `sampler.sample(step)`: from the thread's results when
     it has sampled (or is sampling) that step, else sampled on the spot, so
     the results never depend on timing, only the speed does. The thread keeps
-    `depth` steps ahead of the last request and follows any jump or restart.
-    It is a daemon thread outside TensorFlow: an exiting interpreter neither
-    waits for it nor can deadlock with it.
+    up to `depth` steps ahead of the last request (never past `last_step`)
+    and follows any jump or restart. It is a daemon thread outside
+    TensorFlow: an exiting interpreter neither waits for it nor can deadlock
+    with it. After `idle_seconds` without a request it drops what it holds
+    and ends (a later request starts a new one), so a dataset that is no
+    longer read does not keep batches, possibly GBs, alive.
     """
 
-    def __init__(self, sampler: "EpisodeSampler", depth: int):
+    def __init__(self, sampler: "EpisodeSampler", depth: int,
+                 last_step: int | None = None, idle_seconds: float = 30.0):
         self._sampler = sampler
         self._depth = depth
+        self._last_step = last_step
+        self._idle_seconds = idle_seconds
         self._condition = threading.Condition()
         self._ready = {}  # step -> Episodes
         self._first_wanted = None  # the step the consumer asks for next
         self._in_flight = None  # the step the thread is sampling
+        self._last_request = time.monotonic()
         self._thread = None
         self._failed = False
 
-    def _wanted(self):
-        start = self._first_wanted
-        return [] if start is None else range(start, start + self._depth)
+    def _wanted(self) -> range:
+        if self._first_wanted is None:
+            return range(0)
+        stop = self._first_wanted + self._depth
+        if self._last_step is not None:
+            stop = min(stop, self._last_step + 1)
+        return range(self._first_wanted, stop)
+
+    def _next_step(self):
+        """The step to sample next, or None once idle too long."""
+        while True:
+            todo = [s for s in self._wanted() if s not in self._ready]
+            if todo:
+                return todo[0]
+            idle = time.monotonic() - self._last_request
+            if idle >= self._idle_seconds:
+                return None
+            self._condition.wait(self._idle_seconds - idle)
 
     def _run(self):
         while True:
             with self._condition:
-                while True:
-                    todo = [s for s in self._wanted() if s not in self._ready]
-                    if todo:
-                        break
-                    self._condition.wait()
-                step = self._in_flight = todo[0]
+                step = self._in_flight = self._next_step()
+                if step is None:
+                    self._ready.clear()
+                    self._thread = None
+                    return
             try:
                 episodes = self._sampler.sample(step)
             except Exception:  # pylint: disable=broad-except
@@ -362,6 +384,7 @@ class _Prefetcher:
                 self._in_flight = None
                 if episodes is None:
                     self._failed = True
+                    self._thread = None
                 elif step in self._wanted():
                     self._ready[step] = episodes
                 self._condition.notify_all()
@@ -370,7 +393,8 @@ class _Prefetcher:
 
     def get(self, step: int) -> Episodes:
         with self._condition:
-            if self._thread is None:
+            self._last_request = time.monotonic()
+            if self._thread is None and not self._failed:
                 self._thread = threading.Thread(
                     target=self._run, name="leo_tf-episode-prefetch",
                     daemon=True)
@@ -399,12 +423,15 @@ def make_dataset(sampler: EpisodeSampler, first_step: int,
 
     Sampling overlaps the consumer: a Python daemon thread samples the next
     `prefetch` steps ahead, and the dataset's `tf.numpy_function` only hands
-    over its results (aligned arrays, which TensorFlow takes without a copy).
+    over the two input arrays (aligned, so TensorFlow takes them without a
+    copy); the labels, the same for every batch, are built in TensorFlow.
     The prefetching is deliberately not tf.data's: a tf.data worker thread
     that calls into Python while the interpreter exits deadlocks the exit
     (the process hangs after the program ends). For the same reason the
     dataset turns off tf.data's automatic prefetch injection and map
-    parallelisation; do not add `.prefetch()` after it.
+    parallelisation; do not add `.prefetch()` after it. A finite dataset
+    samples nothing past its last step, and a dataset left unread for 30 s
+    frees the batches sampled ahead.
 
     Args:
         sampler: the episode sampler.
@@ -423,18 +450,27 @@ def make_dataset(sampler: EpisodeSampler, first_step: int,
         steps = tf.data.Dataset.counter(start=first_step, dtype=tf.int64)
     else:
         steps = tf.data.Dataset.range(first_step, first_step + num_steps)
-    prefetcher = _Prefetcher(sampler, int(prefetch))
+    last_step = None if num_steps is None else first_step + num_steps - 1
+    prefetcher = _Prefetcher(sampler, int(prefetch), last_step=last_step)
     spec = sampler.element_spec
 
-    def get(step):
-        return tuple(prefetcher.get(int(step)))
+    def get_inputs(step):
+        episodes = prefetcher.get(int(step))
+        return episodes.tr_input, episodes.val_input
+
+    def labels(shape):
+        # The same for every batch: label n for the n-th class.
+        n = shape[1]
+        return tf.broadcast_to(
+            tf.reshape(tf.range(n, dtype=tf.int32), [1, n, 1, 1]), shape)
 
     def to_episodes(step):
-        tensors = tf.numpy_function(get, [step], [s.dtype for s in spec],
-                                    stateful=True)
-        for tensor, tensor_spec in zip(tensors, spec):
-            tensor.set_shape(tensor_spec.shape)
-        return step, Episodes(*tensors)
+        tr_input, val_input = tf.numpy_function(
+            get_inputs, [step], [tf.float32, tf.float32], stateful=True)
+        tr_input.set_shape(spec.tr_input.shape)
+        val_input.set_shape(spec.val_input.shape)
+        return step, Episodes(tr_input, labels(spec.tr_output.shape),
+                              val_input, labels(spec.val_output.shape))
 
     options = tf.data.Options()
     options.experimental_optimization.inject_prefetch = False
