@@ -364,7 +364,8 @@ def test_python_runs_only_when_a_batch_is_asked_for(monkeypatch):
         calls.append(step)
         return original_get(self, step)
 
-    monkeypatch.setattr(episodes._Prefetcher, "get", counting_get)  # pylint: disable=protected-access
+    monkeypatch.setattr(episodes._Prefetcher, "get",  # pylint: disable=protected-access
+                        counting_get)
     sampler = sampler_for(make_classes(UNEQUAL), b=2)
     iterator = iter(episodes.make_dataset(sampler, first_step=4))
     for _ in range(3):
@@ -400,14 +401,15 @@ def test_idle_prefetcher_frees_its_batches_and_restarts_on_demand():
         sampler, depth=2, idle_seconds=0.3)
     first = prefetcher.get(0)
     deadline = time.monotonic() + 10
-    while prefetcher._thread is not None and time.monotonic() < deadline:  # pylint: disable=protected-access
+    # pylint: disable=protected-access
+    while prefetcher._thread is not None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert prefetcher._thread is None  # pylint: disable=protected-access
-    assert not prefetcher._ready  # pylint: disable=protected-access
+    assert prefetcher._thread is None
+    assert not prefetcher._ready
     assert sorted(sampler.sampled) == [0, 1, 2]  # steps 1, 2 ahead, dropped
     again = prefetcher.get(1)  # sampled again, and a new thread started
     np.testing.assert_array_equal(again.val_input, sampler.sample(1).val_input)
-    assert prefetcher._thread is not None  # pylint: disable=protected-access
+    assert prefetcher._thread is not None
     assert first.val_input.shape == again.val_input.shape
 
 

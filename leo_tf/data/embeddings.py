@@ -429,17 +429,17 @@ def check_episode_requirements(classes: ClassEmbeddings, *, num_classes: int,
         num_classes: N, the distinct classes in an episode.
         examples_per_class: the distinct examples an episode draws from each
             of its classes (support + query).
-        split: the split's name, for the message.
+        split: the split's name, for the message ("" to leave it out).
 
     Raises:
         DataError: fewer than N classes, or a class with fewer examples than
             an episode draws; the message names the smallest classes.
     """
+    where = f"{classes.source}: split {split!r}" if split else classes.source
     if classes.num_classes < num_classes:
         raise DataError(
-            f"{classes.source}: split {split!r}: expected at least "
-            f"{num_classes} classes for {num_classes}-way episodes, found "
-            f"{classes.num_classes}")
+            f"{where}: expected at least {num_classes} classes for "
+            f"{num_classes}-way episodes, found {classes.num_classes}")
     small = sorted(
         (count, class_id) for class_id, count in zip(
             classes.class_ids, classes.examples_per_class)
@@ -449,10 +449,9 @@ def check_episode_requirements(classes: ClassEmbeddings, *, num_classes: int,
                           for count, class_id in small[:5])
         more = f", and {len(small) - 5} more" if len(small) > 5 else ""
         raise DataError(
-            f"{classes.source}: split {split!r}: expected at least "
-            f"{examples_per_class} examples in every class (support + query "
-            f"of one episode), found {len(small)} smaller classes: "
-            f"{shown}{more}")
+            f"{where}: expected at least {examples_per_class} examples in "
+            f"every class (support + query of one episode), found "
+            f"{len(small)} smaller classes: {shown}{more}")
 
 
 __all__ = [

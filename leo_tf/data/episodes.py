@@ -38,7 +38,7 @@ class Episodes(NamedTuple):
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """`x / sqrt(max(sum(x^2), 1e-12))` over the last axis, like tf.nn.l2_normalize.
+    """`x / sqrt(max(sum(x^2), 1e-12))` over the last axis (tf.nn.l2_normalize).
 
     Args:
         x: float32 `[..., D]`.
@@ -129,7 +129,7 @@ class EpisodeSampler:
     def __init__(self, classes: embeddings_lib.ClassEmbeddings, *,
                  num_classes: int, num_tr_examples_per_class: int,
                  num_val_examples_per_class: int, batch_size: int, seed: int,
-                 stream: int = 0, split: str = "sampled"):
+                 stream: int = 0, split: str = ""):
         """Validates the episode shape against the data and indexes it.
 
         Args:
@@ -142,7 +142,7 @@ class EpisodeSampler:
                 batch.
             stream: non-negative int telling apart replicas (or any other
                 consumers) that share a seed.
-            split: the split's name, for error messages.
+            split: the split's name, for error messages (optional).
 
         Raises:
             DataError: the split has fewer than N classes or a class with

@@ -5,8 +5,8 @@ laid out exactly as the published miniImageNet archive (see
 `leo_tf.data.embeddings`): 64 / 16 / 20 train / val / test classes of 100
 examples each, D = 640, float32, keys
 `"synthetic-<class_id>-<class_id>_<index>.png"` with WordNet-style class ids
-`s0000000` ... `s0000099` (disjoint across splits). Writing takes well under
-a second; the three files hold 26 MB.
+`s0000000` ... `s0000099` (disjoint across splits). Writing takes about
+0.3 s (up to ~1 s on a busy 2-core machine); the three files hold 26 MB.
 
 Generative model (every draw from one `np.random.default_rng(seed)`):
 
@@ -66,7 +66,11 @@ _METADATA_FILE = "generator.json"
 
 
 def default_data_path() -> pathlib.Path:
-    """A per-user cache folder: `$XDG_CACHE_HOME/leo_tf/data` or `~/.cache/leo_tf/data`."""
+    """A per-user cache: `$XDG_CACHE_HOME/leo_tf/data` or `~/.cache/leo_tf/data`.
+
+    XDG_CACHE_HOME counts only when it is an absolute path, as the XDG base
+    directory specification says.
+    """
     cache = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(cache):  # unset, empty or relative: not usable
         cache = os.path.join(os.path.expanduser("~"), ".cache")
