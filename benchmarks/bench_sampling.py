@@ -32,8 +32,9 @@ from leo_tf.data import embeddings  # pylint: disable=wrong-import-position
 from leo_tf.data import episodes  # pylint: disable=wrong-import-position
 
 _WINDOWS = flags.DEFINE_integer("windows", 7, "Timed windows per figure.")
-_WINDOW_SECONDS = flags.DEFINE_float("window_seconds", 1.0,
-                                     "Minimum length of a timed window.")
+_WINDOW_SECONDS = flags.DEFINE_float(
+    "window_seconds", 1.0, "Minimum length of a timed window."
+)
 _STEP_MS = 12.0
 
 
@@ -56,8 +57,10 @@ def rate(fn, windows, window_seconds, min_calls=1):
 
 def report(name, rates, unit_bytes=None):
     median, low, high = rates
-    line = (f"{name:<58} {median:9.1f} batches/s  ({1e3 / median:8.3f} ms; "
-            f"windows {low:.1f}..{high:.1f})")
+    line = (
+        f"{name:<58} {median:9.1f} batches/s  ({1e3 / median:8.3f} ms; "
+        f"windows {low:.1f}..{high:.1f})"
+    )
     if unit_bytes:
         line += f"  {median * unit_bytes / 1e9:.2f} GB/s"
     print(line, flush=True)
@@ -69,30 +72,54 @@ def main(argv):
     rng = np.random.default_rng(0)
     classes = embeddings.ClassEmbeddings(
         source="in-memory 64 x 600 x 640",
-        embeddings={f"s{c:07d}": rng.standard_normal((600, 640),
-                                                     dtype=np.float32)
-                    for c in range(64)})
-    print(f"data: {classes.source}; {os.cpu_count()} CPUs; load average "
-          f"{os.getloadavg()[0]:.2f}", flush=True)
+        embeddings={
+            f"s{c:07d}": rng.standard_normal((600, 640), dtype=np.float32)
+            for c in range(64)
+        },
+    )
+    print(
+        f"data: {classes.source}; {os.cpu_count()} CPUs; load average "
+        f"{os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
 
     train = episodes.EpisodeSampler(
-        classes, num_classes=5, num_tr_examples_per_class=1,
-        num_val_examples_per_class=15, batch_size=12, seed=0)
+        classes,
+        num_classes=5,
+        num_tr_examples_per_class=1,
+        num_val_examples_per_class=15,
+        batch_size=12,
+        seed=0,
+    )
     evaluation = episodes.EpisodeSampler(
-        classes, num_classes=5, num_tr_examples_per_class=1,
-        num_val_examples_per_class=599, batch_size=200, seed=0)
+        classes,
+        num_classes=5,
+        num_tr_examples_per_class=1,
+        num_val_examples_per_class=599,
+        batch_size=200,
+        seed=0,
+    )
 
     step = iter(range(10**9))
     train_rate = rate(lambda: train.sample(next(step)), windows, seconds)
     report("sampler, train 12 x 5-way 1-shot, V=15", train_rate)
     eval_bytes = 200 * 5 * 600 * 640 * 4
-    report("sampler, eval 200 x 5-way 1-shot, V=599",
-           rate(lambda: evaluation.sample(next(step)), windows,
-                max(seconds, 2.0), min_calls=3), eval_bytes)
+    report(
+        "sampler, eval 200 x 5-way 1-shot, V=599",
+        rate(
+            lambda: evaluation.sample(next(step)),
+            windows,
+            max(seconds, 2.0),
+            min_calls=3,
+        ),
+        eval_bytes,
+    )
 
     iterator = iter(episodes.make_dataset(train, first_step=0))
-    report("tf.data make_dataset, train batch, eager next()",
-           rate(lambda: next(iterator), windows, seconds))
+    report(
+        "tf.data make_dataset, train batch, eager next()",
+        rate(lambda: next(iterator), windows, seconds),
+    )
 
     def consume_one_step():
         next(iterator)
@@ -100,15 +127,21 @@ def main(argv):
 
     median, low, high = rate(consume_one_step, windows, seconds)
     overhead_ms = 1e3 / median - _STEP_MS
-    print(f"{'tf.data make_dataset, train batch, 12 ms consumer':<58} "
-          f"{median:9.1f} steps/s    (pipeline adds {overhead_ms:.3f} ms "
-          "per step, including sleep overshoot)", flush=True)
+    print(
+        f"{'tf.data make_dataset, train batch, 12 ms consumer':<58} "
+        f"{median:9.1f} steps/s    (pipeline adds {overhead_ms:.3f} ms "
+        "per step, including sleep overshoot)",
+        flush=True,
+    )
 
     required = 10 * 1e3 / _STEP_MS
     verdict = "meets" if train_rate[0] >= required else "MISSES"
-    print(f"training sampler {train_rate[0]:.0f} batches/s {verdict} the "
-          f">= {required:.0f} batches/s requirement (10x a {_STEP_MS:g} ms "
-          "step)", flush=True)
+    print(
+        f"training sampler {train_rate[0]:.0f} batches/s {verdict} the "
+        f">= {required:.0f} batches/s requirement (10x a {_STEP_MS:g} ms "
+        "step)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

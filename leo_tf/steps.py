@@ -79,41 +79,128 @@ def clip_gradients(gradients, value_threshold, norm_threshold):
     return gradients
 
 
-def train_step_fn(model, optimizer, config):
-    """The uncompiled meta-training step: (episodes, noise) -> TrainMetrics."""
-    variables = model.trainable_variables
+def _build_optimizer(optimizer, variables):
     # Creating Adam's slots up front keeps variable creation out of the trace,
     # so the compiled step traces once.
     if not optimizer.built:
         optimizer.build(variables)
 
+
+def _scaled_gradients(model, episodes, noise, scale):
+    """Gradients of scale * meta-batch loss, and the (unscaled) objective."""
+    with tf.GradientTape() as tape:
+        objective = model.meta_batch_loss(episodes, noise)
+        scaled = objective.total * scale
+    return tape.gradient(scaled, model.trainable_variables), objective
+
+
+def _scalar_metrics(objective, scale=1.0):
+    """The objective's scalars (means over episodes), times `scale`."""
+    outputs = objective.episodes
+    return {
+        "loss": objective.total * scale,
+        "query_loss": tf.reduce_mean(outputs.query_loss) * scale,
+        "accuracy": tf.reduce_mean(outputs.accuracy) * scale,
+        "kl": tf.reduce_mean(outputs.kl) * scale,
+        "encoder_penalty": tf.reduce_mean(outputs.encoder_penalty) * scale,
+        "l2": objective.l2 * scale,
+        "orthogonality": objective.orthogonality * scale,
+    }
+
+
+def _guard_and_clip(model, config, loss, gradients):
+    """NaN guard then clipping; returns (gradients, norm before clipping, fired)."""
+    gradients, fired = nan_guarded_gradients(
+        loss, gradients, model.trainable_variables, model.weight_matrices
+    )
+    gradient_norm = tf.linalg.global_norm(gradients)
+    gradients = clip_gradients(
+        gradients, config.gradient_threshold, config.gradient_norm_threshold
+    )
+    return gradients, gradient_norm, fired
+
+
+def train_step_fn(model, optimizer, config):
+    """The uncompiled meta-training step: (episodes, noise) -> TrainMetrics."""
+    _build_optimizer(optimizer, model.trainable_variables)
+
     def step(episodes, noise):
-        with tf.GradientTape() as tape:
-            objective = model.meta_batch_loss(episodes, noise)
-        gradients = tape.gradient(objective.total, variables)
-        gradients, fired = nan_guarded_gradients(
-            objective.total, gradients, variables, model.weight_matrices
+        gradients, objective = _scaled_gradients(model, episodes, noise, 1.0)
+        gradients, gradient_norm, fired = _guard_and_clip(
+            model, config, objective.total, gradients
         )
-        gradient_norm = tf.linalg.global_norm(gradients)
-        gradients = clip_gradients(
-            gradients, config.gradient_threshold, config.gradient_norm_threshold
-        )
-        optimizer.apply_gradients(zip(gradients, variables))
-        outputs = objective.episodes
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         return TrainMetrics(
-            loss=objective.total,
-            query_loss=tf.reduce_mean(outputs.query_loss),
-            accuracy=tf.reduce_mean(outputs.accuracy),
-            kl=tf.reduce_mean(outputs.kl),
-            encoder_penalty=tf.reduce_mean(outputs.encoder_penalty),
-            l2=objective.l2,
-            orthogonality=objective.orthogonality,
+            **_scalar_metrics(objective),
             gradient_norm=gradient_norm,
             nan_guard=fired,
-            latents=outputs.latents,
+            latents=objective.episodes.latents,
         )
 
     return step
+
+
+def distributed_train_step_fn(strategy, model, optimizer, config):
+    """The meta-training step with the meta-batch split over replicas.
+
+    Every replica takes its own contiguous 1/R of the meta-batch (so no two
+    replicas see the same episode) and differentiates 1/R of its meta-batch
+    loss: with equal shares, the sum over replicas is the loss of the whole
+    meta-batch, so the summed (all-reduced) gradients equal the single-device
+    ones. The NaN guard and clipping then act on those summed gradients,
+    identically on every replica, and Adam applies them, as on one device.
+    """
+    _build_optimizer(optimizer, model.trainable_variables)
+    replicas = strategy.num_replicas_in_sync
+
+    def replica_step(episodes, noise):
+        context = tf.distribute.get_replica_context()
+        replica = context.replica_id_in_sync_group
+        share = tf.shape(episodes.tr_input)[0] // replicas
+        episodes, noise = batch_slice(episodes, noise, replica * share, share)
+        gradients, objective = _scaled_gradients(model, episodes, noise, 1 / replicas)
+        total = tf.distribute.ReduceOp.SUM
+        gradients = context.all_reduce(total, gradients)
+        metrics = context.all_reduce(total, _scalar_metrics(objective, 1 / replicas))
+        gradients, gradient_norm, fired = _guard_and_clip(
+            model, config, metrics["loss"], gradients
+        )
+        # Keras's apply_gradients sums what every replica passes once more;
+        # only replica 0 passes the gradients, so that sum is exactly them.
+        gradients = [tf.where(replica == 0, g, tf.zeros_like(g)) for g in gradients]
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        return TrainMetrics(
+            **metrics,
+            gradient_norm=gradient_norm,
+            nan_guard=fired,
+            latents=objective.episodes.latents,
+        )
+
+    def step(episodes, noise):
+        metrics = strategy.run(replica_step, (episodes, noise))
+        # Every replica holds the same reduced metrics: report the first's.
+        return tf.nest.map_structure(
+            lambda x: strategy.experimental_local_results(x)[0], metrics
+        )
+
+    return step
+
+
+def batch_slice(episodes, noise, start, size):
+    """Episodes [start, start + size) of a meta-batch and of its noise.
+
+    The noise's `weights` and `support_dropout` carry a leading step axis,
+    so their batch axis is the second.
+    """
+    episodes = type(episodes)(*(x[start : start + size] for x in episodes))
+    noise = noise._replace(
+        encoder_dropout=noise.encoder_dropout[start : start + size],
+        latent=noise.latent[start : start + size],
+        weights=noise.weights[:, start : start + size],
+        support_dropout=noise.support_dropout[:, start : start + size],
+        query_dropout=noise.query_dropout[start : start + size],
+    )
+    return episodes, noise
 
 
 def episodes_spec(
@@ -144,10 +231,19 @@ def noise_spec(episodes_spec_, model_config, dtype=tf.float32):
     )
 
 
-def compile_train_step(model, optimizer, config, episodes_spec_, jit_compile=False):
-    """The meta-training step as a tf.function traced once for these shapes."""
+def compile_train_step(
+    model, optimizer, config, episodes_spec_, jit_compile=False, strategy=None
+):
+    """The meta-training step as a tf.function traced once for these shapes.
+
+    With a tf.distribute `strategy`, the meta-batch is split over its replicas.
+    """
+    if strategy is None:
+        step = train_step_fn(model, optimizer, config)
+    else:
+        step = distributed_train_step_fn(strategy, model, optimizer, config)
     return tf.function(
-        train_step_fn(model, optimizer, config),
+        step,
         input_signature=[
             episodes_spec_,
             noise_spec(episodes_spec_, model.config, model.compute_dtype),

@@ -25,25 +25,28 @@ def main(argv):
     except config_lib.ConfigError as error:
         _fail(error)  # before TensorFlow is even imported
     # Imported here so that flag errors are reported at once.
-    from leo_tf import (
-        checkpoints,
-        runtime,
-        trainer,
-    )  # pylint: disable=g-import-not-at-top
-    from leo_tf.data.embeddings import DataError  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from leo_tf import checkpoints, distribution, evaluation, runtime, trainer
+    from leo_tf.data.embeddings import DataError
 
+    # pylint: enable=g-import-not-at-top
     runtime.configure_threads()
     try:
         if config.train.evaluation_mode:
-            results = trainer.evaluate(config)
+            results = evaluation.evaluate(config)
         else:
-            outcome = trainer.train(config)
-            if not config.train.evaluate_after_training or "stopped_by" in outcome:
+            strategy = distribution.make_strategy(config.train.distribution)
+            outcome = trainer.train(config, strategy)
+            if (
+                not config.train.evaluate_after_training
+                or "stopped_by" in outcome
+                or not distribution.is_chief(strategy)
+            ):
                 return
-            results = trainer.evaluate(config)
+            results = evaluation.evaluate(config)
     except (config_lib.ConfigError, DataError, checkpoints.CheckpointError) as error:
         _fail(error)
-    print(trainer.result_line(results), flush=True)
+    print(evaluation.result_line(results), flush=True)
 
 
 def run():

@@ -27,7 +27,8 @@ PY2_ARRAY_KEYS = base64.b64decode(
     "AAAAAAAAAQAAAAAAAABxG3RxHGJVCmVtYmVkZGluZ3NxHWgCaANLAIVxHmgFh3EfUnEgKEsB"
     "SwRLA4ZxIWgJVQJmNHEiSwBLAYdxI1JxJChLA1UBPHElTk5OSv////9K/////0sAdHEmYolV"
     "MAAAsL8AAJC/AABgvwAAIL8AAMC+AAAAvgAAAD4AAMA+AAAgPwAAYD8AAJA/AACwP3EndHEo"
-    "YnUu")
+    "YnUu"
+)
 # The same, with float64 embeddings and keys as a list of numpy byte-string
 # scalars (pickled through numpy.core.multiarray.scalar):
 #   pickle.dumps({"embeddings": emb.astype(np.float64), "keys": list(keys),
@@ -44,14 +45,16 @@ PY2_SCALAR_KEYS = base64.b64decode(
     "hXEqVQFicSuHcSxScS0oSwFLBEsDhnEuaARVAmY4cS9LAEsBh3EwUnExKEsDVQE8cTJOTk5K"
     "/////0r/////SwB0cTNiiVVgAAAAAAAA9r8AAAAAAADyvwAAAAAAAOy/AAAAAAAA5L8AAAAA"
     "AADYvwAAAAAAAMC/AAAAAAAAwD8AAAAAAADYPwAAAAAAAOQ/AAAAAAAA7D8AAAAAAADyPwAA"
-    "AAAAAPY/cTR0cTVidS4=")
+    "AAAAAPY/cTR0cTVidS4="
+)
 PY2_EMBEDDINGS = (np.arange(12, dtype=np.float32).reshape(4, 3) - 5.5) / 4
 
 
 def make_keys(class_ids, per_class, prefix="x"):
     """Keys in the authors' format, class by class."""
-    return [f"{prefix}-{c}-{c}_{i:04d}.jpg" for c in class_ids
-            for i in range(per_class)]
+    return [
+        f"{prefix}-{c}-{c}_{i:04d}.jpg" for c in class_ids for i in range(per_class)
+    ]
 
 
 def write_pickle(path, contents, protocol=4):
@@ -61,8 +64,7 @@ def write_pickle(path, contents, protocol=4):
     return path
 
 
-def valid_contents(class_ids=("n01", "n02", "n03"), per_class=4, dim=640,
-                   seed=0):
+def valid_contents(class_ids=("n01", "n02", "n03"), per_class=4, dim=640, seed=0):
     rng = np.random.default_rng(seed)
     n = len(class_ids) * per_class
     return {
@@ -87,11 +89,19 @@ def test_round_trip_groups_rows_by_class_in_file_order(tmp_path, protocol):
     rng = np.random.default_rng(1)
     rows = rng.standard_normal((6, 640)).astype(np.float32)
     # Classes interleaved and out of order in the file.
-    keys = ["a-n02-n02_x.jpg", "b-n01-n01_y.jpg", "c-n02-n02_z.jpg",
-            "d-n01-n01_w.jpg", "e-n03-n03_v.jpg", "f-n01-n01_u.jpg"]
-    path = write_pickle(tmp_path / "train_embeddings.pkl",
-                        {"embeddings": rows, "keys": np.array(keys),
-                         "labels": np.arange(6)}, protocol=protocol)
+    keys = [
+        "a-n02-n02_x.jpg",
+        "b-n01-n01_y.jpg",
+        "c-n02-n02_z.jpg",
+        "d-n01-n01_w.jpg",
+        "e-n03-n03_v.jpg",
+        "f-n01-n01_u.jpg",
+    ]
+    path = write_pickle(
+        tmp_path / "train_embeddings.pkl",
+        {"embeddings": rows, "keys": np.array(keys), "labels": np.arange(6)},
+        protocol=protocol,
+    )
     classes = embeddings.read_embedding_file(path)
     assert classes.class_ids == ("n01", "n02", "n03")
     assert classes.examples_per_class == (3, 2, 1)
@@ -109,20 +119,26 @@ def test_reads_bytes_keys_and_float64_at_protocol_2(tmp_path):
     # Python 3 at protocol 2 writes bytes via _codecs.encode(..., "latin1").
     contents = valid_contents(per_class=3)
     float64 = contents["embeddings"].astype(np.float64) * 1.5
-    path = write_pickle(tmp_path / "f.pkl", {
-        "embeddings": float64,
-        "keys": [k.encode("ascii") for k in contents["keys"]],
-        "labels": contents["labels"],
-    }, protocol=2)
+    path = write_pickle(
+        tmp_path / "f.pkl",
+        {
+            "embeddings": float64,
+            "keys": [k.encode("ascii") for k in contents["keys"]],
+            "labels": contents["labels"],
+        },
+        protocol=2,
+    )
     classes = embeddings.read_embedding_file(path)
     assert classes.class_ids == ("n01", "n02", "n03")
     assert classes.embeddings["n02"].dtype == np.float32
-    np.testing.assert_array_equal(classes.embeddings["n02"],
-                                  float64[3:6].astype(np.float32))
+    np.testing.assert_array_equal(
+        classes.embeddings["n02"], float64[3:6].astype(np.float32)
+    )
 
 
-@pytest.mark.parametrize("data", [PY2_ARRAY_KEYS, PY2_SCALAR_KEYS],
-                         ids=["array_keys", "scalar_keys"])
+@pytest.mark.parametrize(
+    "data", [PY2_ARRAY_KEYS, PY2_SCALAR_KEYS], ids=["array_keys", "scalar_keys"]
+)
 def test_reads_pickles_written_by_python2_numpy1(tmp_path, data):
     path = tmp_path / "py2.pkl"
     path.write_bytes(data)
@@ -132,10 +148,8 @@ def test_reads_pickles_written_by_python2_numpy1(tmp_path, data):
         warnings.simplefilter("error")
         classes = embeddings.read_embedding_file(path, embedding_dim=3)
     assert classes.class_ids == ("n001", "n002")
-    np.testing.assert_array_equal(classes.embeddings["n001"],
-                                  PY2_EMBEDDINGS[[0, 2]])
-    np.testing.assert_array_equal(classes.embeddings["n002"],
-                                  PY2_EMBEDDINGS[[1, 3]])
+    np.testing.assert_array_equal(classes.embeddings["n001"], PY2_EMBEDDINGS[[0, 2]])
+    np.testing.assert_array_equal(classes.embeddings["n002"], PY2_EMBEDDINGS[[1, 3]])
 
 
 def test_reads_numpy1_module_names_from_python3(tmp_path):
@@ -149,8 +163,9 @@ def test_reads_numpy1_module_names_from_python3(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         classes = embeddings.read_embedding_file(path)
-    np.testing.assert_array_equal(classes.embeddings["n03"],
-                                  contents["embeddings"][8:12])
+    np.testing.assert_array_equal(
+        classes.embeddings["n03"], contents["embeddings"][8:12]
+    )
 
 
 def test_reads_latin1_python2_str_keys(tmp_path):
@@ -165,42 +180,38 @@ def test_reads_latin1_python2_str_keys(tmp_path):
 
 def test_embedding_dim_none_accepts_any_width(tmp_path):
     path = write_pickle(tmp_path / "f.pkl", valid_contents(dim=7))
-    assert embeddings.read_embedding_file(
-        path, embedding_dim=None).embedding_dim == 7
+    assert embeddings.read_embedding_file(path, embedding_dim=None).embedding_dim == 7
 
 
 def test_split_path_follows_the_published_layout(tmp_path):
     assert embeddings.split_path(tmp_path, "miniImageNet", "center", "val") == (
-        tmp_path / "miniImageNet" / "center" / "val_embeddings.pkl")
+        tmp_path / "miniImageNet" / "center" / "val_embeddings.pkl"
+    )
 
 
 def write_split(root, split, class_ids, per_class=4, seed=0):
     return write_pickle(
         embeddings.split_path(root, "mini", "center", split),
-        valid_contents(class_ids, per_class, seed=seed))
+        valid_contents(class_ids, per_class, seed=seed),
+    )
 
 
 def test_train_on_val_concatenates_train_and_val(tmp_path):
     write_split(tmp_path, "train", ("n01", "n02"), seed=1)
     val_contents = valid_contents(("n03",), 5, seed=2)
-    write_pickle(embeddings.split_path(tmp_path, "mini", "center", "val"),
-                 val_contents)
+    write_pickle(embeddings.split_path(tmp_path, "mini", "center", "val"), val_contents)
     write_split(tmp_path, "test", ("n04",), seed=3)
 
     train = embeddings.load_split(tmp_path, "mini", "center", "train")
     assert train.class_ids == ("n01", "n02")
-    both = embeddings.load_split(tmp_path, "mini", "center", "train",
-                                 train_on_val=True)
+    both = embeddings.load_split(tmp_path, "mini", "center", "train", train_on_val=True)
     assert both.class_ids == ("n01", "n02", "n03")
-    np.testing.assert_array_equal(both.embeddings["n03"],
-                                  val_contents["embeddings"])
-    np.testing.assert_array_equal(both.embeddings["n01"],
-                                  train.embeddings["n01"])
+    np.testing.assert_array_equal(both.embeddings["n03"], val_contents["embeddings"])
+    np.testing.assert_array_equal(both.embeddings["n01"], train.embeddings["n01"])
     assert "train_embeddings.pkl" in both.source
     assert "val_embeddings.pkl" in both.source
     # Only the train split changes.
-    test = embeddings.load_split(tmp_path, "mini", "center", "test",
-                                 train_on_val=True)
+    test = embeddings.load_split(tmp_path, "mini", "center", "test", train_on_val=True)
     assert test.class_ids == ("n04",)
 
 
@@ -228,8 +239,7 @@ def test_missing_directory_says_so_and_lists_the_nearest_parent(tmp_path):
     with pytest.raises(DataError) as info:
         embeddings.load_split(tmp_path, "mini", "multiview", "train")
     message = str(info.value)
-    assert f"directory {tmp_path / 'mini' / 'multiview'} does not exist" in (
-        message)
+    assert f"directory {tmp_path / 'mini' / 'multiview'} does not exist" in (message)
     assert f"{tmp_path / 'mini'} contains: center/" in message
     assert "<dataset_name>/<embedding_crop>" in message
 
@@ -238,14 +248,13 @@ def test_not_a_pickle(tmp_path):
     path = tmp_path / "junk.pkl"
     path.write_bytes(b"this is not a pickle at all")
     message = read_error(path)
-    assert str(path) in message and "corrupt, truncated or non-pickle" in (
-        message)
+    assert str(path) in message and "corrupt, truncated or non-pickle" in (message)
 
 
 def test_truncated_pickle(tmp_path):
     path = write_pickle(tmp_path / "cut.pkl", valid_contents())
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
     message = read_error(path)
     assert str(path) in message and "truncated" in message
 
@@ -289,11 +298,15 @@ def test_wrong_width(tmp_path):
     assert "expected width D=640" in message and "(12, 512)" in message
 
 
-@pytest.mark.parametrize("bad", [
-    np.full((12, 640), "x"),
-    np.empty((12, 640), dtype=object),
-    np.zeros((12, 640), dtype=bool),
-], ids=["str", "object", "bool"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.full((12, 640), "x"),
+        np.empty((12, 640), dtype=object),
+        np.zeros((12, 640), dtype=bool),
+    ],
+    ids=["str", "object", "bool"],
+)
 def test_non_numeric_dtype(tmp_path, bad):
     contents = valid_contents()
     contents["embeddings"] = bad
@@ -312,13 +325,16 @@ def test_keys_and_embeddings_lengths_differ(tmp_path):
     assert "(12)" in message and "found 10 keys" in message
 
 
-@pytest.mark.parametrize("bad_key, expected", [
-    ("x-n02_0001.jpg", "found 2"),
-    ("x-y-n02-n02_0001.jpg", "found 4"),
-    ("x-n02-n03_0001.jpg", "class id 'n02' and file name prefix 'n03'"),
-    ("x-n02-n020001.jpg", "file name prefix 'n020001.jpg'"),
-    ("x--_0001.jpg", "class id ''"),
-])
+@pytest.mark.parametrize(
+    "bad_key, expected",
+    [
+        ("x-n02_0001.jpg", "found 2"),
+        ("x-y-n02-n02_0001.jpg", "found 4"),
+        ("x-n02-n03_0001.jpg", "class id 'n02' and file name prefix 'n03'"),
+        ("x-n02-n020001.jpg", "file name prefix 'n020001.jpg'"),
+        ("x--_0001.jpg", "class id ''"),
+    ],
+)
 def test_malformed_key_is_quoted_with_its_row(tmp_path, bad_key, expected):
     contents = valid_contents()
     keys = list(contents["keys"])
@@ -326,8 +342,7 @@ def test_malformed_key_is_quoted_with_its_row(tmp_path, bad_key, expected):
     contents["keys"] = keys
     path = write_pickle(tmp_path / "f.pkl", contents)
     message = read_error(path)
-    assert f"{path}: field 'keys': malformed key {bad_key!r} at row 5" in (
-        message)
+    assert f"{path}: field 'keys': malformed key {bad_key!r} at row 5" in (message)
     assert expected in message
 
 
@@ -350,8 +365,7 @@ def test_duplicate_image_file(tmp_path):
     contents["keys"] = keys
     path = write_pickle(tmp_path / "f.pkl", contents)
     message = read_error(path)
-    assert f"{path}: field 'keys': duplicate image file 'n02_0000.jpg'" in (
-        message)
+    assert f"{path}: field 'keys': duplicate image file 'n02_0000.jpg'" in (message)
     assert "row 7" in message and "row 4" in message
 
 
@@ -359,8 +373,7 @@ def test_duplicate_image_file_across_train_and_val(tmp_path):
     write_split(tmp_path, "train", ("n01",))
     write_split(tmp_path, "val", ("n01",))
     with pytest.raises(DataError) as info:
-        embeddings.load_split(tmp_path, "mini", "center", "train",
-                              train_on_val=True)
+        embeddings.load_split(tmp_path, "mini", "center", "train", train_on_val=True)
     message = str(info.value)
     assert "val_embeddings.pkl: field 'keys': duplicate image file" in message
     assert "train_embeddings.pkl" in message
@@ -384,14 +397,18 @@ def test_float64_overflowing_float32_is_non_finite(tmp_path):
     embeddings64[5, 5] = 1e300
     contents["embeddings"] = embeddings64
     path = write_pickle(tmp_path / "f.pkl", contents)
-    assert "1 non-finite values in 1 rows, the first at row 5" in read_error(
-        path)
+    assert "1 non-finite values in 1 rows, the first at row 5" in read_error(path)
 
 
 def test_empty_file(tmp_path):
-    path = write_pickle(tmp_path / "f.pkl", {
-        "embeddings": np.zeros((0, 640), np.float32),
-        "keys": np.array([], dtype=str), "labels": np.array([])})
+    path = write_pickle(
+        tmp_path / "f.pkl",
+        {
+            "embeddings": np.zeros((0, 640), np.float32),
+            "keys": np.array([], dtype=str),
+            "labels": np.array([]),
+        },
+    )
     message = read_error(path)
     assert f"{path}: field 'embeddings'" in message
     assert "found 0 rows" in message
@@ -425,30 +442,30 @@ def test_refuses_a_pickle_that_would_run_a_command(tmp_path):
     # Sanity check of the test itself: a plain pickle.load would run it.
     assert f"touch {marker}".encode() in path.read_bytes()
     message = read_error(path)
-    assert message.startswith(f"refusing to unpickle {os.system.__module__}"
-                              f".system from {path}")
+    assert message.startswith(
+        f"refusing to unpickle {os.system.__module__}" f".system from {path}"
+    )
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_refuses_builtins_eval(tmp_path, protocol):
-    path = write_pickle(tmp_path / "evil.pkl", {"keys": CallsEval()},
-                        protocol=protocol)
+    path = write_pickle(tmp_path / "evil.pkl", {"keys": CallsEval()}, protocol=protocol)
     # Python 3 writes Python 2's module name (__builtin__) below protocol 3.
     module = "__builtin__" if protocol < 3 else "builtins"
-    assert f"refusing to unpickle {module}.eval from {path}" in read_error(
-        path)
+    assert f"refusing to unpickle {module}.eval from {path}" in read_error(path)
 
 
 def test_refuses_codecs_encode_with_another_codec(tmp_path):
     # Hand-written protocol 2: _codecs.encode("text", "rot13").
-    data = (b"\x80\x02c_codecs\nencode\nX\x04\x00\x00\x00textX\x05\x00\x00"
-            b"\x00rot13\x86R.")
+    data = (
+        b"\x80\x02c_codecs\nencode\nX\x04\x00\x00\x00textX\x05\x00\x00"
+        b"\x00rot13\x86R."
+    )
     path = tmp_path / "codec.pkl"
     path.write_bytes(data)
     message = read_error(path)
-    assert "refusing to unpickle _codecs.encode with encoding 'rot13'" in (
-        message)
+    assert "refusing to unpickle _codecs.encode with encoding 'rot13'" in (message)
 
 
 def test_refuses_numpy_functions_outside_the_list(tmp_path):
@@ -468,21 +485,24 @@ def small_classes(counts):
     rng = np.random.default_rng(0)
     return embeddings.ClassEmbeddings(
         source="mem.pkl",
-        embeddings={f"c{i}": rng.standard_normal((n, 4))
-                    for i, n in enumerate(counts)})
+        embeddings={f"c{i}": rng.standard_normal((n, 4)) for i, n in enumerate(counts)},
+    )
 
 
 def test_requirements_pass_when_met():
     embeddings.check_episode_requirements(
-        small_classes([16, 20, 30, 16, 17]), num_classes=5,
-        examples_per_class=16, split="train")
+        small_classes([16, 20, 30, 16, 17]),
+        num_classes=5,
+        examples_per_class=16,
+        split="train",
+    )
 
 
 def test_requirements_fewer_classes_than_ways():
     with pytest.raises(DataError) as info:
         embeddings.check_episode_requirements(
-            small_classes([20] * 4), num_classes=5, examples_per_class=16,
-            split="val")
+            small_classes([20] * 4), num_classes=5, examples_per_class=16, split="val"
+        )
     message = str(info.value)
     assert "mem.pkl: split 'val'" in message
     assert "at least 5 classes" in message and "found 4" in message
@@ -491,8 +511,11 @@ def test_requirements_fewer_classes_than_ways():
 def test_requirements_name_the_small_class_and_both_counts():
     with pytest.raises(DataError) as info:
         embeddings.check_episode_requirements(
-            small_classes([20, 20, 12, 20, 20, 20]), num_classes=5,
-            examples_per_class=16, split="test")
+            small_classes([20, 20, 12, 20, 20, 20]),
+            num_classes=5,
+            examples_per_class=16,
+            split="test",
+        )
     message = str(info.value)
     assert "mem.pkl: split 'test'" in message
     assert "at least 16 examples" in message
@@ -502,5 +525,5 @@ def test_requirements_name_the_small_class_and_both_counts():
 def test_class_embeddings_reject_mixed_widths():
     with pytest.raises(DataError, match="class 'b'.*\\[n_c, 4\\].*\\(2, 5\\)"):
         embeddings.ClassEmbeddings(
-            source="mem", embeddings={"a": np.zeros((2, 4)),
-                                      "b": np.zeros((2, 5))})
+            source="mem", embeddings={"a": np.zeros((2, 4)), "b": np.zeros((2, 5))}
+        )

@@ -22,8 +22,11 @@ def make_classes(counts, dim=8, seed=0):
     rng = np.random.default_rng(seed)
     return embeddings.ClassEmbeddings(
         source="mem.pkl",
-        embeddings={f"c{i:02d}": rng.standard_normal((n, dim)) * (i + 1)
-                    for i, n in enumerate(counts)})
+        embeddings={
+            f"c{i:02d}": rng.standard_normal((n, dim)) * (i + 1)
+            for i, n in enumerate(counts)
+        },
+    )
 
 
 # tieredImageNet-like: classes of different sizes.
@@ -59,8 +62,14 @@ def find(table, vectors):
 
 def sampler_for(classes, n=5, k=1, v=3, b=4, seed=0, stream=0):
     return episodes.EpisodeSampler(
-        classes, num_classes=n, num_tr_examples_per_class=k,
-        num_val_examples_per_class=v, batch_size=b, seed=seed, stream=stream)
+        classes,
+        num_classes=n,
+        num_tr_examples_per_class=k,
+        num_val_examples_per_class=v,
+        batch_size=b,
+        seed=seed,
+        stream=stream,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -88,8 +97,7 @@ def test_examples_are_l2_normalised_copies_of_the_data():
     classes = make_classes(UNEQUAL)
     batch = sampler_for(classes, b=6).sample(3)
     for array in (batch.tr_input, batch.val_input):
-        np.testing.assert_allclose(np.linalg.norm(array, axis=-1), 1.0,
-                                   rtol=1e-6)
+        np.testing.assert_allclose(np.linalg.norm(array, axis=-1), 1.0, rtol=1e-6)
     # Every vector is exactly some example, normalised (checked by lookup).
     find(lookup_table(classes), batch.tr_input)
     find(lookup_table(classes), batch.val_input)
@@ -102,8 +110,11 @@ def test_l2_normalize_matches_tf_and_keeps_zero_rows_finite():
     np.testing.assert_array_equal(episodes.l2_normalize(x)[1], [0.0, 0.0])
 
 
-@pytest.mark.parametrize("k, v", [(1, 3), (5, 15), (1, 19)],
-                         ids=["rejection", "5shot", "shuffle_whole_class"])
+@pytest.mark.parametrize(
+    "k, v",
+    [(1, 3), (5, 15), (1, 19)],
+    ids=["rejection", "5shot", "shuffle_whole_class"],
+)
 def test_labels_follow_the_sampled_class_order(k, v):
     classes = make_classes(UNEQUAL)
     table = lookup_table(classes)
@@ -121,12 +132,15 @@ def test_labels_follow_the_sampled_class_order(k, v):
             assert len(set(sampled_classes[b])) == 5  # distinct classes
         expected_labels = np.arange(5)[None, :, None, None]
         np.testing.assert_array_equal(
-            batch.tr_output, np.broadcast_to(expected_labels, (8, 5, k, 1)))
+            batch.tr_output, np.broadcast_to(expected_labels, (8, 5, k, 1))
+        )
         np.testing.assert_array_equal(
-            batch.val_output, np.broadcast_to(expected_labels, (8, 5, v, 1)))
+            batch.val_output, np.broadcast_to(expected_labels, (8, 5, v, 1))
+        )
         # The index view agrees with the arrays.
         np.testing.assert_array_equal(
-            sampler.normalized_embeddings[rows[..., :k]], batch.tr_input)
+            sampler.normalized_embeddings[rows[..., :k]], batch.tr_input
+        )
 
 
 @pytest.mark.parametrize("k, v", [(1, 15), (1, 19), (5, 15)])
@@ -136,8 +150,9 @@ def test_examples_within_a_class_are_distinct(k, v):
     sampler = sampler_for(classes, n=5, k=k, v=v, b=16)
     for step in range(4):
         batch = sampler.sample(step)
-        both = np.concatenate([find(table, batch.tr_input),
-                               find(table, batch.val_input)], axis=2)
+        both = np.concatenate(
+            [find(table, batch.tr_input), find(table, batch.val_input)], axis=2
+        )
         for b in range(16):
             for n in range(5):
                 examples = both[b, n, :, 1]
@@ -152,8 +167,9 @@ def test_takes_all_examples_of_the_smallest_class():
     table = lookup_table(classes)
     sampler = sampler_for(classes, n=4, k=1, v=5, b=3)
     batch = sampler.sample(0)
-    both = np.concatenate([find(table, batch.tr_input),
-                           find(table, batch.val_input)], axis=2)
+    both = np.concatenate(
+        [find(table, batch.tr_input), find(table, batch.val_input)], axis=2
+    )
     for b in range(3):
         assert sorted(both[b, :, 0, 0]) == [0, 1, 2, 3]
         for n in range(4):
@@ -227,8 +243,7 @@ def chi_square(counts):
 CHI2_999 = {9: 27.88, 19: 43.82, 4: 18.47}
 
 
-@pytest.mark.parametrize("k, v", [(1, 15), (1, 19)],
-                         ids=["rejection", "shuffle"])
+@pytest.mark.parametrize("k, v", [(1, 15), (1, 19)], ids=["rejection", "shuffle"])
 def test_classes_examples_and_label_positions_are_uniform(k, v):
     classes = make_classes(UNEQUAL)
     sampler = sampler_for(classes, n=5, k=k, v=v, b=100)
@@ -240,8 +255,7 @@ def test_classes_examples_and_label_positions_are_uniform(k, v):
         class_counts += np.bincount(sampled.ravel(), minlength=10)
         b_idx, n_idx = np.nonzero(sampled == 0)
         position_of_class0 += np.bincount(n_idx, minlength=5)
-        support_of_class0 += np.bincount(rows[b_idx, n_idx, 0],
-                                         minlength=UNEQUAL[0])
+        support_of_class0 += np.bincount(rows[b_idx, n_idx, 0], minlength=UNEQUAL[0])
     assert class_counts.sum() == 40 * 100 * 5
     assert chi_square(class_counts) < CHI2_999[9]
     assert chi_square(position_of_class0) < CHI2_999[4]
@@ -304,7 +318,8 @@ def test_endless_dataset_restarts_and_matches_the_sampler():
     for _ in range(2):  # a second pass starts again at first_step
         for step, batch in dataset.take(4):
             np.testing.assert_array_equal(
-                batch.val_input.numpy(), sampler.sample(int(step)).val_input)
+                batch.val_input.numpy(), sampler.sample(int(step)).val_input
+            )
         assert int(step) == 103
 
 
@@ -321,8 +336,8 @@ def test_dataset_in_a_tf_function():
         step, total = step_fn(iterator)
         assert int(step) == expected_step
         np.testing.assert_allclose(
-            total.numpy(), sampler.sample(expected_step).val_input.sum(),
-            rtol=1e-5)
+            total.numpy(), sampler.sample(expected_step).val_input.sum(), rtol=1e-5
+        )
 
 
 def test_sampled_arrays_are_aligned_for_zero_copy_hand_over():
@@ -345,10 +360,14 @@ class RecordingSampler(episodes.EpisodeSampler):
 
 
 def recording_sampler():
-    return RecordingSampler(make_classes(UNEQUAL), num_classes=5,
-                            num_tr_examples_per_class=1,
-                            num_val_examples_per_class=3, batch_size=2,
-                            seed=0)
+    return RecordingSampler(
+        make_classes(UNEQUAL),
+        num_classes=5,
+        num_tr_examples_per_class=1,
+        num_val_examples_per_class=3,
+        batch_size=2,
+        seed=0,
+    )
 
 
 def test_python_runs_only_when_a_batch_is_asked_for(monkeypatch):
@@ -364,8 +383,9 @@ def test_python_runs_only_when_a_batch_is_asked_for(monkeypatch):
         calls.append(step)
         return original_get(self, step)
 
-    monkeypatch.setattr(episodes._Prefetcher, "get",  # pylint: disable=protected-access
-                        counting_get)
+    monkeypatch.setattr(
+        episodes._Prefetcher, "get", counting_get  # pylint: disable=protected-access
+    )
     sampler = sampler_for(make_classes(UNEQUAL), b=2)
     iterator = iter(episodes.make_dataset(sampler, first_step=4))
     for _ in range(3):
@@ -388,8 +408,7 @@ def test_sampling_runs_ahead_of_the_consumer():
 
 def test_finite_dataset_samples_nothing_past_its_end():
     sampler = recording_sampler()
-    dataset = episodes.make_dataset(sampler, first_step=10, num_steps=3,
-                                    prefetch=4)
+    dataset = episodes.make_dataset(sampler, first_step=10, num_steps=3, prefetch=4)
     assert [int(step) for step, _ in dataset] == [10, 11, 12]
     time.sleep(0.5)
     assert sorted(sampler.sampled) == [10, 11, 12]
@@ -398,7 +417,8 @@ def test_finite_dataset_samples_nothing_past_its_end():
 def test_idle_prefetcher_frees_its_batches_and_restarts_on_demand():
     sampler = recording_sampler()
     prefetcher = episodes._Prefetcher(  # pylint: disable=protected-access
-        sampler, depth=2, idle_seconds=0.3)
+        sampler, depth=2, idle_seconds=0.3
+    )
     first = prefetcher.get(0)
     deadline = time.monotonic() + 10
     # pylint: disable=protected-access
@@ -438,7 +458,12 @@ def test_process_exits_while_a_batch_is_being_sampled(tmp_path):
         print("done", flush=True)
     """))
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run([sys.executable, str(script)], env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "done" in result.stdout

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from leo_tf import export as export_lib
-from leo_tf import trainer
+from leo_tf import evaluation, trainer
 from leo_tf.data import meta_dataset
 from leo_tf.model import LEO
 from tests import data_fixtures, run_fixtures
@@ -121,7 +121,7 @@ def test_saved_model_out_of_process_matches_in_process_model(trained, tmp_path):
 
 def test_saved_model_accuracy_equals_evaluation_mode(trained):
     config, export_dir = trained
-    results = trainer.evaluate(config)
+    results = evaluation.evaluate(config)
     serving = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
     classes = meta_dataset.load_classes(config.data, "test")
     sampler = meta_dataset.eval_sampler(config.data, classes, "test", config.train.seed)

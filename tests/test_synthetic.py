@@ -32,9 +32,11 @@ def load(data_path, split):
 
 
 def test_layout_sizes_and_class_ids(data_path):
-    assert sorted(p.name for p in (data_path / "synthetic" / "center").iterdir()
-                  ) == ["test_embeddings.pkl", "train_embeddings.pkl",
-                        "val_embeddings.pkl"]
+    assert sorted(p.name for p in (data_path / "synthetic" / "center").iterdir()) == [
+        "test_embeddings.pkl",
+        "train_embeddings.pkl",
+        "val_embeddings.pkl",
+    ]
     seen = set()
     for split, num_classes in zip(SPLITS, (64, 16, 20)):
         classes = load(data_path, split)
@@ -129,7 +131,8 @@ def test_default_data_path(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert synthetic.default_data_path() == (
-        tmp_path / "home" / ".cache" / "leo_tf" / "data")
+        tmp_path / "home" / ".cache" / "leo_tf" / "data"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -139,8 +142,8 @@ def test_default_data_path(monkeypatch, tmp_path):
 
 def test_raw_nearest_class_mean_baseline_is_in_band(data_path):
     mean, ci95 = synthetic.nearest_class_mean_accuracy(
-        load(data_path, "test"), num_tr_examples_per_class=1,
-        num_episodes=400)
+        load(data_path, "test"), num_tr_examples_per_class=1, num_episodes=400
+    )
     assert 0.35 <= mean <= 0.60
     assert 0 < ci95 < 0.02
 
@@ -149,15 +152,21 @@ def test_projection_learned_on_train_classes_is_far_better(data_path):
     lda = synthetic.fit_lda_projection(load(data_path, "train"))
     assert lda.shape == (640, synthetic.SIGNAL_DIM)
     mean, _ = synthetic.nearest_class_mean_accuracy(
-        load(data_path, "test"), num_tr_examples_per_class=1,
-        num_episodes=300, projection=lda)
+        load(data_path, "test"),
+        num_tr_examples_per_class=1,
+        num_episodes=300,
+        projection=lda,
+    )
     assert mean >= 0.85
 
 
 def test_oracle_signal_subspace_is_far_better(data_path):
     mean, _ = synthetic.nearest_class_mean_accuracy(
-        load(data_path, "test"), num_tr_examples_per_class=1,
-        num_episodes=300, projection=synthetic.signal_basis(seed=0))
+        load(data_path, "test"),
+        num_tr_examples_per_class=1,
+        num_episodes=300,
+        projection=synthetic.signal_basis(seed=0),
+    )
     assert mean >= 0.85
 
 
@@ -166,8 +175,11 @@ def test_random_projection_does_not_help(data_path):
     rng = np.random.default_rng(0)
     random_basis, _ = np.linalg.qr(rng.standard_normal((640, 32)))
     mean, _ = synthetic.nearest_class_mean_accuracy(
-        load(data_path, "test"), num_tr_examples_per_class=1,
-        num_episodes=300, projection=random_basis.astype(np.float32))
+        load(data_path, "test"),
+        num_tr_examples_per_class=1,
+        num_episodes=300,
+        projection=random_basis.astype(np.float32),
+    )
     assert mean < 0.60
 
 
@@ -176,31 +188,47 @@ def test_nearest_class_mean_is_perfect_on_separated_classes():
     # with tiny noise are always classified correctly.
     rng = np.random.default_rng(0)
     centres = np.eye(16)[:8] * 10
-    classes = embeddings.ClassEmbeddings("mem", {
-        f"c{i}": centres[i] + 0.01 * rng.standard_normal((20, 16))
-        for i in range(8)})
-    mean, ci95 = synthetic.nearest_class_mean_accuracy(
-        classes, num_episodes=50)
+    classes = embeddings.ClassEmbeddings(
+        "mem",
+        {f"c{i}": centres[i] + 0.01 * rng.standard_normal((20, 16)) for i in range(8)},
+    )
+    mean, ci95 = synthetic.nearest_class_mean_accuracy(classes, num_episodes=50)
     assert mean == 1.0 and ci95 == 0.0
 
 
 def test_command_line_writes_and_prints_the_baselines(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run(
-        [sys.executable, "-m", "leo_tf.data.synthetic",
-         f"--data_path={tmp_path}", "--num_episodes=50"],
-        env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "leo_tf.data.synthetic",
+            f"--data_path={tmp_path}",
+            "--num_episodes=50",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert pathlib.Path(tmp_path, "synthetic", "center",
-                        "test_embeddings.pkl").is_file()
+    assert pathlib.Path(
+        tmp_path, "synthetic", "center", "test_embeddings.pkl"
+    ).is_file()
     figures = re.findall(
         r"5-way (\d)-shot test accuracy, cosine nearest class mean, "
         r"(raw embeddings|LDA fitted on train|true signal subspace): "
-        r"([\d.]+) \+- ([\d.]+)%", result.stdout)
+        r"([\d.]+) \+- ([\d.]+)%",
+        result.stdout,
+    )
     assert [(shots, name) for shots, name, _, _ in figures] == [
-        ("1", "raw embeddings"), ("5", "raw embeddings"),
-        ("1", "LDA fitted on train"), ("5", "LDA fitted on train"),
-        ("1", "true signal subspace"), ("5", "true signal subspace")]
+        ("1", "raw embeddings"),
+        ("5", "raw embeddings"),
+        ("1", "LDA fitted on train"),
+        ("5", "LDA fitted on train"),
+        ("1", "true signal subspace"),
+        ("5", "true signal subspace"),
+    ]
     raw_1shot, lda_1shot = float(figures[0][2]), float(figures[2][2])
     assert 35 <= raw_1shot <= 60
     assert lda_1shot >= 85

@@ -41,8 +41,12 @@ class DataError(ValueError):
 
 def split_path(data_path, dataset_name, embedding_crop, split) -> pathlib.Path:
     """The pickle of one split, laid out as `_LAYOUT` says."""
-    return (pathlib.Path(data_path) / str(dataset_name) / str(embedding_crop)
-            / f"{split}_embeddings.pkl")
+    return (
+        pathlib.Path(data_path)
+        / str(dataset_name)
+        / str(embedding_crop)
+        / f"{split}_embeddings.pkl"
+    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -61,21 +65,25 @@ class ClassEmbeddings:
 
     def __post_init__(self):
         if not self.embeddings:
-            raise DataError(f"{self.source}: expected at least one class, "
-                            "found none")
+            raise DataError(
+                f"{self.source}: expected at least one class, " "found none"
+            )
         ordered = {}
         for class_id in sorted(self.embeddings):
             array = np.asarray(self.embeddings[class_id], dtype=np.float32)
             width = next(iter(ordered.values())).shape[1] if ordered else None
-            if (array.ndim != 2 or array.shape[0] == 0
-                    or width not in (None, array.shape[1])):
+            if (
+                array.ndim != 2
+                or array.shape[0] == 0
+                or width not in (None, array.shape[1])
+            ):
                 expected = f"[n_c, {width}]" if width else "[n_c, D]"
                 raise DataError(
                     f"{self.source}: class {class_id!r}: expected a non-empty "
-                    f"array {expected}, found shape {array.shape}")
+                    f"array {expected}, found shape {array.shape}"
+                )
             ordered[class_id] = array
-        object.__setattr__(self, "embeddings",
-                           types.MappingProxyType(ordered))
+        object.__setattr__(self, "embeddings", types.MappingProxyType(ordered))
 
     @property
     def class_ids(self) -> tuple:
@@ -135,10 +143,12 @@ def _allowed_globals() -> Mapping:
     allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
     for package in ("numpy.core", "numpy._core"):
         allowed[(f"{package}.multiarray", "_reconstruct")] = (
-            multiarray._reconstruct)  # pylint: disable=protected-access
+            multiarray._reconstruct
+        )  # pylint: disable=protected-access
         allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
         allowed[(f"{package}.numeric", "_frombuffer")] = (
-            numeric._frombuffer)  # pylint: disable=protected-access
+            numeric._frombuffer
+        )  # pylint: disable=protected-access
     for builtins_module in ("builtins", "__builtin__"):
         allowed[(builtins_module, "set")] = set
         allowed[(builtins_module, "bytes")] = bytes
@@ -163,14 +173,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise DataError(
                 f"refusing to unpickle {module}.{name} from {self._path}: "
                 "embedding files hold only numpy arrays, lists and "
-                "strings") from None
+                "strings"
+            ) from None
 
     def _encode_latin1(self, text, encoding="utf-8", errors="strict"):
         """`_codecs.encode` for the one use Python 3 makes of it: bytes."""
         if encoding not in ("latin1", "latin-1"):
             raise DataError(
                 f"refusing to unpickle _codecs.encode with encoding "
-                f"{encoding!r} from {self._path}")
+                f"{encoding!r} from {self._path}"
+            )
         return str(text).encode("latin1", errors)
 
 
@@ -182,8 +194,9 @@ def _describe_missing(path: pathlib.Path) -> str:
     """Says that `path` is missing and what is there instead."""
 
     def listing(directory):
-        names = sorted(p.name + ("/" if p.is_dir() else "")
-                       for p in directory.iterdir())
+        names = sorted(
+            p.name + ("/" if p.is_dir() else "") for p in directory.iterdir()
+        )
         if not names:
             return f"{directory} is empty"
         more = f" and {len(names) - 20} more" if len(names) > 20 else ""
@@ -195,8 +208,10 @@ def _describe_missing(path: pathlib.Path) -> str:
     while not ancestor.is_dir() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     there = listing(ancestor) if ancestor.is_dir() else "no parent exists"
-    return (f"{path}: file not found: directory {path.parent} does not "
-            f"exist; {there}. Expected layout: {_LAYOUT}")
+    return (
+        f"{path}: file not found: directory {path.parent} does not "
+        f"exist; {there}. Expected layout: {_LAYOUT}"
+    )
 
 
 def _unpickle(path: pathlib.Path):
@@ -216,7 +231,8 @@ def _unpickle(path: pathlib.Path):
         # types here (UnpicklingError, EOFError, ValueError, TypeError, ...).
         raise DataError(
             f"{path}: expected an embedding pickle, found a corrupt, "
-            f"truncated or non-pickle file ({type(e).__name__}: {e})") from e
+            f"truncated or non-pickle file ({type(e).__name__}: {e})"
+        ) from e
 
 
 def _key_to_str(key):
@@ -247,23 +263,28 @@ def _read_embeddings_field(path, raw, embedding_dim) -> np.ndarray:
     except Exception as e:  # pylint: disable=broad-except
         raise DataError(
             f"{path}: field 'embeddings': expected a numeric array [n, D], "
-            f"found {type(value).__name__} ({e})") from e
+            f"found {type(value).__name__} ({e})"
+        ) from e
     if array.dtype.kind not in "fiu":
         raise DataError(
             f"{path}: field 'embeddings': expected a numeric (float) array, "
-            f"found dtype {array.dtype}")
+            f"found dtype {array.dtype}"
+        )
     if array.ndim != 2:
         raise DataError(
             f"{path}: field 'embeddings': expected rank 2 [n, D], found rank "
-            f"{array.ndim} (shape {array.shape})")
+            f"{array.ndim} (shape {array.shape})"
+        )
     if embedding_dim is not None and array.shape[1] != embedding_dim:
         raise DataError(
             f"{path}: field 'embeddings': expected width D={embedding_dim}, "
-            f"found shape {array.shape}")
+            f"found shape {array.shape}"
+        )
     if array.shape[0] == 0:
         raise DataError(
             f"{path}: field 'embeddings': expected at least one row, found "
-            f"0 rows (shape {array.shape})")
+            f"0 rows (shape {array.shape})"
+        )
     with np.errstate(over="ignore"):  # overflow shows up as inf, reported next
         return array.astype(np.float32, copy=False)
 
@@ -275,16 +296,19 @@ def _read_keys_field(path, raw, n) -> list:
         if keys.ndim != 1:
             raise DataError(
                 f"{path}: field 'keys': expected a 1-D array of {n} strings, "
-                f"found shape {keys.shape}")
+                f"found shape {keys.shape}"
+            )
         keys = keys.tolist()
     elif not isinstance(keys, (list, tuple)):
         raise DataError(
             f"{path}: field 'keys': expected an array or list of {n} "
-            f"strings, found {type(keys).__name__}")
+            f"strings, found {type(keys).__name__}"
+        )
     if len(keys) != n:
         raise DataError(
             f"{path}: field 'keys': expected one key per row of field "
-            f"'embeddings' ({n}), found {len(keys)} keys")
+            f"'embeddings' ({n}), found {len(keys)} keys"
+        )
     return keys
 
 
@@ -294,13 +318,15 @@ def _parse_key(path, index, key):
     if text is None:
         raise DataError(
             f"{path}: field 'keys': row {index}: expected a string, found "
-            f"{type(key).__name__} {key!r}")
+            f"{type(key).__name__} {key!r}"
+        )
     fields = text.split("-")
     if len(fields) != 3:
         raise DataError(
             f"{path}: field 'keys': malformed key {text!r} at row {index}: "
             "expected 3 '-'-separated fields "
-            f"'<prefix>-<class_id>-<image_file>', found {len(fields)}")
+            f"'<prefix>-<class_id>-<image_file>', found {len(fields)}"
+        )
     _, class_id, image_file = fields
     file_prefix = image_file.split("_")[0]
     if not class_id or file_prefix != class_id:
@@ -308,7 +334,8 @@ def _parse_key(path, index, key):
             f"{path}: field 'keys': malformed key {text!r} at row {index}: "
             f"expected a non-empty class id that the image file name repeats "
             f"before its first '_', found class id {class_id!r} and file "
-            f"name prefix {file_prefix!r}")
+            f"name prefix {file_prefix!r}"
+        )
     return text, class_id, image_file
 
 
@@ -319,12 +346,14 @@ def _read_rows(path, embedding_dim) -> _Rows:
     if not isinstance(raw, dict):
         raise DataError(
             f"{path}: expected a dict with fields 'embeddings' and 'keys' at "
-            f"the top level, found {type(raw).__name__}")
+            f"the top level, found {type(raw).__name__}"
+        )
     for field in ("embeddings", "keys"):
         if field not in raw:
             raise DataError(
                 f"{path}: missing field {field!r}: expected fields "
-                f"'embeddings' and 'keys', found {sorted(map(str, raw))}")
+                f"'embeddings' and 'keys', found {sorted(map(str, raw))}"
+            )
     embeddings = _read_embeddings_field(path, raw, embedding_dim)
     keys = _read_keys_field(path, raw, len(embeddings))
 
@@ -336,7 +365,8 @@ def _read_rows(path, embedding_dim) -> _Rows:
             f"{path}: field 'embeddings': expected finite float32 values, "
             f"found {int(finite.size - finite.sum())} non-finite values in "
             f"{len(bad_rows)} rows, the first at row {first} "
-            f"(key {_key_to_str(keys[first]) or keys[first]!r})")
+            f"(key {_key_to_str(keys[first]) or keys[first]!r})"
+        )
 
     parsed = [_parse_key(path, i, key) for i, key in enumerate(keys)]
     texts, class_ids, image_files = zip(*parsed)
@@ -350,7 +380,8 @@ def _group_by_class(files: Sequence[_Rows]) -> ClassEmbeddings:
     if len(set(widths)) > 1:
         raise DataError(
             f"{source}: field 'embeddings': expected the same width D in "
-            f"every file, found {widths}")
+            f"every file, found {widths}"
+        )
 
     # The authors index examples by image file name, so a name seen twice
     # would silently drop an example: it is an error.
@@ -363,7 +394,8 @@ def _group_by_class(files: Sequence[_Rows]) -> ClassEmbeddings:
                     f"{f.path}: field 'keys': duplicate image file "
                     f"{image_file!r}: key {f.keys[row]!r} at row {row} "
                     f"repeats key {first_file.keys[first_row]!r} at row "
-                    f"{first_row} of {first_file.path}")
+                    f"{first_row} of {first_file.path}"
+                )
             seen[image_file] = (f, row)
 
     embeddings = np.concatenate([f.embeddings for f in files], axis=0)
@@ -372,12 +404,10 @@ def _group_by_class(files: Sequence[_Rows]) -> ClassEmbeddings:
     order = np.argsort(row_class, kind="stable")  # keeps file order
     counts = np.bincount(row_class, minlength=len(names))
     grouped = np.split(embeddings[order], np.cumsum(counts)[:-1])
-    return ClassEmbeddings(source=source,
-                           embeddings=dict(zip(names.tolist(), grouped)))
+    return ClassEmbeddings(source=source, embeddings=dict(zip(names.tolist(), grouped)))
 
 
-def read_embedding_file(path, embedding_dim: int | None = 640
-                        ) -> ClassEmbeddings:
+def read_embedding_file(path, embedding_dim: int | None = 640) -> ClassEmbeddings:
     """Reads and validates one embedding pickle.
 
     Args:
@@ -395,8 +425,15 @@ def read_embedding_file(path, embedding_dim: int | None = 640
     return _group_by_class([_read_rows(path, embedding_dim)])
 
 
-def load_split(data_path, dataset_name, embedding_crop, split, *,
-               train_on_val=False, embedding_dim=640) -> ClassEmbeddings:
+def load_split(
+    data_path,
+    dataset_name,
+    embedding_crop,
+    split,
+    *,
+    train_on_val=False,
+    embedding_dim=640,
+) -> ClassEmbeddings:
     """Reads one split of a data set; with `train_on_val`, train + val.
 
     Args:
@@ -414,14 +451,19 @@ def load_split(data_path, dataset_name, embedding_crop, split, *,
     if split not in SPLITS:
         raise DataError(f"split: expected one of {SPLITS}, found {split!r}")
     splits = ("train", "val") if split == "train" and train_on_val else (split,)
-    return _group_by_class([
-        _read_rows(split_path(data_path, dataset_name, embedding_crop, s),
-                   embedding_dim) for s in splits
-    ])
+    return _group_by_class(
+        [
+            _read_rows(
+                split_path(data_path, dataset_name, embedding_crop, s), embedding_dim
+            )
+            for s in splits
+        ]
+    )
 
 
-def check_episode_requirements(classes: ClassEmbeddings, *, num_classes: int,
-                               examples_per_class: int, split: str) -> None:
+def check_episode_requirements(
+    classes: ClassEmbeddings, *, num_classes: int, examples_per_class: int, split: str
+) -> None:
     """Checks that `classes` can supply N-way episodes.
 
     Args:
@@ -439,22 +481,31 @@ def check_episode_requirements(classes: ClassEmbeddings, *, num_classes: int,
     if classes.num_classes < num_classes:
         raise DataError(
             f"{where}: expected at least {num_classes} classes for "
-            f"{num_classes}-way episodes, found {classes.num_classes}")
+            f"{num_classes}-way episodes, found {classes.num_classes}"
+        )
     small = sorted(
-        (count, class_id) for class_id, count in zip(
-            classes.class_ids, classes.examples_per_class)
-        if count < examples_per_class)
+        (count, class_id)
+        for class_id, count in zip(classes.class_ids, classes.examples_per_class)
+        if count < examples_per_class
+    )
     if small:
-        shown = ", ".join(f"class {class_id!r} has {count}"
-                          for count, class_id in small[:5])
+        shown = ", ".join(
+            f"class {class_id!r} has {count}" for count, class_id in small[:5]
+        )
         more = f", and {len(small) - 5} more" if len(small) > 5 else ""
         raise DataError(
             f"{where}: expected at least {examples_per_class} examples in "
             f"every class (support + query of one episode), found "
-            f"{len(small)} smaller classes: {shown}{more}")
+            f"{len(small)} smaller classes: {shown}{more}"
+        )
 
 
 __all__ = [
-    "ClassEmbeddings", "DataError", "SPLITS", "check_episode_requirements",
-    "load_split", "read_embedding_file", "split_path",
+    "ClassEmbeddings",
+    "DataError",
+    "SPLITS",
+    "check_episode_requirements",
+    "load_split",
+    "read_embedding_file",
+    "split_path",
 ]

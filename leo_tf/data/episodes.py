@@ -68,8 +68,9 @@ def _rejection_tries(sample_size: int, smallest_population: int) -> int:
     return max(1, int(np.ceil(np.log(0.01) / np.log1p(-p))))
 
 
-def _sample_distinct(rng: np.random.Generator, high, num_rows: int,
-                     sample_size: int, tries: int) -> np.ndarray:
+def _sample_distinct(
+    rng: np.random.Generator, high, num_rows: int, sample_size: int, tries: int
+) -> np.ndarray:
     """Uniformly random ordered samples without replacement, one per row.
 
     Args:
@@ -96,8 +97,7 @@ def _sample_distinct(rng: np.random.Generator, high, num_rows: int,
         todo = np.arange(num_rows)
         while todo.size:
             todo_high = high[todo][:, None, None] if per_row else high
-            draws = rng.integers(0, todo_high,
-                                 size=(todo.size, tries, sample_size))
+            draws = rng.integers(0, todo_high, size=(todo.size, tries, sample_size))
             ordered = np.sort(draws, axis=2)
             distinct = (ordered[..., 1:] != ordered[..., :-1]).all(axis=2)
             accepted = distinct.any(axis=1)  # [T]
@@ -107,7 +107,8 @@ def _sample_distinct(rng: np.random.Generator, high, num_rows: int,
         return out
     largest = int(high.max()) if per_row else int(high)
     shuffled = rng.permuted(
-        np.broadcast_to(np.arange(largest), (num_rows, largest)), axis=1)
+        np.broadcast_to(np.arange(largest), (num_rows, largest)), axis=1
+    )
     if not per_row or (high == largest).all():
         return shuffled[:, :sample_size]
     # A uniform shuffle of range(largest), read in order and restricted to the
@@ -126,10 +127,18 @@ class EpisodeSampler:
     `[B, N, K, D]` and `[B, N, V, D]` outputs.
     """
 
-    def __init__(self, classes: embeddings_lib.ClassEmbeddings, *,
-                 num_classes: int, num_tr_examples_per_class: int,
-                 num_val_examples_per_class: int, batch_size: int, seed: int,
-                 stream: int = 0, split: str = ""):
+    def __init__(
+        self,
+        classes: embeddings_lib.ClassEmbeddings,
+        *,
+        num_classes: int,
+        num_tr_examples_per_class: int,
+        num_val_examples_per_class: int,
+        batch_size: int,
+        seed: int,
+        stream: int = 0,
+        split: str = "",
+    ):
         """Validates the episode shape against the data and indexes it.
 
         Args:
@@ -149,10 +158,12 @@ class EpisodeSampler:
                 fewer than K + V examples.
             ValueError: a size is not positive, or seed or stream negative.
         """
-        sizes = dict(num_classes=num_classes,
-                     num_tr_examples_per_class=num_tr_examples_per_class,
-                     num_val_examples_per_class=num_val_examples_per_class,
-                     batch_size=batch_size)
+        sizes = dict(
+            num_classes=num_classes,
+            num_tr_examples_per_class=num_tr_examples_per_class,
+            num_val_examples_per_class=num_val_examples_per_class,
+            batch_size=batch_size,
+        )
         for name, value in sizes.items():
             _check_int(name, value, minimum=1)
         _check_int("seed", seed, minimum=0)
@@ -163,32 +174,37 @@ class EpisodeSampler:
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.stream = int(stream)
-        self.examples_per_class = (self.num_tr_examples_per_class
-                                   + self.num_val_examples_per_class)
+        self.examples_per_class = (
+            self.num_tr_examples_per_class + self.num_val_examples_per_class
+        )
         embeddings_lib.check_episode_requirements(
-            classes, num_classes=self.num_classes,
-            examples_per_class=self.examples_per_class, split=split)
+            classes,
+            num_classes=self.num_classes,
+            examples_per_class=self.examples_per_class,
+            split=split,
+        )
 
         self.class_ids = classes.class_ids
         self.embedding_dim = classes.embedding_dim
         self._counts = np.array(classes.examples_per_class, dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(self._counts)[:-1]])
-        self._embeddings = np.empty((classes.num_examples, self.embedding_dim),
-                                    dtype=np.float32)  # [total, D]
+        self._embeddings = np.empty(
+            (classes.num_examples, self.embedding_dim), dtype=np.float32
+        )  # [total, D]
         for offset, array in zip(self._offsets, classes.embeddings.values()):
-            self._embeddings[offset:offset + len(array)] = l2_normalize(array)
+            self._embeddings[offset : offset + len(array)] = l2_normalize(array)
 
         num_all = len(self._counts)
         self._class_tries = _rejection_tries(self.num_classes, num_all)
-        self._example_tries = _rejection_tries(self.examples_per_class,
-                                               int(self._counts.min()))
+        self._example_tries = _rejection_tries(
+            self.examples_per_class, int(self._counts.min())
+        )
         # Equal class sizes (miniImageNet) let every row share one bound.
         self._same_size = bool((self._counts == self._counts[0]).all())
 
         b, n, d = self.batch_size, self.num_classes, self.embedding_dim
         k, v = self.num_tr_examples_per_class, self.num_val_examples_per_class
-        self._shapes = Episodes((b, n, k, d), (b, n, k, 1), (b, n, v, d),
-                                (b, n, v, 1))
+        self._shapes = Episodes((b, n, k, d), (b, n, k, 1), (b, n, v, d), (b, n, v, 1))
         self._dtypes = Episodes(np.float32, np.int32, np.float32, np.int32)
         labels = np.arange(n, dtype=np.int32)[None, :, None, None]
         self._tr_labels = np.broadcast_to(labels, self._shapes.tr_output)
@@ -208,9 +224,12 @@ class EpisodeSampler:
     @property
     def element_spec(self) -> Episodes:
         """`Episodes` of `tf.TensorSpec`s with the batch's static shapes."""
-        return Episodes(*(tf.TensorSpec(shape, tf.as_dtype(dtype))
-                          for shape, dtype in zip(self._shapes,
-                                                  self._dtypes)))
+        return Episodes(
+            *(
+                tf.TensorSpec(shape, tf.as_dtype(dtype))
+                for shape, dtype in zip(self._shapes, self._dtypes)
+            )
+        )
 
     def sample_indices(self, step: int):
         """The classes and examples of meta-batch `step`.
@@ -227,12 +246,15 @@ class EpisodeSampler:
         _check_int("step", step, minimum=0)
         rng = np.random.default_rng([self.seed, self.stream, int(step)])
         b, n, s = self.batch_size, self.num_classes, self.examples_per_class
-        classes = _sample_distinct(rng, len(self._counts), b, n,
-                                   self._class_tries)  # [B, N]
-        high = (int(self._counts[0]) if self._same_size else
-                self._counts[classes.ravel()])
-        examples = _sample_distinct(rng, high, b * n, s,
-                                    self._example_tries)  # [B * N, S]
+        classes = _sample_distinct(
+            rng, len(self._counts), b, n, self._class_tries
+        )  # [B, N]
+        high = (
+            int(self._counts[0]) if self._same_size else self._counts[classes.ravel()]
+        )
+        examples = _sample_distinct(
+            rng, high, b * n, s, self._example_tries
+        )  # [B * N, S]
         rows = self._offsets[classes][..., None] + examples.reshape(b, n, s)
         return classes, rows
 
@@ -252,20 +274,20 @@ class EpisodeSampler:
         k = self.num_tr_examples_per_class
         # Every row index is valid: mode="clip" only spares numpy the
         # bounds-checking copy that the default mode="raise" makes with `out`.
-        np.take(self._embeddings, rows[..., :k], axis=0, out=out.tr_input,
-                mode="clip")
-        np.take(self._embeddings, rows[..., k:], axis=0, out=out.val_input,
-                mode="clip")
+        np.take(self._embeddings, rows[..., :k], axis=0, out=out.tr_input, mode="clip")
+        np.take(self._embeddings, rows[..., k:], axis=0, out=out.val_input, mode="clip")
         np.copyto(out.tr_output, self._tr_labels)
         np.copyto(out.val_output, self._val_labels)
         return out
 
 
 def _check_int(name, value, minimum):
-    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-            or value < minimum):
-        raise ValueError(f"{name}: expected an int >= {minimum}, found "
-                         f"{value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+    ):
+        raise ValueError(f"{name}: expected an int >= {minimum}, found " f"{value!r}")
 
 
 class _AlignedLayout:
@@ -288,14 +310,19 @@ class _AlignedLayout:
     def new_arrays(self) -> Episodes:
         buffer = np.empty(self._num_bytes + _ALIGNMENT, dtype=np.uint8)
         base = -buffer.ctypes.data % _ALIGNMENT
-        return Episodes(*(
-            buffer[base + start:base + start + size].view(dtype).reshape(shape)
-            for start, size, shape, dtype in self._parts))
+        return Episodes(
+            *(
+                buffer[base + start : base + start + size].view(dtype).reshape(shape)
+                for start, size, shape, dtype in self._parts
+            )
+        )
 
 
-def eval_num_val_examples(classes: embeddings_lib.ClassEmbeddings,
-                          num_tr_examples_per_class: int,
-                          total_examples_per_class: int = 600) -> int:
+def eval_num_val_examples(
+    classes: embeddings_lib.ClassEmbeddings,
+    num_tr_examples_per_class: int,
+    total_examples_per_class: int = 600,
+) -> int:
     """V for meta-validation and meta-test: all remaining examples of a class.
 
     Args:
@@ -317,7 +344,8 @@ def eval_num_val_examples(classes: embeddings_lib.ClassEmbeddings,
             f"{classes.source}: expected more than {num_tr_examples_per_class} "
             f"examples in every class, to leave query examples after "
             f"{num_tr_examples_per_class} support examples, found a class "
-            f"with {classes.min_examples_per_class}")
+            f"with {classes.min_examples_per_class}"
+        )
     return total - num_tr_examples_per_class
 
 
@@ -335,8 +363,13 @@ class _Prefetcher:
     longer read does not keep batches, possibly GBs, alive.
     """
 
-    def __init__(self, sampler: "EpisodeSampler", depth: int,
-                 last_step: int | None = None, idle_seconds: float = 30.0):
+    def __init__(
+        self,
+        sampler: "EpisodeSampler",
+        depth: int,
+        last_step: int | None = None,
+        idle_seconds: float = 30.0,
+    ):
         self._sampler = sampler
         self._depth = depth
         self._last_step = last_step
@@ -396,8 +429,8 @@ class _Prefetcher:
             self._last_request = time.monotonic()
             if self._thread is None and not self._failed:
                 self._thread = threading.Thread(
-                    target=self._run, name="leo_tf-episode-prefetch",
-                    daemon=True)
+                    target=self._run, name="leo_tf-episode-prefetch", daemon=True
+                )
                 self._thread.start()
             self._first_wanted = step
             for stale in [s for s in self._ready if s not in self._wanted()]:
@@ -413,9 +446,13 @@ class _Prefetcher:
         return episodes
 
 
-def make_dataset(sampler: EpisodeSampler, first_step: int,
-                 num_steps: int | None = None, *,
-                 prefetch: int = 2) -> tf.data.Dataset:
+def make_dataset(
+    sampler: EpisodeSampler,
+    first_step: int,
+    num_steps: int | None = None,
+    *,
+    prefetch: int = 2,
+) -> tf.data.Dataset:
     """The meta-batches of steps `first_step`, `first_step + 1`, ... as tf.data.
 
     Each element is `(step, episodes)`: an int64 scalar and `Episodes` of
@@ -444,8 +481,7 @@ def make_dataset(sampler: EpisodeSampler, first_step: int,
         `tf.data.Dataset` of `(step, Episodes)`.
     """
     if int(prefetch) != prefetch or prefetch < 1:
-        raise ValueError(f"prefetch: expected a positive int, found "
-                         f"{prefetch!r}")
+        raise ValueError(f"prefetch: expected a positive int, found " f"{prefetch!r}")
     if num_steps is None:
         steps = tf.data.Dataset.counter(start=first_step, dtype=tf.int64)
     else:
@@ -462,15 +498,21 @@ def make_dataset(sampler: EpisodeSampler, first_step: int,
         # The same for every batch: label n for the n-th class.
         n = shape[1]
         return tf.broadcast_to(
-            tf.reshape(tf.range(n, dtype=tf.int32), [1, n, 1, 1]), shape)
+            tf.reshape(tf.range(n, dtype=tf.int32), [1, n, 1, 1]), shape
+        )
 
     def to_episodes(step):
         tr_input, val_input = tf.numpy_function(
-            get_inputs, [step], [tf.float32, tf.float32], stateful=True)
+            get_inputs, [step], [tf.float32, tf.float32], stateful=True
+        )
         tr_input.set_shape(spec.tr_input.shape)
         val_input.set_shape(spec.val_input.shape)
-        return step, Episodes(tr_input, labels(spec.tr_output.shape),
-                              val_input, labels(spec.val_output.shape))
+        return step, Episodes(
+            tr_input,
+            labels(spec.tr_output.shape),
+            val_input,
+            labels(spec.val_output.shape),
+        )
 
     options = tf.data.Options()
     options.experimental_optimization.inject_prefetch = False

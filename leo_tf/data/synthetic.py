@@ -86,8 +86,12 @@ def _metadata(seed: int) -> dict:
         "embedding_dim": EMBEDDING_DIM,
         "signal_dim": SIGNAL_DIM,
         "num_styles": NUM_STYLES,
-        "scales": {"class": CLASS_SCALE, "within_class": WITHIN_CLASS_SCALE,
-                   "nuisance": NUISANCE_SCALE, "style": STYLE_SCALE},
+        "scales": {
+            "class": CLASS_SCALE,
+            "within_class": WITHIN_CLASS_SCALE,
+            "nuisance": NUISANCE_SCALE,
+            "style": STYLE_SCALE,
+        },
     }
 
 
@@ -121,16 +125,16 @@ def _split_examples(rng, signal, styles, num_classes):
     """
     n = num_classes * EXAMPLES_PER_CLASS
     means = CLASS_SCALE * rng.standard_normal((num_classes, SIGNAL_DIM))
-    codes = (np.repeat(means, EXAMPLES_PER_CLASS, axis=0)
-             + WITHIN_CLASS_SCALE * rng.standard_normal((n, SIGNAL_DIM)))
+    codes = np.repeat(
+        means, EXAMPLES_PER_CLASS, axis=0
+    ) + WITHIN_CLASS_SCALE * rng.standard_normal((n, SIGNAL_DIM))
     # Isotropic noise in the complement of the signal subspace: g - U U^T g
     # with g ~ N(0, I_D) has the distribution of an N(0, I) vector in the
     # (D - SIGNAL_DIM)-dimensional complement, without a D x D rotation.
     noise = rng.standard_normal((n, EMBEDDING_DIM))
     noise -= (noise @ signal) @ signal.T
     style_weights = rng.standard_normal((n, NUM_STYLES))
-    x = (codes @ signal.T + NUISANCE_SCALE * noise
-         + STYLE_SCALE * style_weights @ styles)
+    x = codes @ signal.T + NUISANCE_SCALE * noise + STYLE_SCALE * style_weights @ styles
     return x.astype(np.float32)
 
 
@@ -154,9 +158,11 @@ def write_synthetic(data_path, seed: int = 0) -> pathlib.Path:
         num_classes = NUM_CLASSES[split]
         class_ids = [f"s{first_class + c:07d}" for c in range(num_classes)]
         first_class += num_classes
-        keys = [f"{DATASET_NAME}-{class_id}-{class_id}_{i:05d}.png"
-                for class_id in class_ids
-                for i in range(EXAMPLES_PER_CLASS)]
+        keys = [
+            f"{DATASET_NAME}-{class_id}-{class_id}_{i:05d}.png"
+            for class_id in class_ids
+            for i in range(EXAMPLES_PER_CLASS)
+        ]
         contents = {
             "embeddings": _split_examples(rng, signal, styles, num_classes),
             "keys": np.array(keys),
@@ -181,14 +187,17 @@ def _check_existing(dataset_dir: pathlib.Path, seed: int) -> None:
         raise embeddings_lib.DataError(
             f"{metadata_path}: expected the synthetic data set written by "
             f"this version of leo_tf ({expected}), found {found}. Delete "
-            f"{dataset_dir} to have it written again.")
+            f"{dataset_dir} to have it written again."
+        )
     for split in embeddings_lib.SPLITS:
-        path = embeddings_lib.split_path(dataset_dir.parent, DATASET_NAME,
-                                         EMBEDDING_CROP, split)
+        path = embeddings_lib.split_path(
+            dataset_dir.parent, DATASET_NAME, EMBEDDING_CROP, split
+        )
         if not path.is_file():
             raise embeddings_lib.DataError(
                 f"{path}: file not found in an existing synthetic data set. "
-                f"Delete {dataset_dir} to have it written again.")
+                f"Delete {dataset_dir} to have it written again."
+            )
 
 
 def ensure_synthetic(data_path, seed: int = 0) -> pathlib.Path:
@@ -214,7 +223,8 @@ def ensure_synthetic(data_path, seed: int = 0) -> pathlib.Path:
     if not dataset_dir.exists():
         data_path.mkdir(parents=True, exist_ok=True)
         staging = pathlib.Path(
-            tempfile.mkdtemp(prefix=f".{DATASET_NAME}-", dir=data_path))
+            tempfile.mkdtemp(prefix=f".{DATASET_NAME}-", dir=data_path)
+        )
         try:
             write_synthetic(staging, seed=seed)
             try:
@@ -229,8 +239,9 @@ def ensure_synthetic(data_path, seed: int = 0) -> pathlib.Path:
     return dataset_dir
 
 
-def fit_lda_projection(classes: embeddings_lib.ClassEmbeddings,
-                       num_components: int = SIGNAL_DIM) -> np.ndarray:
+def fit_lda_projection(
+    classes: embeddings_lib.ClassEmbeddings, num_components: int = SIGNAL_DIM
+) -> np.ndarray:
     """Fisher LDA on L2-normalised examples: a linear map learned from `classes`.
 
     Args:
@@ -242,8 +253,10 @@ def fit_lda_projection(classes: embeddings_lib.ClassEmbeddings,
         relative to the within-class spread, scaled to unit within-class
         variance.
     """
-    x = [episodes_lib.l2_normalize(a).astype(np.float64)
-         for a in classes.embeddings.values()]
+    x = [
+        episodes_lib.l2_normalize(a).astype(np.float64)
+        for a in classes.embeddings.values()
+    ]
     means = np.stack([a.mean(axis=0) for a in x])  # [C, D]
     centred = np.concatenate([a - m for a, m in zip(x, means)])  # [n, D]
     within = centred.T @ centred / len(centred)  # [D, D]
@@ -261,12 +274,16 @@ def fit_lda_projection(classes: embeddings_lib.ClassEmbeddings,
     return np.linalg.solve(cholesky.T, y).astype(np.float32)  # [D, P]
 
 
-def nearest_class_mean_accuracy(classes: embeddings_lib.ClassEmbeddings, *,
-                                num_classes: int = 5,
-                                num_tr_examples_per_class: int = 1,
-                                num_episodes: int = 1000, seed: int = 0,
-                                projection: np.ndarray | None = None,
-                                batch_size: int = 100):
+def nearest_class_mean_accuracy(
+    classes: embeddings_lib.ClassEmbeddings,
+    *,
+    num_classes: int = 5,
+    num_tr_examples_per_class: int = 1,
+    num_episodes: int = 1000,
+    seed: int = 0,
+    projection: np.ndarray | None = None,
+    batch_size: int = 100,
+):
     """Cosine nearest-class-mean accuracy on evaluation-style episodes.
 
     Each query is assigned the class whose mean support embedding has the
@@ -292,68 +309,90 @@ def nearest_class_mean_accuracy(classes: embeddings_lib.ClassEmbeddings, *,
     if projection is not None:
         classes = embeddings_lib.ClassEmbeddings(
             source=classes.source,
-            embeddings={c: episodes_lib.l2_normalize(a) @ projection
-                        for c, a in classes.embeddings.items()})
+            embeddings={
+                c: episodes_lib.l2_normalize(a) @ projection
+                for c, a in classes.embeddings.items()
+            },
+        )
     k = num_tr_examples_per_class
     batch_size = min(batch_size, num_episodes)
     sampler = episodes_lib.EpisodeSampler(
-        classes, num_classes=num_classes, num_tr_examples_per_class=k,
-        num_val_examples_per_class=episodes_lib.eval_num_val_examples(
-            classes, k),
-        batch_size=batch_size, seed=seed)
+        classes,
+        num_classes=num_classes,
+        num_tr_examples_per_class=k,
+        num_val_examples_per_class=episodes_lib.eval_num_val_examples(classes, k),
+        batch_size=batch_size,
+        seed=seed,
+    )
     accuracies = []
     step = 0
     while len(accuracies) < num_episodes:
         batch = sampler.sample(step)
         step += 1
         # Queries are unit vectors already; so are the normalised means.
-        means = episodes_lib.l2_normalize(
-            batch.tr_input.mean(axis=2))  # [B, N, P]
+        means = episodes_lib.l2_normalize(batch.tr_input.mean(axis=2))  # [B, N, P]
         # Plain einsum: BLAS-backed forms spend most of their time waking
         # BLAS threads for B small products.
         similarity = np.einsum("bnvp,bmp->bnvm", batch.val_input, means)
         correct = similarity.argmax(axis=-1) == batch.val_output[..., 0]
         accuracies.extend(correct.mean(axis=(1, 2)))  # [B]
     accuracies = np.array(accuracies[:num_episodes])
-    return (float(accuracies.mean()),
-            float(1.96 * accuracies.std() / np.sqrt(num_episodes)))
+    return (
+        float(accuracies.mean()),
+        float(1.96 * accuracies.std() / np.sqrt(num_episodes)),
+    )
 
 
 def _define_flags():
     from absl import flags  # pylint: disable=import-outside-toplevel
+
     flags.DEFINE_string(
-        "data_path", None,
+        "data_path",
+        None,
         "Folder to write synthetic/center/*.pkl into; default: "
-        f"{default_data_path()}.")
-    flags.DEFINE_integer("num_episodes", 2000,
-                         "Test episodes for each baseline figure.")
+        f"{default_data_path()}.",
+    )
+    flags.DEFINE_integer(
+        "num_episodes", 2000, "Test episodes for each baseline figure."
+    )
     return flags.FLAGS
 
 
 def _main(argv, flags_values):
     import time  # pylint: disable=import-outside-toplevel
+
     del argv
     data_path = flags_values.data_path or default_data_path()
     start = time.perf_counter()
     dataset_dir = ensure_synthetic(data_path)
-    print(f"synthetic data set: {dataset_dir} "
-          f"({time.perf_counter() - start:.1f} s)")
+    print(
+        f"synthetic data set: {dataset_dir} " f"({time.perf_counter() - start:.1f} s)"
+    )
     load = lambda split: embeddings_lib.load_split(  # pylint: disable=g-long-lambda
-        data_path, DATASET_NAME, EMBEDDING_CROP, split)
+        data_path, DATASET_NAME, EMBEDDING_CROP, split
+    )
     train, test = load("train"), load("test")
-    projections = (("raw embeddings", None),
-                   ("LDA fitted on train", fit_lda_projection(train)),
-                   ("true signal subspace", signal_basis(seed=0)))
+    projections = (
+        ("raw embeddings", None),
+        ("LDA fitted on train", fit_lda_projection(train)),
+        ("true signal subspace", signal_basis(seed=0)),
+    )
     for name, projection in projections:
         for shots in (1, 5):
             mean, ci95 = nearest_class_mean_accuracy(
-                test, num_tr_examples_per_class=shots,
-                num_episodes=flags_values.num_episodes, projection=projection)
-            print(f"5-way {shots}-shot test accuracy, cosine nearest class "
-                  f"mean, {name}: {100 * mean:.1f} +- {100 * ci95:.1f}%")
+                test,
+                num_tr_examples_per_class=shots,
+                num_episodes=flags_values.num_episodes,
+                projection=projection,
+            )
+            print(
+                f"5-way {shots}-shot test accuracy, cosine nearest class "
+                f"mean, {name}: {100 * mean:.1f} +- {100 * ci95:.1f}%"
+            )
 
 
 if __name__ == "__main__":
     from absl import app  # pylint: disable=g-import-not-at-top
+
     _FLAGS = _define_flags()
     app.run(lambda argv: _main(argv, _FLAGS))
