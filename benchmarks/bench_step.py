@@ -91,7 +91,7 @@ def _tf_worker(variant, setting, args):
     from leo_tf.config import ModelConfig, OptimizerConfig
     from leo_tf.data import episodes as episodes_lib
     from leo_tf.model import LEO
-    from leo_tf.trainer import _noise_fn
+    from leo_tf.noise import noise_dataset
 
     runtime.configure_threads()
     sampler = _sampler(setting)
@@ -109,19 +109,23 @@ def _tf_worker(variant, setting, args):
         step = steps.compile_train_step(
             model, optimizer, OptimizerConfig(), spec, jit_compile=args.jit_compile
         )
-        from types import SimpleNamespace
-
-        fake_config = SimpleNamespace(model=model_config, train=SimpleNamespace(seed=0))
-        dataset = (
-            episodes_lib.make_dataset(sampler, 0)
-            .map(_noise_fn(fake_config, spec))
-            .prefetch(2)
+        num_steps = 10**6
+        dataset = tf.data.Dataset.zip(
+            episodes_lib.make_dataset(sampler, 0, num_steps),
+            noise_dataset(
+                0,
+                0,
+                num_steps,
+                spec.tr_input.shape.as_list(),
+                spec.val_input.shape.as_list(),
+                model_config,
+            ),
         )
         iterator = iter(dataset)
 
         def run_steps(count):
             for _ in range(count):
-                _, episodes, noise = next(iterator)
+                (_, episodes), noise = next(iterator)
                 metrics = step(episodes, noise)
             metrics.loss.numpy()
 

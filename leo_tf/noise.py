@@ -83,3 +83,40 @@ def draw_noise(
         support_dropout=dropout_mask(tf.concat([[steps], support_shape], 0), seeds[3]),
         query_dropout=dropout_mask(query_shape, seeds[4]),
     )
+
+
+def noise_dataset(
+    seed, first_step, num_steps, support_shape, query_shape, model_config, prefetch=2
+):
+    """The noise of steps first_step .. first_step + num_steps - 1, as tf.data.
+
+    Step s's noise is drawn from the stateless seed (seed, s), so it does not
+    depend on where a run was resumed. Pure TensorFlow, drawn ahead of the
+    training step by tf.data's background threads.
+
+    Args:
+      seed: the run's integer seed.
+      first_step: the first step's number.
+      num_steps: how many steps.
+      support_shape: [B, N, K, D].
+      query_shape: [B, N, V, D].
+      model_config: ModelConfig (latent width, unroll lengths, dropout rate).
+      prefetch: steps drawn ahead.
+
+    Returns:
+      tf.data.Dataset of EpisodeNoise.
+    """
+
+    def draw(step):
+        return draw_noise(
+            tf.stack([tf.constant(seed, tf.int64), step]),
+            support_shape,
+            query_shape,
+            num_latents=model_config.num_latents,
+            inner_unroll_length=model_config.inner_unroll_length,
+            finetuning_unroll_length=model_config.finetuning_unroll_length,
+            dropout_rate=model_config.dropout_rate,
+        )
+
+    steps = tf.data.Dataset.range(first_step, first_step + num_steps)
+    return steps.map(draw).prefetch(prefetch)

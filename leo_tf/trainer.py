@@ -24,11 +24,11 @@ import tensorflow as tf
 from absl import logging
 
 from leo_tf import checkpoints, distribution, progress, steps
+from leo_tf import noise as noise_lib
 from leo_tf.config import ConfigError
 from leo_tf.data import episodes as episodes_lib
 from leo_tf.data import meta_dataset
 from leo_tf.model import LEO
-from leo_tf.noise import draw_noise
 
 # Configuration fields a checkpoint's variables depend on: resuming or
 # evaluating with other values cannot work.
@@ -80,27 +80,6 @@ class _StopRequest:
     def __exit__(self, *exc):
         for number, handler in self._previous.items():
             signal.signal(number, handler)
-
-
-def _noise_fn(config, episodes_spec):
-    """(step, episodes) -> (episodes, noise): the step's noise, from its seed."""
-    model = config.model
-    support = episodes_spec.tr_input.shape.as_list()
-    query = episodes_spec.val_input.shape.as_list()
-
-    def add_noise(step, episodes):
-        noise = draw_noise(
-            tf.stack([tf.constant(config.train.seed, tf.int64), step]),
-            support,
-            query,
-            num_latents=model.num_latents,
-            inner_unroll_length=model.inner_unroll_length,
-            finetuning_unroll_length=model.finetuning_unroll_length,
-            dropout_rate=model.dropout_rate,
-        )
-        return step, episodes, noise
-
-    return add_noise
 
 
 def _validate(eval_step, sampler, num_batches):
@@ -247,19 +226,27 @@ class _Session:
                 "Step %d already reaches --num_steps_limit=%d", first_step, limit
             )
             return {"step": first_step}
-        dataset = (
+        # Episodes are sampled ahead by the sampler's own thread, noise by
+        # tf.data's: both are pure functions of (seed, step).
+        dataset = tf.data.Dataset.zip(
             episodes_lib.make_dataset(
                 self.train_sampler, first_step, limit - first_step
-            )
-            .map(_noise_fn(config, spec))
-            .prefetch(2)
+            ),
+            noise_lib.noise_dataset(
+                config.train.seed,
+                first_step,
+                limit - first_step,
+                spec.tr_input.shape.as_list(),
+                spec.val_input.shape.as_list(),
+                config.model,
+            ),
         )
         log = progress.TrainingLog(
             self.writer, self.model, first_step, limit, verbose=self.chief
         )
         outcome = {}
         with _StopRequest() as stop:
-            for step_tensor, episodes, noise in dataset:
+            for (step_tensor, episodes), noise in dataset:
                 metrics = train_step(episodes, noise)
                 step = int(step_tensor) + 1
                 self.step.assign(step)

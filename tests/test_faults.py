@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from leo_tf import checkpoints, steps, trainer
+from leo_tf import noise as noise_lib
 from leo_tf.data import episodes as episodes_lib
 from tests import data_fixtures, run_fixtures
 
@@ -78,23 +79,17 @@ def test_nan_and_inf_embeddings_are_survived_via_the_guard(
 def test_nan_loss_mid_run_is_counted_and_training_continues(
     data_path, tmp_path, monkeypatch
 ):
-    original = trainer._noise_fn
+    original = noise_lib.noise_dataset
 
-    def noise_fn(config, spec):
-        add_noise = original(config, spec)
+    def poisoned_noise_dataset(seed, first_step, *args, **kwargs):
+        def poison(step, noise):
+            factor = tf.where(tf.equal(step, 8), np.nan, 1.0)
+            return noise._replace(query_dropout=noise.query_dropout * factor)
 
-        def poisoned(step, episodes):
-            step, episodes, noise = add_noise(step, episodes)
-            poison = tf.where(tf.equal(step, 8), np.nan, 1.0)
-            return (
-                step,
-                episodes,
-                noise._replace(query_dropout=noise.query_dropout * poison),
-            )
+        dataset = original(seed, first_step, *args, **kwargs)
+        return dataset.enumerate(start=first_step).map(poison)
 
-        return poisoned
-
-    monkeypatch.setattr(trainer, "_noise_fn", noise_fn)
+    monkeypatch.setattr(noise_lib, "noise_dataset", poisoned_noise_dataset)
     config = run_fixtures.toy_run_config(data_path, tmp_path / "run", summary_steps=5)
 
     trainer.train(config)
