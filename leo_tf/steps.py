@@ -150,7 +150,8 @@ def distributed_train_step_fn(strategy, model, optimizer, config):
     ones. The NaN guard and clipping then act on those summed gradients,
     identically on every replica, and Adam applies them, as on one device.
     """
-    _build_optimizer(optimizer, model.trainable_variables)
+    with strategy.scope():
+        _build_optimizer(optimizer, model.trainable_variables)
     replicas = strategy.num_replicas_in_sync
 
     def replica_step(episodes, noise):

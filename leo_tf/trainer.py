@@ -119,7 +119,9 @@ class _Session:
         self.strategy = strategy
         self.chief = distribution.is_chief(strategy)
         self.directory = pathlib.Path(config.train.checkpoint_path)
-        checkpoints.check_usable(self.directory, for_writing=self.chief)
+        if self.chief or self.directory.exists():
+            # Other workers only read, and the chief may not have made it yet.
+            checkpoints.check_usable(self.directory, for_writing=self.chief)
         train_classes = meta_dataset.load_classes(config.data, "train")
         val_classes = meta_dataset.load_classes(config.data, "val")
         self.embedding_dim = train_classes.embedding_dim

@@ -78,14 +78,3 @@ def small_model(config=None, dim=8, dtype="float32", seed=0):
         * rng.uniform(0.5, 1.5, size=model.finetuning_lr.shape)
     )
     return model
-
-
-def slice_noise(noise, index):
-    """The noise of episode `index` alone, as a meta-batch of one."""
-    return noise._replace(
-        encoder_dropout=noise.encoder_dropout[index : index + 1],
-        latent=noise.latent[index : index + 1],
-        weights=noise.weights[:, index : index + 1],
-        support_dropout=noise.support_dropout[:, index : index + 1],
-        query_dropout=noise.query_dropout[index : index + 1],
-    )

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from leo_tf import model as model_lib
+from leo_tf import steps
 from tests import model_fixtures as fx
 from tests import reference_leo
 
@@ -320,8 +321,7 @@ def test_meta_batch_gives_the_same_per_episode_results_as_single_episodes():
     batched = model.run_episodes(episodes, noise)
 
     for index in range(4):
-        single_episode = fx.Episodes(*(x[index : index + 1] for x in episodes))
-        single = model.run_episodes(single_episode, fx.slice_noise(noise, index))
+        single = model.run_episodes(*steps.batch_slice(episodes, noise, index, 1))
         for name in ("loss", "accuracy", "kl", "encoder_penalty"):
             np.testing.assert_allclose(
                 getattr(single, name).numpy()[0],

@@ -1,0 +1,175 @@
+"""Data-parallel meta-training with tf.distribute on this CPU-only machine."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+
+from leo_tf import config as config_lib
+from leo_tf import trainer
+from tests import data_fixtures, run_fixtures
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Runs in a fresh process: logical devices must be set before TensorFlow
+# initialises.
+_MIRRORED_VS_SINGLE = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+    from leo_tf import steps
+    from leo_tf.config import OptimizerConfig
+    from tests import model_fixtures as fx
+
+    config = OptimizerConfig(outer_lr=1e-3)
+    spec = steps.episodes_spec(fx.Episodes, 4, 3, 2, 4, 8)
+    batches = [fx.random_episodes(seed, batch=4) for seed in range(3)]
+    weights, metrics = [], []
+    for strategy in (None, tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])):
+        with strategy.scope() if strategy else tf.name_scope("single"):
+            model = fx.small_model(dtype="float32", seed=0)
+            optimizer = steps.make_optimizer(config)
+        step = steps.compile_train_step(model, optimizer, config, spec,
+                                        strategy=strategy)
+        history = []
+        for index, episodes in enumerate(batches):
+            noise = fx.noise_for(episodes, model.config, seed=(4, index))
+            result = step(episodes, noise)
+            history.append([float(result.loss), float(result.accuracy),
+                            float(result.gradient_norm)])
+        weights.append([v.numpy() for v in model.trainable_variables])
+        metrics.append(history)
+        replicas = strategy.num_replicas_in_sync if strategy else 1
+    differences = [float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
+                   for a, b in zip(*weights)]
+    changes = [float(np.abs(a - b).max()) for a, b in
+               zip(weights[0], [v.numpy() for v in fx.small_model(seed=0).trainable_variables])]
+    print(json.dumps({"replicas": replicas, "differences": differences,
+                      "changes": changes, "metrics": metrics}))
+    """)
+
+
+def _env():
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+
+
+def test_mirrored_step_equals_single_device_step():
+    process = subprocess.run(
+        [sys.executable, "-c", _MIRRORED_VS_SINGLE],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    result = json.loads(process.stdout.strip().splitlines()[-1])
+    assert result["replicas"] == 2
+    assert max(result["differences"]) < 1e-5, result["differences"]
+    assert min(result["changes"]) > 1e-4  # three Adam steps moved every tensor
+    single, mirrored = result["metrics"]
+    for a, b in zip(single, mirrored):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_worker_run_agrees_on_weights_and_only_the_chief_writes(tmp_path):
+    data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
+    directory = tmp_path / "run"
+    cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
+    workers = []
+    for index in range(2):
+        env = _env()
+        env["TF_CONFIG"] = json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        )
+        env["TMPDIR"] = str(tmp_path / f"tmp{index}")
+        os.makedirs(env["TMPDIR"])
+        workers.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "leo_tf.train",
+                    "--distribution=multi_worker",
+                    f"--data_path={data_path}",
+                    f"--checkpoint_path={directory}",
+                    "--dataset_name=toy",
+                    "--num_latents=8",
+                    "--metatrain_batch_size=4",
+                    "--metavalid_batch_size=20",
+                    "--num_steps_limit=6",
+                    "--checkpoint_steps=3",
+                    "--summary_steps=3",
+                ],
+                cwd=REPO,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        )
+    outputs = []
+    try:
+        for worker in workers:
+            outputs.append(worker.communicate(timeout=300))
+    finally:
+        for worker in workers:
+            worker.kill()
+    for worker, (_, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+    digests = [
+        re.findall(r"Step 6: weights digest (\w+)", stderr) for _, stderr in outputs
+    ]
+    assert digests[0] and digests[0] == digests[1]
+    assert "step 6/6" in outputs[0][0] and "step 6/6" not in outputs[1][0]
+    # Only the chief writes: one event file, and the worker's own temporary
+    # checkpoints are gone.
+    events = list(directory.glob("events.out.tfevents.*"))
+    assert len(events) == 1 and str(workers[0].pid) in events[0].name
+    assert sorted(p.name for p in directory.glob("ckpt-*.index")) == [
+        "ckpt-3.index",
+        "ckpt-6.index",
+    ]
+    assert (directory / "best_checkpoint" / "metrics.json").exists()
+    assert list((tmp_path / "tmp1").iterdir()) == []
+
+
+def test_meta_batch_must_split_evenly_over_replicas(tmp_path):
+    data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
+    config = run_fixtures.toy_run_config(data_path, tmp_path / "run")
+    config = dataclasses.replace(
+        config,
+        data=dataclasses.replace(config.data, metatrain_batch_size=5),
+        train=dataclasses.replace(config.train, distribution="mirrored"),
+    )
+    strategy = types.SimpleNamespace(num_replicas_in_sync=2)
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"--metatrain_batch_size=5: must be a multiple "
+        r"of the 2 replicas of --distribution=mirrored",
+    ):
+        trainer.train(config, strategy)
+    assert not (tmp_path / "run").exists()
