@@ -123,14 +123,10 @@ class _Session:
             # Other workers only read, and the chief may not have made it yet.
             checkpoints.check_usable(self.directory, for_writing=self.chief)
         train_classes = meta_dataset.load_classes(config.data, "train")
-        val_classes = meta_dataset.load_classes(config.data, "val")
         self.embedding_dim = train_classes.embedding_dim
-        if val_classes.embedding_dim != self.embedding_dim:
-            raise ConfigError(
-                f"--dataset_name={config.data.dataset_name}: train embeddings "
-                f"are {self.embedding_dim}-d but val embeddings "
-                f"{val_classes.embedding_dim}-d"
-            )
+        val_classes = meta_dataset.load_classes(
+            config.data, "val", embedding_dim=self.embedding_dim
+        )
         replicas = strategy.num_replicas_in_sync if strategy else 1
         if config.data.metatrain_batch_size % replicas:
             raise ConfigError(

@@ -16,10 +16,12 @@ _EMBEDDING_DIMS = {"miniImageNet": 640, "tieredImageNet": 640, "synthetic": 640}
 _STREAMS = {"train": 0, "val": 1, "test": 2}
 
 
-def load_classes(data_config, split):
+def load_classes(data_config, split, embedding_dim=None):
     """The ClassEmbeddings of `split` ("train", "val" or "test").
 
     The built-in synthetic set is generated under data_path on first use.
+    embedding_dim: the width D the file must have; by default 640 for the
+    published data sets and the synthetic one, any for others.
     """
     if data_config.dataset_name == "synthetic":
         synthetic.ensure_synthetic(data_config.data_path)
@@ -29,7 +31,7 @@ def load_classes(data_config, split):
         data_config.embedding_crop,
         split,
         train_on_val=data_config.train_on_val and split == "train",
-        embedding_dim=_EMBEDDING_DIMS.get(data_config.dataset_name),
+        embedding_dim=embedding_dim or _EMBEDDING_DIMS.get(data_config.dataset_name),
     )
 
 
