@@ -29,6 +29,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=7,<10"],
+        # The benchmark's PyTorch variant (benchmarks/bench_step.py).
+        "bench": ["torch>=2.0"],
     },
     entry_points={
         "console_scripts": [
