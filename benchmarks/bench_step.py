@@ -12,7 +12,10 @@ the first batch existed). Variants:
   map_fn    the literal per-episode formulation of tests/reference_leo.py
             under tf.map_fn, with the same outer update, same pipeline;
   torch     the equivalent PyTorch eager step of benchmarks/torch_leo.py
-            (second order), if torch is installed.
+            (second order), if torch is installed;
+  mirrored  the shipped step under MirroredStrategy over 2 logical CPU
+            devices, each replica taking half of the meta-batch (training
+            settings only; a CPU cannot show GPU scaling).
 
 Settings: meta-training 12 x 5-way 1-shot and 12 x 5-way 5-shot (V=15);
 evaluation 200 x 5-way 1-shot with V=15 and with V=599. Training batches
@@ -22,6 +25,7 @@ measure memory bandwidth, not the step).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -38,7 +42,7 @@ SETTINGS = {
     "eval_v15": dict(mode="eval", batch=200, shots=1, queries=15),
     "eval_v599": dict(mode="eval", batch=200, shots=1, queries=599),
 }
-VARIANTS = ("shipped", "map_fn", "torch")
+VARIANTS = ("shipped", "map_fn", "torch", "mirrored")
 NUM_CLASSES, DIM = 5, 640
 
 
@@ -94,9 +98,18 @@ def _tf_worker(variant, setting, args):
     from leo_tf.noise import noise_dataset
 
     runtime.configure_threads()
+    strategy = None
+    if variant == "mirrored":
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+        )
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     sampler = _sampler(setting)
     model_config = ModelConfig(dropout_rate=0.3)
-    model = LEO(model_config, DIM, seed=0)
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        model = LEO(model_config, DIM, seed=0)
+        optimizer = steps.make_optimizer(OptimizerConfig())
     if variant == "map_fn":
         sys.path.insert(0, str(REPO))
         from tests.reference_leo import ReferenceModel
@@ -105,9 +118,13 @@ def _tf_worker(variant, setting, args):
     spec = sampler.element_spec
     baseline_rss = _current_rss_mb()
     if setting["mode"] == "train":
-        optimizer = steps.make_optimizer(OptimizerConfig())
         step = steps.compile_train_step(
-            model, optimizer, OptimizerConfig(), spec, jit_compile=args.jit_compile
+            model,
+            optimizer,
+            OptimizerConfig(),
+            spec,
+            jit_compile=args.jit_compile,
+            strategy=strategy,
         )
         num_steps = 10**6
         dataset = tf.data.Dataset.zip(
@@ -152,6 +169,8 @@ def _torch_worker(setting, args):
     from leo_tf.config import ModelConfig, OptimizerConfig
 
     torch.manual_seed(0)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     sampler = _sampler(setting)
     model = torch_leo.TorchLEO(ModelConfig(dropout_rate=0.3), DIM)
     baseline_rss = _current_rss_mb()
@@ -216,6 +235,8 @@ def _run_worker(variant, setting, args, jit_compile=False):
         command.append(f"--steps={args.steps}")
     if jit_compile:
         command.append("--jit_compile")
+    if args.torch_threads:
+        command.append(f"--torch_threads={args.torch_threads}")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
     process = subprocess.run(command, capture_output=True, text=True, env=env)
     if process.returncode != 0:
@@ -233,6 +254,9 @@ def main():
     parser.add_argument("--windows", type=int, default=7)
     parser.add_argument("--steps", type=int, default=0, help="steps per window")
     parser.add_argument("--jit_compile", action="store_true")
+    parser.add_argument(
+        "--torch_threads", type=int, default=0, help="0: PyTorch's default"
+    )
     parser.add_argument(
         "--with_xla",
         action="store_true",
@@ -260,6 +284,8 @@ def main():
     for setting in args.settings.split(","):
         for variant in args.variants.split(","):
             if variant == "torch" and not have_torch:
+                continue
+            if variant == "mirrored" and SETTINGS[setting]["mode"] != "train":
                 continue
             results.append(_run_worker(variant, setting, args))
             print(_row(results[-1]), flush=True)

@@ -14,20 +14,23 @@ import time
 
 import tensorflow as tf
 
+# TrainMetrics field -> TensorBoard tag under train/.
+SUMMARY_NAMES = {
+    "loss": "loss",
+    "query_loss": "query_loss",
+    "accuracy": "accuracy",
+    "kl": "kl",
+    "encoder_penalty": "encoder_penalty",
+    "l2": "l2_penalty",
+    "orthogonality": "orthogonality_penalty",
+    "gradient_norm": "gradient_norm",
+}
+
 
 class TrainingLog:
     """Running means of the step metrics, summaries and the progress line."""
 
-    _SCALARS = (
-        "loss",
-        "query_loss",
-        "accuracy",
-        "kl",
-        "encoder_penalty",
-        "l2",
-        "orthogonality",
-        "gradient_norm",
-    )
+    _SCALARS = tuple(SUMMARY_NAMES)
 
     def __init__(self, writer, model, first_step, num_steps_limit, verbose=True):
         """writer: tf.summary writer; verbose: print the progress line."""
@@ -90,18 +93,6 @@ class TrainingLog:
             + (f" | NaN guard x{self.nan_guard_count}" if self.nan_guard_count else ""),
             flush=True,
         )
-
-
-SUMMARY_NAMES = {
-    "loss": "loss",
-    "query_loss": "query_loss",
-    "accuracy": "accuracy",
-    "kl": "kl",
-    "encoder_penalty": "encoder_penalty",
-    "l2": "l2_penalty",
-    "orthogonality": "orthogonality_penalty",
-    "gradient_norm": "gradient_norm",
-}
 
 
 def duration(seconds):

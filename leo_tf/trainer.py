@@ -13,6 +13,7 @@ Everything that can be wrong with flags, data or the directory is checked
 before the first file is written.
 """
 
+import contextlib
 import math
 import pathlib
 import shutil
@@ -149,7 +150,7 @@ class _Session:
             logging.info("Resuming from %s at step %d", self.latest, self.step.numpy())
 
     def _build(self):
-        with self.strategy.scope() if self.strategy else _no_scope():
+        with self.strategy.scope() if self.strategy else contextlib.nullcontext():
             self.model = LEO(
                 self.config.model, self.embedding_dim, seed=self.config.train.seed
             )
@@ -342,16 +343,6 @@ class _Session:
             logging.info(
                 "Promoted %s (accuracy %.4f) to best_checkpoint", prefix, accuracy
             )
-
-
-class _no_scope:
-    """A do-nothing context manager standing in for strategy.scope()."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train(config, strategy=None):

@@ -19,7 +19,7 @@ from tests import data_fixtures
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LIMIT = 300
 CRASH_POINTS = ("save:done", "promote:staged", "promote:moved", "promote:linked")
-NUM_RANDOM_KILLS = 8
+NUM_RANDOM_KILLS = 6
 
 
 def _command(data_path, directory, *extra):
@@ -190,6 +190,8 @@ def test_sigterm_and_sigint_checkpoint_and_exit_cleanly(tmp_path, signal_number)
     assert prefix is not None
     step = int(_value(tf.train.load_checkpoint(prefix), "step"))
     assert step >= 3 and prefix.endswith(f"ckpt-{step}")
+    if signal_number != signal.SIGTERM:
+        return  # resuming from a signal's checkpoint is checked once
 
     resumed = subprocess.run(
         _command(
