@@ -148,9 +148,9 @@ def _tf_worker(variant, setting, args):
 
     else:
         step = steps.compile_eval_step(model, spec, jit_compile=args.jit_compile)
-        episodes = episodes_lib.Episodes(
-            *(tf.convert_to_tensor(x) for x in sampler.sample(0))
-        )
+        # Through the input pipeline, which hands the sampler's (aligned)
+        # arrays to TensorFlow without a copy.
+        _, episodes = next(iter(episodes_lib.make_dataset(sampler, 0, 1)))
 
         def run_steps(count):
             for _ in range(count):
