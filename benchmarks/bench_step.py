@@ -125,6 +125,11 @@ def _tf_worker(variant, setting, args):
             spec,
             jit_compile=args.jit_compile,
             strategy=strategy,
+            num_towers=(
+                runtime.num_towers(args.towers, setting["batch"])
+                if strategy is None
+                else 1
+            ),
         )
         num_steps = 10**6
         dataset = tf.data.Dataset.zip(
@@ -147,7 +152,12 @@ def _tf_worker(variant, setting, args):
             metrics.loss.numpy()
 
     else:
-        step = steps.compile_eval_step(model, spec, jit_compile=args.jit_compile)
+        step = steps.compile_eval_step(
+            model,
+            spec,
+            jit_compile=args.jit_compile,
+            num_towers=runtime.num_towers(args.towers, setting["batch"]),
+        )
         # Through the input pipeline, which hands the sampler's (aligned)
         # arrays to TensorFlow without a copy.
         _, episodes = next(iter(episodes_lib.make_dataset(sampler, 0, 1)))
@@ -235,6 +245,7 @@ def _run_worker(variant, setting, args, jit_compile=False):
         command.append(f"--steps={args.steps}")
     if jit_compile:
         command.append("--jit_compile")
+    command.append(f"--towers={args.towers}")
     if args.torch_threads:
         command.append(f"--torch_threads={args.torch_threads}")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
@@ -254,6 +265,9 @@ def main():
     parser.add_argument("--windows", type=int, default=7)
     parser.add_argument("--steps", type=int, default=0, help="steps per window")
     parser.add_argument("--jit_compile", action="store_true")
+    parser.add_argument(
+        "--towers", type=int, default=0, help="0: leo_tf's automatic choice"
+    )
     parser.add_argument(
         "--torch_threads", type=int, default=0, help="0: PyTorch's default"
     )

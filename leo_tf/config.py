@@ -102,6 +102,12 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_boolean("jit_compile", False, "leo_tf: compile the steps with XLA.")
 flags.DEFINE_integer(
+    "num_towers",
+    0,
+    "leo_tf: split each meta-batch into this many parts computed side by "
+    "side; 0: one per CPU core without a GPU, else 1.",
+)
+flags.DEFINE_integer(
     "num_metatest_episodes",
     10000,
     "leo_tf: meta-test episodes to average over (the authors' 10000), in "
@@ -177,6 +183,7 @@ class TrainConfig:
     evaluate_after_training: bool = False
     seed: int = 0
     jit_compile: bool = False
+    num_towers: int = 0
     distribution: str = "none"
     num_metavalid_batches: int = 10
     num_metatest_episodes: int = 10000
@@ -349,6 +356,19 @@ def validate(config):
             "summary_steps",
             train.summary_steps,
             "must be at least 1 when training",
+        )
+    _require(
+        train.num_towers >= 0,
+        "num_towers",
+        train.num_towers,
+        "must be at least 0 (0: automatic)",
+    )
+    for name in ("metatrain_batch_size", "metavalid_batch_size", "metatest_batch_size"):
+        _require(
+            train.num_towers == 0 or getattr(data, name) % train.num_towers == 0,
+            "num_towers",
+            train.num_towers,
+            f"must divide --{name}={getattr(data, name)}",
         )
     _require(
         train.num_metatest_episodes >= 1,

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from leo_tf import baseline, checkpoints, steps
+from leo_tf import baseline, checkpoints, runtime, steps
 from leo_tf.data import episodes as episodes_lib
 from leo_tf.data import meta_dataset
 from leo_tf.model import LEO
@@ -56,7 +56,12 @@ def evaluate(config):
     checkpoint = tf.train.Checkpoint(model=model, step=step)
     checkpoint.restore(prefix).expect_partial().assert_existing_objects_matched()
     eval_step = steps.compile_eval_step(
-        model, sampler.element_spec, jit_compile=config.train.jit_compile
+        model,
+        sampler.element_spec,
+        jit_compile=config.train.jit_compile,
+        num_towers=runtime.num_towers(
+            config.train.num_towers, config.data.metatest_batch_size
+        ),
     )
 
     batch_size = config.data.metatest_batch_size

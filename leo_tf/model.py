@@ -113,6 +113,27 @@ def _flatten_examples(values):
     return tf.reshape(values, [shape[0], shape[1] * shape[2], shape[3]])
 
 
+def meta_batch_part(episodes, noise, index, num_parts):
+    """Part `index` (int or int tensor) of a meta-batch cut in equal parts.
+
+    Returns (episodes, noise) of B / num_parts episodes; noise may be None.
+    The noise's `weights` and `support_dropout` carry a leading step axis,
+    so their batch axis is the second.
+    """
+    size = tf.shape(episodes.tr_input)[0] // num_parts
+    begin, end = index * size, (index + 1) * size
+    part = type(episodes)(*(x[begin:end] for x in episodes))
+    if noise is None:
+        return part, None
+    return part, noise._replace(
+        encoder_dropout=noise.encoder_dropout[begin:end],
+        latent=noise.latent[begin:end],
+        weights=noise.weights[:, begin:end],
+        support_dropout=noise.support_dropout[:, begin:end],
+        query_dropout=noise.query_dropout[begin:end],
+    )
+
+
 def _pick(stack, index):
     """stack[index], or None where there is no noise (evaluation)."""
     return None if stack is None else stack[index]
@@ -301,17 +322,27 @@ class LEO(keras.layers.Layer):
         weights = self.finetuning_inner_loop(tr_input, tr_onehot, weights, noise)
         return Adaptation(latent_distribution, latents, adapted, weights)
 
-    def run_episodes(self, episodes, noise=None):
+    def run_episodes(self, episodes, noise=None, num_towers=1):
         """Adapts to each episode's support set and scores its query set.
 
         Args:
           episodes: tr_input [B, N, K, D], tr_output [B, N, K, 1] int,
             val_input [B, N, V, D], val_output [B, N, V, 1] int.
           noise: EpisodeNoise for meta-training; None for evaluation.
+          num_towers: split the meta-batch into this many equal parts
+            computed side by side (independent ops that a CPU's inter-op
+            threads run in parallel); B must be a multiple. The results are
+            those of one tower.
 
         Returns:
           EpisodeOutputs.
         """
+        if num_towers > 1:
+            towers = [
+                self.run_episodes(*meta_batch_part(episodes, noise, i, num_towers))
+                for i in range(num_towers)
+            ]
+            return EpisodeOutputs(*(tf.concat(parts, 0) for parts in zip(*towers)))
         training = noise is not None
         noise = noise or _NO_NOISE
         val_input = tf.cast(episodes.val_input, self.compute_dtype)
@@ -352,9 +383,9 @@ class LEO(keras.layers.Layer):
         """Sum over the weight matrices of sum(w^2) / 2 (scalar)."""
         return tf.add_n([tf.nn.l2_loss(w) for w in self.weight_matrices])
 
-    def meta_batch_loss(self, episodes, noise=None):
+    def meta_batch_loss(self, episodes, noise=None, num_towers=1):
         """Mean episode loss plus the L2 and orthogonality penalties."""
-        outputs = self.run_episodes(episodes, noise)
+        outputs = self.run_episodes(episodes, noise, num_towers)
         l2 = self.l2_penalty()
         orthogonality = self.decoder.orthogonality_penalty()
         total = (

@@ -5,6 +5,28 @@ import os
 import tensorflow as tf
 
 
+def _cores():
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def num_towers(requested, batch_size):
+    """How many towers to split a meta-batch of batch_size into.
+
+    requested: --num_towers; 0 picks one per CPU core when no GPU is visible
+    (a GPU runs one large tower best), reduced to a divisor of batch_size.
+    """
+    if requested:
+        return requested
+    if tf.config.list_physical_devices("GPU"):
+        return 1
+    towers = min(_cores(), batch_size)
+    while batch_size % towers:
+        towers -= 1
+    return towers
+
+
 def configure_threads():
     """Runs independent small ops side by side rather than splitting each.
 
@@ -14,13 +36,8 @@ def configure_threads():
     step twice as fast as TensorFlow's default (2, 2), see BUILD.md. Must run
     before TensorFlow executes its first op; a no-op afterwards.
     """
-    cores = (
-        len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else (os.cpu_count() or 1)
-    )
     try:
-        tf.config.threading.set_inter_op_parallelism_threads(cores)
+        tf.config.threading.set_inter_op_parallelism_threads(_cores())
         tf.config.threading.set_intra_op_parallelism_threads(1)
     except RuntimeError:  # TensorFlow already initialised: keep its settings.
         pass

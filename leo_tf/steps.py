@@ -11,6 +11,7 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
+from leo_tf.model import meta_batch_part
 from leo_tf.noise import EpisodeNoise
 
 # Weight of the fallback L2 objective used when the loss or a gradient is NaN.
@@ -86,10 +87,10 @@ def _build_optimizer(optimizer, variables):
         optimizer.build(variables)
 
 
-def _scaled_gradients(model, episodes, noise, scale):
+def _scaled_gradients(model, episodes, noise, scale, num_towers=1):
     """Gradients of scale * meta-batch loss, and the (unscaled) objective."""
     with tf.GradientTape() as tape:
-        objective = model.meta_batch_loss(episodes, noise)
+        objective = model.meta_batch_loss(episodes, noise, num_towers)
         scaled = objective.total * scale
     return tape.gradient(scaled, model.trainable_variables), objective
 
@@ -120,12 +121,17 @@ def _guard_and_clip(model, config, loss, gradients):
     return gradients, gradient_norm, fired
 
 
-def train_step_fn(model, optimizer, config):
-    """The uncompiled meta-training step: (episodes, noise) -> TrainMetrics."""
+def train_step_fn(model, optimizer, config, num_towers=1):
+    """The uncompiled meta-training step: (episodes, noise) -> TrainMetrics.
+
+    num_towers: see LEO.run_episodes.
+    """
     _build_optimizer(optimizer, model.trainable_variables)
 
     def step(episodes, noise):
-        gradients, objective = _scaled_gradients(model, episodes, noise, 1.0)
+        gradients, objective = _scaled_gradients(
+            model, episodes, noise, 1.0, num_towers
+        )
         gradients, gradient_norm, fired = _guard_and_clip(
             model, config, objective.total, gradients
         )
@@ -157,8 +163,7 @@ def distributed_train_step_fn(strategy, model, optimizer, config):
     def replica_step(episodes, noise):
         context = tf.distribute.get_replica_context()
         replica = context.replica_id_in_sync_group
-        share = tf.shape(episodes.tr_input)[0] // replicas
-        episodes, noise = batch_slice(episodes, noise, replica * share, share)
+        episodes, noise = meta_batch_part(episodes, noise, replica, replicas)
         gradients, objective = _scaled_gradients(model, episodes, noise, 1 / replicas)
         total = tf.distribute.ReduceOp.SUM
         gradients = context.all_reduce(total, gradients)
@@ -185,23 +190,6 @@ def distributed_train_step_fn(strategy, model, optimizer, config):
         )
 
     return step
-
-
-def batch_slice(episodes, noise, start, size):
-    """Episodes [start, start + size) of a meta-batch and of its noise.
-
-    The noise's `weights` and `support_dropout` carry a leading step axis,
-    so their batch axis is the second.
-    """
-    episodes = type(episodes)(*(x[start : start + size] for x in episodes))
-    noise = noise._replace(
-        encoder_dropout=noise.encoder_dropout[start : start + size],
-        latent=noise.latent[start : start + size],
-        weights=noise.weights[:, start : start + size],
-        support_dropout=noise.support_dropout[:, start : start + size],
-        query_dropout=noise.query_dropout[start : start + size],
-    )
-    return episodes, noise
 
 
 def episodes_spec(
@@ -233,14 +221,21 @@ def noise_spec(episodes_spec_, model_config, dtype=tf.float32):
 
 
 def compile_train_step(
-    model, optimizer, config, episodes_spec_, jit_compile=False, strategy=None
+    model,
+    optimizer,
+    config,
+    episodes_spec_,
+    jit_compile=False,
+    strategy=None,
+    num_towers=1,
 ):
     """The meta-training step as a tf.function traced once for these shapes.
 
-    With a tf.distribute `strategy`, the meta-batch is split over its replicas.
+    With a tf.distribute `strategy`, the meta-batch is split over its
+    replicas; otherwise into num_towers parts run side by side.
     """
     if strategy is None:
-        step = train_step_fn(model, optimizer, config)
+        step = train_step_fn(model, optimizer, config, num_towers)
     else:
         step = distributed_train_step_fn(strategy, model, optimizer, config)
     return tf.function(
@@ -253,11 +248,11 @@ def compile_train_step(
     )
 
 
-def compile_eval_step(model, episodes_spec_, jit_compile=False):
+def compile_eval_step(model, episodes_spec_, jit_compile=False, num_towers=1):
     """Evaluation: episodes -> (accuracy [B], query loss [B]), no noise."""
 
     def step(episodes):
-        outputs = model.run_episodes(episodes)
+        outputs = model.run_episodes(episodes, num_towers=num_towers)
         return outputs.accuracy, outputs.query_loss
 
     return tf.function(step, input_signature=[episodes_spec_], jit_compile=jit_compile)

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from leo_tf import checkpoints, distribution, progress, steps
+from leo_tf import checkpoints, distribution, progress, runtime, steps
 from leo_tf import noise as noise_lib
 from leo_tf.config import ConfigError
 from leo_tf.data import episodes as episodes_lib
@@ -207,11 +207,17 @@ class _Session:
             spec,
             jit_compile=config.train.jit_compile,
             strategy=self.strategy,
+            num_towers=runtime.num_towers(
+                config.train.num_towers, config.data.metatrain_batch_size
+            ),
         )
         self.eval_step = steps.compile_eval_step(
             self.model,
             self.val_sampler.element_spec,
             jit_compile=config.train.jit_compile,
+            num_towers=runtime.num_towers(
+                config.train.num_towers, config.data.metavalid_batch_size
+            ),
         )
         self.writer = (
             tf.summary.create_file_writer(str(self.directory))

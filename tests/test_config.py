@@ -170,3 +170,15 @@ def test_flagfiles_parse_and_validate(tmp_path, flagfile):
     if "tieredImageNet_5way5shot" in flagfile.name:
         assert config.model.orthogonality_penalty_weight == 2.481216e-2
         assert config.data.num_tr_examples_per_class == 5
+
+
+def test_num_towers_must_divide_the_batch_sizes(tmp_path):
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=(r"--num_towers=5: must divide --metatrain_batch_size=12"),
+    ):
+        _config(tmp_path, "--dataset_name=synthetic", "--num_towers=5")
+    assert (
+        _config(tmp_path, "--dataset_name=synthetic", "--num_towers=4").train.num_towers
+        == 4
+    )

@@ -5,7 +5,6 @@ import pytest
 import tensorflow as tf
 
 from leo_tf import model as model_lib
-from leo_tf import steps
 from tests import model_fixtures as fx
 from tests import reference_leo
 
@@ -321,7 +320,9 @@ def test_meta_batch_gives_the_same_per_episode_results_as_single_episodes():
     batched = model.run_episodes(episodes, noise)
 
     for index in range(4):
-        single = model.run_episodes(*steps.batch_slice(episodes, noise, index, 1))
+        single = model.run_episodes(
+            *model_lib.meta_batch_part(episodes, noise, index, 4)
+        )
         for name in ("loss", "accuracy", "kl", "encoder_penalty"):
             np.testing.assert_allclose(
                 getattr(single, name).numpy()[0],
@@ -383,3 +384,24 @@ def test_checkpoint_round_trip_restores_every_variable(tmp_path):
     assert len(saved) == 7  # encoder, 3 relation kernels, decoder, 2 rates
     for variable, value in zip(model.trainable_variables, saved):
         np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.path)
+
+
+def test_towers_give_the_same_results_as_one_batch():
+    model = fx.small_model(dtype="float64")
+    episodes = fx.random_episodes(12, batch=4)
+    noise = fx.noise_for(episodes, model.config, dtype=tf.float64)
+    with tf.GradientTape(persistent=True) as tape:
+        one = model.meta_batch_loss(episodes, noise)
+        two = model.meta_batch_loss(episodes, noise, num_towers=2)
+    for name in ("loss", "accuracy", "kl", "encoder_penalty", "logits"):
+        np.testing.assert_allclose(
+            getattr(two.episodes, name).numpy(),
+            getattr(one.episodes, name).numpy(),
+            rtol=1e-12,
+            err_msg=name,
+        )
+    for a, b in zip(
+        tape.gradient(one.total, model.trainable_variables),
+        tape.gradient(two.total, model.trainable_variables),
+    ):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-10, atol=1e-14)
