@@ -62,8 +62,9 @@ flags.DEFINE_bool("tfds_download", True,
                   "Let TFDS download and prepare --tfds_name if needed.")
 flags.DEFINE_integer("image_size", 0,
                      "Resize images to this square size (0: keep).")
-flags.DEFINE_enum("channels", "0", ["0", "1", "3"],
-                  "Convert images to 1 (grey) or 3 channels (0: keep).")
+flags.DEFINE_integer("channels", 0,
+                     "Convert images to 1 (grey) or 3 channels (0: keep; "
+                     "--image_dir images are then decoded as 3 channels).")
 
 # Class split.
 flags.DEFINE_enum(
@@ -136,7 +137,7 @@ def config_from_flags() -> pipeline.EmbedConfig:
           tfds_data_dir=FLAGS.tfds_data_dir,
           tfds_download=FLAGS.tfds_download,
           image_size=FLAGS.image_size,
-          channels=int(FLAGS.channels)),
+          channels=FLAGS.channels),
       split=pipeline.SplitConfig(
           rule=FLAGS.class_split,
           num_val_alphabets=FLAGS.num_val_alphabets,

@@ -170,8 +170,10 @@ def load_packed_omniglot(path: str, image_size: int = 0,
 
 
 def _read_examples(dataset: tf.data.Dataset, features: Sequence[str],
-                   image_size: int, channels: int):
+                   image_size: int, channels: int, description: str):
   """Iterates `dataset` once, converting each "image" (see convert_images).
+
+  `description` names the data in error messages.
 
   Returns:
     (images uint8 [n, S, S, C], {feature: np.ndarray [n]} for `features`).
@@ -187,7 +189,7 @@ def _read_examples(dataset: tf.data.Dataset, features: Sequence[str],
     for key in features:
       values[key].append(example[key])
   if not images:
-    raise ImageSourceError("the data set has no examples")
+    raise ImageSourceError(f"{description}: no examples")
   return np.stack(images).astype(np.uint8), {
       key: np.array(value) for key, value in values.items()}
 
@@ -204,7 +206,8 @@ def dataset_to_image_set(dataset: tf.data.Dataset,
                          group_feature: Optional[str] = None,
                          group_names: Optional[Sequence[str]] = None,
                          image_size: int = 0,
-                         channels: int = 0) -> ImageSet:
+                         channels: int = 0,
+                         description: str = "data set") -> ImageSet:
   """Reads a tf.data of {"image", "label"[, group_feature]} into arrays.
 
   Args:
@@ -215,12 +218,14 @@ def dataset_to_image_set(dataset: tf.data.Dataset,
       None for no groups.
     group_names: name of each group value; None uses str(value).
     image_size, channels: see `convert_images`, applied per example.
+    description: names the data in error messages.
 
   Returns:
     ImageSet in the dataset's order.
   """
   features = ["label"] + ([group_feature] if group_feature else [])
-  images, values = _read_examples(dataset, features, image_size, channels)
+  images, values = _read_examples(dataset, features, image_size, channels,
+                                  description)
   class_names = _names(values["label"], label_names)
   if group_feature:
     groups = _names(values[group_feature], group_names)
@@ -278,7 +283,8 @@ def load_tfds(name: str, splits: Sequence[str], data_dir: Optional[str] = None,
   for split in splits:
     dataset = builder.as_dataset(split=split, shuffle_files=False)
     parts.append(dataset_to_image_set(dataset, label_names, group_feature,
-                                      group_names, image_size, channels))
+                                      group_names, image_size, channels,
+                                      description=f"tfds {name}[{split}]"))
     logging.info("tfds %s[%s]: %d images", name, split, parts[-1].num_images)
   return concatenate(parts)
 
@@ -320,7 +326,8 @@ def load_image_folder(directory: str, layout: str = "class",
     for split in sorted(builder.info.splits.keys()):
       dataset = builder.as_dataset(split=split, shuffle_files=False)
       images, values = _read_examples(
-          dataset, ["label", "image/filename"], image_size, channels)
+          dataset, ["label", "image/filename"], image_size, channels,
+          description=f"--image_dir={directory} ({split})")
       class_names = _names(values["label"], label_names)
       if layout == "group/class":
         class_names = np.char.add(split + "/", class_names)

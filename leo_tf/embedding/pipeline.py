@@ -281,7 +281,7 @@ def run(config: EmbedConfig) -> EmbedResult:
       "embedding_crop": output.embedding_crop,
       "embedding_dim": embedding_dim,
       "split_rule": class_split.rule,
-      "head_classes": "the train split's classes, in label order",
+      "head_class_ids": list(ids["train"]),
       "config": {"source": dataclasses.asdict(config.source),
                  "split": dataclasses.asdict(config.split),
                  "train": dataclasses.asdict(config.train)},
