@@ -35,6 +35,12 @@ from leo_tf.embedding import backbones
 class TrainConfig:
   """How to fit the embedding network.
 
+  The defaults are tuned for Omniglot at 28x28 with conv4 on 2 CPU cores
+  (about 13 minutes of training): 10 epochs with shift and rotation
+  augmentation gave better nearest-class-mean accuracy on the validation
+  alphabets than 10 epochs without augmentation; 20 epochs were better
+  still (about +1 point 20-way 1-shot) at twice the time.
+
   Attributes:
     backbone: one of backbones.BACKBONES.
     conv_filters: channels of each conv4 block.
@@ -54,9 +60,9 @@ class TrainConfig:
   conv_filters: int = 64
   wrn_depth: int = 28
   wrn_width: int = 10
-  epochs: int = 20
+  epochs: int = 10
   batch_size: int = 128
-  learning_rate: float = 1e-3
+  learning_rate: float = 3e-3
   label_smoothing: float = 0.0
   augment_shift: float = 0.1
   augment_rotation: float = 10.0
