@@ -215,7 +215,13 @@ def test_written_pickles_follow_leo_format_and_key_convention(packed_run):
       assert entry["name"].startswith(entry["group"] + "/character")
     check_with_leo_reader(data_path, "omniglot", split, 4, per_class)
   assert len(classes["classes"]) == 16
-  # No temporary files are left behind.
+  # Files are readable like any other new file (not mkstemp's 0600) ...
+  mode = (data_path / "omniglot" / "center" / "train_embeddings.pkl").stat(
+  ).st_mode & 0o777
+  umask = os.umask(0)
+  os.umask(umask)
+  assert mode == 0o666 & ~umask
+  # ... and no temporary files are left behind.
   assert sorted(os.listdir(data_path / "omniglot" / "center")) == [
       "classes.json", "test_embeddings.pkl", "train_embeddings.pkl",
       "val_embeddings.pkl"]
@@ -326,6 +332,19 @@ def test_rotations_add_three_rotated_classes_within_the_same_split():
       "a", "a/rot090", "a/rot180", "a/rot270"}
   assert not set(by_split["train"].class_names) & set(
       by_split["test"].class_names)
+
+
+def test_a_split_without_classes_is_an_error_before_training(
+    fake_omniglot, tmp_path):
+  _, arrays = fake_omniglot
+  background = arrays["split"] == "background"
+  np.savez(tmp_path / "background_only.npz",
+           **{k: v[background] for k, v in arrays.items()})
+  with pytest.raises(splits_lib.SplitError, match=r"no classes in split\(s\) "
+                     r"\['test'\]"):
+    pipeline.run(tiny_config(tmp_path / "out", packed_omniglot=str(
+        tmp_path / "background_only.npz")))
+  assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- sources

@@ -208,53 +208,21 @@ def describe_counts(split: str, counts) -> str:
           f"(per class: {histogram})")
 
 
-def run(config: EmbedConfig) -> EmbedResult:
-  """Makes and writes the embeddings. See the module docstring.
+def _write_outputs(config: EmbedConfig, class_split: splits_lib.ClassSplit,
+                   by_split, blocks, ids, embeddings) -> Tuple[dict, str]:
+  """Writes the three pickles and classes.json.
+
+  Args:
+    config: the run's configuration.
+    class_split: the class split (its rule is recorded).
+    by_split: {split: ImageSet}, rows grouped by class.
+    blocks: {split: (class names, counts, labels [n])} from `_class_blocks`.
+    ids: {split: class ids in label order}.
+    embeddings: {split: float32 [n, D]}.
 
   Returns:
-    EmbedResult.
+    ({split: SplitSummary}, path of classes.json).
   """
-  seconds = {}
-  start = time.perf_counter()
-  image_set = load_images(config.source)
-  seconds["load"] = time.perf_counter() - start
-  logging.info("read %d images of shape %s", image_set.num_images,
-               image_set.images.shape[1:])
-
-  class_split = split_classes(image_set, config.source, config.split)
-  logging.info("class split: %s", class_split.rule)
-  by_split = splits_lib.apply_split(image_set, class_split)
-  if config.split.rotations:
-    by_split = {s: splits_lib.add_rotations(v) for s, v in by_split.items()}
-
-  blocks = {s: _class_blocks(by_split[s].class_names) for s in splits_lib.SPLITS}
-  all_ids = writer.make_class_ids(
-      config.output.dataset_name, sum(len(blocks[s][0]) for s in blocks))
-  ids, offset = {}, 0
-  for split in splits_lib.SPLITS:
-    ids[split] = tuple(all_ids[offset:offset + len(blocks[split][0])])
-    offset += len(ids[split])
-    logging.info(describe_counts(split, blocks[split][1]))
-  logging.info("the embedding network is trained on the %d train classes "
-               "only", len(ids["train"]))
-
-  start = time.perf_counter()
-  train_names, _, train_labels = blocks["train"]
-  trained = pretrain.train_classifier(by_split["train"].images, train_labels,
-                                      len(train_names), config.train)
-  seconds["train"] = time.perf_counter() - start
-  head_units = trained.classifier.get_layer("head").units
-  if head_units != len(ids["train"]):
-    raise AssertionError(f"head has {head_units} outputs for "
-                         f"{len(ids['train'])} train classes")
-
-  start = time.perf_counter()
-  embeddings = {s: pretrain.extract_features(
-      trained.extractor, by_split[s].images) for s in splits_lib.SPLITS}
-  seconds["embed"] = time.perf_counter() - start
-  embedding_dim = int(embeddings["train"].shape[1])
-
-  start = time.perf_counter()
   output = config.output
   summaries, classes = {}, {}
   for split in splits_lib.SPLITS:
@@ -279,7 +247,7 @@ def run(config: EmbedConfig) -> EmbedResult:
   writer.write_json(classes_path, {
       "dataset_name": output.dataset_name,
       "embedding_crop": output.embedding_crop,
-      "embedding_dim": embedding_dim,
+      "embedding_dim": int(embeddings["train"].shape[1]),
       "split_rule": class_split.rule,
       "head_class_ids": list(ids["train"]),
       "config": {"source": dataclasses.asdict(config.source),
@@ -287,6 +255,60 @@ def run(config: EmbedConfig) -> EmbedResult:
                  "train": dataclasses.asdict(config.train)},
       "classes": classes,
   })
+  return summaries, classes_path
+
+
+def run(config: EmbedConfig) -> EmbedResult:
+  """Makes and writes the embeddings. See the module docstring.
+
+  Returns:
+    EmbedResult.
+  """
+  seconds = {}
+  start = time.perf_counter()
+  image_set = load_images(config.source)
+  seconds["load"] = time.perf_counter() - start
+  logging.info("read %d images of shape %s", image_set.num_images,
+               image_set.images.shape[1:])
+
+  class_split = split_classes(image_set, config.source, config.split)
+  logging.info("class split: %s", class_split.rule)
+  by_split = splits_lib.apply_split(image_set, class_split)
+  empty = [s for s in splits_lib.SPLITS if not by_split[s].num_images]
+  if empty:
+    raise splits_lib.SplitError(
+        f"no classes in split(s) {empty} ({class_split.rule}); every split "
+        "needs at least one class")
+  if config.split.rotations:
+    by_split = {s: splits_lib.add_rotations(v) for s, v in by_split.items()}
+
+  # Class ids are numbered over train, then val, then test classes.
+  blocks = {s: _class_blocks(by_split[s].class_names) for s in splits_lib.SPLITS}
+  all_ids = writer.make_class_ids(
+      config.output.dataset_name, sum(len(blocks[s][0]) for s in blocks))
+  ids, offset = {}, 0
+  for split in splits_lib.SPLITS:
+    ids[split] = tuple(all_ids[offset:offset + len(blocks[split][0])])
+    offset += len(ids[split])
+    logging.info(describe_counts(split, blocks[split][1]))
+  logging.info("the embedding network is trained on the %d train classes "
+               "only", len(ids["train"]))
+
+  start = time.perf_counter()
+  train_names, _, train_labels = blocks["train"]
+  trained = pretrain.train_classifier(by_split["train"].images, train_labels,
+                                      len(train_names), config.train)
+  seconds["train"] = time.perf_counter() - start
+
+  start = time.perf_counter()
+  embeddings = {s: pretrain.extract_features(
+      trained.extractor, by_split[s].images) for s in splits_lib.SPLITS}
+  seconds["embed"] = time.perf_counter() - start
+
+  start = time.perf_counter()
+  summaries, classes_path = _write_outputs(config, class_split, by_split,
+                                           blocks, ids, embeddings)
   seconds["write"] = time.perf_counter() - start
-  return EmbedResult(summaries, ids["train"], class_split.rule, embedding_dim,
-                     seconds, trained.history, classes_path)
+  return EmbedResult(summaries, ids["train"], class_split.rule,
+                     int(embeddings["train"].shape[1]), seconds,
+                     trained.history, classes_path)

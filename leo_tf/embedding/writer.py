@@ -85,6 +85,13 @@ def make_keys(dataset_name: str, row_class_ids: Sequence[str]) -> np.ndarray:
   return np.array(keys, dtype=str)
 
 
+def _umask() -> int:
+  """The process's file-creation mask (read by setting and restoring it)."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def _atomic_write(path: str, write_fn, mode: str) -> None:
   """Calls write_fn(file) on a temporary file, then renames it to `path`."""
   directory = os.path.dirname(os.path.abspath(path))
@@ -96,6 +103,8 @@ def _atomic_write(path: str, write_fn, mode: str) -> None:
       write_fn(file)
       file.flush()
       os.fsync(file.fileno())
+    # mkstemp makes the file private (0600); give it the usual permissions.
+    os.chmod(temp_path, 0o666 & ~_umask())
     os.replace(temp_path, path)
   except BaseException:
     if os.path.exists(temp_path):
