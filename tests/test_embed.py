@@ -345,7 +345,7 @@ def test_random_split_cuts_a_seeded_class_permutation():
         3,
     )
     assert by_fraction.train == split.train  # same permutation, same cut
-    for bad in ("12,5,4", "0.5,0.5,0.5", "20,0,0", "1,2"):
+    for bad in ("12,5,4", "0.5,0.5,0.5", "20,0,0", "1,2", "half,0.3,0.2"):
         with pytest.raises(splits_lib.SplitError, match="--split_sizes"):
             splits_lib.random_split(class_names, bad, seed=0)
 

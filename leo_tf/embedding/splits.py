@@ -181,27 +181,25 @@ def parse_split_sizes(text: str, num_classes: int) -> Tuple[int, int, int]:
     parts = [p.strip() for p in text.split(",")]
     if len(parts) != 3:
         raise SplitError(f"--split_sizes={text!r}: expected three numbers")
-    try:
-        if all(p.isdigit() for p in parts):
-            counts = tuple(int(p) for p in parts)
-            if sum(counts) != num_classes:
-                raise SplitError(
-                    f"--split_sizes={text!r}: counts sum to {sum(counts)}, but there "
-                    f"are {num_classes} classes"
-                )
-        else:
+    if all(p.isdigit() for p in parts):
+        counts = tuple(int(p) for p in parts)
+        if sum(counts) != num_classes:
+            raise SplitError(
+                f"--split_sizes={text!r}: counts sum to {sum(counts)}, but there "
+                f"are {num_classes} classes"
+            )
+    else:
+        try:
             fractions = [float(p) for p in parts]
-            if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
-                raise SplitError(
-                    f"--split_sizes={text!r}: fractions must be >= 0 and sum to 1"
-                )
-            num_val = int(round(fractions[1] * num_classes))
-            num_test = int(round(fractions[2] * num_classes))
-            counts = (num_classes - num_val - num_test, num_val, num_test)
-    except ValueError as error:
-        if isinstance(error, SplitError):
-            raise
-        raise SplitError(f"--split_sizes={text!r}: {error}") from error
+        except ValueError as error:
+            raise SplitError(f"--split_sizes={text!r}: {error}") from error
+        if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+            raise SplitError(
+                f"--split_sizes={text!r}: fractions must be >= 0 and sum to 1"
+            )
+        num_val = int(round(fractions[1] * num_classes))
+        num_test = int(round(fractions[2] * num_classes))
+        counts = (num_classes - num_val - num_test, num_val, num_test)
     if min(counts) < 1:
         raise SplitError(
             f"--split_sizes={text!r} gives {counts} classes for {num_classes} "
