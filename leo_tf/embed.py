@@ -69,7 +69,7 @@ flags.DEFINE_list(
     ["train", "test"],
     "TFDS splits to pool before the class-level split.",
 )
-flags.DEFINE_string("tfds_data_dir", "", "TFDS data directory (default: " "TFDS' own).")
+flags.DEFINE_string("tfds_data_dir", "", "TFDS data directory (default: TFDS' own).")
 flags.DEFINE_bool(
     "tfds_download", True, "Let TFDS download and prepare --tfds_name if needed."
 )
@@ -94,7 +94,7 @@ flags.DEFINE_enum(
 flags.DEFINE_integer(
     "num_val_alphabets",
     5,
-    "Omniglot split: background alphabets held out for " "meta-validation.",
+    "Omniglot split: background alphabets held out for meta-validation.",
 )
 flags.DEFINE_string(
     "split_sizes",
@@ -148,12 +148,12 @@ flags.DEFINE_float(
 flags.DEFINE_float(
     "augment_rotation",
     pretrain.TrainConfig.augment_rotation,
-    "Training augmentation: maximum random rotation in " "degrees (0: off).",
+    "Training augmentation: maximum random rotation in degrees (0: off).",
 )
 flags.DEFINE_float(
     "augment_zoom",
     pretrain.TrainConfig.augment_zoom,
-    "Training augmentation: maximum random zoom, a fraction " "(0: off).",
+    "Training augmentation: maximum random zoom, a fraction (0: off).",
 )
 flags.DEFINE_integer(
     "seed",

@@ -349,7 +349,7 @@ def run(config: EmbedConfig) -> EmbedResult:
         offset += len(ids[split])
         logging.info(describe_counts(split, blocks[split][1]))
     logging.info(
-        "the embedding network is trained on the %d train classes " "only",
+        "the embedding network is trained on the %d train classes only",
         len(ids["train"]),
     )
 
