@@ -29,6 +29,8 @@ leo_tf/embedding/pipeline.py; they are kept out of leo_tf/config.py so the
 training command does not carry them.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -37,6 +39,7 @@ from leo_tf.embedding import backbones
 from leo_tf.embedding import images
 from leo_tf.embedding import pipeline
 from leo_tf.embedding import pretrain
+from leo_tf.embedding import splits
 
 # Image source: exactly one of --packed_omniglot, --image_dir, --tfds_name.
 flags.DEFINE_string(
@@ -227,7 +230,10 @@ def main(argv):
         config = config_from_flags()
     except ValueError as error:
         raise app.UsageError(str(error)) from error
-    result = pipeline.run(config)
+    try:
+        result = pipeline.run(config)
+    except (images.ImageSourceError, splits.SplitError) as error:
+        sys.exit(f"leo_tf.embed: {error}")
     print(f"class split: {result.split_rule}")
     for split, summary in result.splits.items():
         print(

@@ -632,10 +632,19 @@ def test_cli_writes_pickles_and_prints_per_split_counts(fake_omniglot, tmp_path)
     assert sum(c["name"].endswith("/rot180") for c in classes["classes"].values()) == 16
 
 
-def test_cli_without_an_image_source_fails_with_a_usage_message(tmp_path):
+def test_cli_bad_inputs_fail_with_one_message_and_write_nothing(tmp_path):
     completed = run_cli(f"--data_path={tmp_path}", timeout=120)
     assert completed.returncode != 0
     assert "exactly one image source" in completed.stderr
+    missing = tmp_path / "missing.npz"
+    completed = run_cli(
+        f"--data_path={tmp_path}", f"--packed_omniglot={missing}", timeout=120
+    )
+    assert completed.returncode == 1
+    assert completed.stderr.strip().splitlines()[-1] == (
+        f"leo_tf.embed: --packed_omniglot: no such file {str(missing)!r}"
+    )
+    assert "Traceback" not in completed.stderr
     assert not os.listdir(tmp_path)
 
 

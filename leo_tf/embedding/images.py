@@ -291,7 +291,18 @@ def load_tfds(
     except tfds.core.registered.DatasetNotFoundError as error:
         raise ImageSourceError(f"--tfds_name={name}: {error}") from error
     if download:
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except Exception as error:  # Network, disk, missing TFDS extras, ...
+            raise ImageSourceError(
+                f"--tfds_name={name}: TFDS could not download and prepare it "
+                f"in {builder.data_dir}: {error!r}"
+            ) from error
+    elif not builder.is_prepared():
+        raise ImageSourceError(
+            f"--tfds_name={name}: not prepared in {builder.data_dir}, and "
+            "--notfds_download forbids downloading it"
+        )
     features = builder.info.features
     for key in ("image", "label"):
         if key not in features:
