@@ -36,6 +36,7 @@ setuptools.setup(
         "console_scripts": [
             "leo-train=leo_tf.train:run",
             "leo-export=leo_tf.export:run",
+            "leo-embed=leo_tf.embed:run",
         ],
     },
     classifiers=[

@@ -1,0 +1,404 @@
+"""Image sources -> `ImageSet` (images uint8 [n, H, W, C] + class names [n]).
+
+Three sources, all ending in the same in-memory form:
+
+* `load_packed_omniglot`: the packed Omniglot arrays (`omniglot_28.npz`, see
+    shared/data/README.md). Class name `"<alphabet>/<character>"`, group
+    `<alphabet>`; rows sorted by class name, then drawing.
+* `load_image_folder`: a directory of image files read with TFDS'
+    `tfds.folder_dataset.ImageFolder`. Two layouts:
+      - `"class"`: DIR/<class>/<image>.png (class name `<class>`);
+      - `"group/class"`: DIR/<group>/<class>/<image>.png (class name
+        `"<group>/<class>"`, e.g. Omniglot's `<alphabet>/<character>`).
+    ImageFolder wants `root/<split>/<label>/<image>`; the "group/class" layout
+    is read with the groups as its splits, the "class" layout through a
+    temporary root whose only split is a symbolic link to DIR. Rows are sorted
+    by class name, then file name (ImageFolder shuffles them; we sort back).
+* `load_tfds`: a registered TFDS data set by name, its chosen splits pooled
+    (classes are re-split at the class level later). Class names come from the
+    `label` ClassLabel names; for Omniglot the `alphabet` feature is the group.
+
+Every source applies the same per-image conversion, `convert_images`
+(optional channel conversion, then optional square resize), so the same
+pixels give the same arrays whatever the source.
+"""
+
+import dataclasses
+import logging
+import os
+import tempfile
+from typing import Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+# Layouts accepted by `load_image_folder`.
+FOLDER_LAYOUTS = ("class", "group/class")
+
+# TFDS data sets whose examples carry a class-group feature (e.g. alphabet).
+_TFDS_GROUP_FEATURE = {"omniglot": "alphabet"}
+
+# Keys of the packed Omniglot file that are read here.
+_PACKED_KEYS = ("images", "char_id", "drawing", "alphabet", "character")
+
+
+class ImageSourceError(ValueError):
+    """An image source is missing, malformed, or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSet:
+    """Labelled images from one source.
+
+    Attributes:
+        images: uint8 [n, H, W, C].
+        class_names: str [n], the class of each image (unique class identity).
+        groups: str [n], a coarser grouping of classes (Omniglot: the alphabet);
+            "" where the source has none. Every class lies in exactly one group.
+    """
+
+    images: np.ndarray
+    class_names: np.ndarray
+    groups: np.ndarray
+
+    def __post_init__(self):
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ImageSourceError(
+                f"images: expected uint8 [n, H, W, C], found {self.images.dtype} "
+                f"{self.images.shape}"
+            )
+        n = self.images.shape[0]
+        for name in ("class_names", "groups"):
+            value = getattr(self, name)
+            if value.shape != (n,):
+                raise ImageSourceError(
+                    f"{name}: expected shape ({n},), found {value.shape}"
+                )
+
+    @property
+    def num_images(self) -> int:
+        return self.images.shape[0]
+
+    def take(self, rows: np.ndarray) -> "ImageSet":
+        """The rows `rows` (int [m]) of this set, in that order."""
+        return ImageSet(self.images[rows], self.class_names[rows], self.groups[rows])
+
+
+def concatenate(parts: Sequence[ImageSet]) -> ImageSet:
+    """One ImageSet holding the rows of `parts` in order (shapes must agree)."""
+    shapes = {p.images.shape[1:] for p in parts}
+    if len(shapes) != 1:
+        raise ImageSourceError(
+            f"images of different shapes {sorted(shapes)}: set --image_size "
+            "and --channels to convert them to one shape"
+        )
+    return ImageSet(
+        np.concatenate([p.images for p in parts]),
+        np.concatenate([p.class_names for p in parts]).astype(str),
+        np.concatenate([p.groups for p in parts]).astype(str),
+    )
+
+
+def convert_images(
+    images: tf.Tensor, image_size: int = 0, channels: int = 0
+) -> tf.Tensor:
+    """Converts images to `channels` channels and `image_size`^2 pixels.
+
+    Args:
+        images: uint8 [..., H, W, C] (one image or a batch).
+        image_size: side of the square output; 0 keeps H and W. Resizing is
+            bilinear with antialiasing, rounded back to uint8.
+        channels: 1 or 3; 0 keeps C. 3 -> 1 uses the ITU-R 601 luma weights,
+            1 -> 3 repeats the grey channel.
+
+    Returns:
+        uint8 [..., S, S, channels] (S = image_size, or H, W when 0).
+    """
+    images = tf.convert_to_tensor(images)
+    source_channels = images.shape[-1]
+    if channels not in (0, source_channels):
+        if source_channels == 3 and channels == 1:
+            weights = tf.constant([0.299, 0.587, 0.114], tf.float32)
+            grey = tf.reduce_sum(
+                tf.cast(images, tf.float32) * weights, axis=-1, keepdims=True
+            )
+            images = tf.cast(tf.clip_by_value(tf.round(grey), 0, 255), tf.uint8)
+        elif source_channels == 1 and channels == 3:
+            images = tf.repeat(images, 3, axis=-1)
+        else:
+            raise ImageSourceError(
+                f"cannot convert {source_channels}-channel images to {channels}"
+            )
+    if image_size:
+        height, width = images.shape[-3], images.shape[-2]
+        if (height, width) != (image_size, image_size):
+            resized = tf.image.resize(
+                tf.cast(images, tf.float32),
+                (image_size, image_size),
+                method="bilinear",
+                antialias=True,
+            )
+            images = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+    return images
+
+
+def load_packed_omniglot(path: str, image_size: int = 0, channels: int = 0) -> ImageSet:
+    """Reads the packed Omniglot arrays (shared/data/README.md).
+
+    Args:
+        path: the .npz file: images uint8 [n, 28, 28], char_id, drawing,
+            alphabet, character per row.
+        image_size, channels: see `convert_images` (the file is 1-channel).
+
+    Returns:
+        ImageSet with images uint8 [n, S, S, C], class names
+        "<alphabet>/<character>", groups "<alphabet>"; rows ordered by class name,
+        then drawing (the same order as `load_image_folder` on the original PNGs,
+        whose file names sort in drawing order).
+    """
+    if not os.path.isfile(path):
+        raise ImageSourceError(f"--packed_omniglot: no such file {path!r}")
+    with np.load(path, allow_pickle=False) as data:
+        missing = [k for k in _PACKED_KEYS if k not in data.files]
+        if missing:
+            raise ImageSourceError(
+                f"{path}: missing keys {missing}; expected {list(_PACKED_KEYS)}, "
+                f"found {data.files}"
+            )
+        arrays = {k: data[k] for k in _PACKED_KEYS}
+    images = arrays["images"]
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise ImageSourceError(
+            f"{path}: 'images' expected uint8 [n, H, W], found {images.dtype} "
+            f"{images.shape}"
+        )
+    alphabets = arrays["alphabet"].astype(str)
+    class_names = np.char.add(
+        np.char.add(alphabets, "/"), arrays["character"].astype(str)
+    )
+    order = np.lexsort((arrays["drawing"], class_names))
+    alphabets, class_names = alphabets[order], class_names[order]
+    converted = convert_images(images[order][..., None], image_size, channels)
+    return ImageSet(converted.numpy(), class_names, alphabets)
+
+
+def _read_examples(
+    dataset: tf.data.Dataset,
+    features: Sequence[str],
+    image_size: int,
+    channels: int,
+    description: str,
+):
+    """Iterates `dataset` once, converting each "image" (see convert_images).
+
+    `description` names the data in error messages.
+
+    Returns:
+        (images uint8 [n, S, S, C], {feature: np.ndarray [n]} for `features`).
+    """
+
+    def convert(example):
+        out = {key: example[key] for key in features}
+        out["image"] = convert_images(example["image"], image_size, channels)
+        return out
+
+    images, values = [], {key: [] for key in features}
+    for example in dataset.map(convert).as_numpy_iterator():
+        images.append(example["image"])
+        for key in features:
+            values[key].append(example[key])
+    if not images:
+        raise ImageSourceError(f"{description}: no examples")
+    return np.stack(images).astype(np.uint8), {
+        key: np.array(value) for key, value in values.items()
+    }
+
+
+def _names(values: np.ndarray, names: Optional[Sequence[str]]) -> np.ndarray:
+    """str [n]: names[v] for each int value v, or str(v) when names is None."""
+    if names is None:
+        return np.array([str(v) for v in values], dtype=str)
+    return np.array([names[v] for v in values], dtype=str)
+
+
+def dataset_to_image_set(
+    dataset: tf.data.Dataset,
+    label_names: Optional[Sequence[str]] = None,
+    group_feature: Optional[str] = None,
+    group_names: Optional[Sequence[str]] = None,
+    image_size: int = 0,
+    channels: int = 0,
+    description: str = "data set",
+) -> ImageSet:
+    """Reads a tf.data of {"image", "label"[, group_feature]} into arrays.
+
+    Args:
+        dataset: elements {"image": uint8 [H, W, C], "label": int64 [],
+            group_feature: int64 []} (extra features are ignored).
+        label_names: class name of each label value; None uses str(label).
+        group_feature: name of an int feature naming each example's group, or
+            None for no groups.
+        group_names: name of each group value; None uses str(value).
+        image_size, channels: see `convert_images`, applied per example.
+        description: names the data in error messages.
+
+    Returns:
+        ImageSet in the dataset's order.
+    """
+    features = ["label"] + ([group_feature] if group_feature else [])
+    images, values = _read_examples(
+        dataset, features, image_size, channels, description
+    )
+    class_names = _names(values["label"], label_names)
+    if group_feature:
+        groups = _names(values[group_feature], group_names)
+    else:
+        groups = np.full(len(class_names), "", dtype=str)
+    return ImageSet(images, class_names, groups)
+
+
+def load_tfds(
+    name: str,
+    splits: Sequence[str],
+    data_dir: Optional[str] = None,
+    download: bool = True,
+    image_size: int = 0,
+    channels: int = 0,
+) -> ImageSet:
+    """Reads the `splits` of the registered TFDS data set `name`, pooled.
+
+    The TFDS splits only say where images come from: classes are assigned to
+    meta-train/val/test later, at the class level. Pool splits that hold
+    disjoint images (Omniglot: "train,test"; its "small1"/"small2" repeat
+    "train" images).
+
+    Args:
+        name: TFDS name, e.g. "omniglot".
+        splits: TFDS split names to read and pool, e.g. ["train", "test"].
+        data_dir: TFDS data directory (None: TFDS' default).
+        download: call `download_and_prepare` first (needs network if the data
+            set is not prepared yet).
+        image_size, channels: see `convert_images`.
+
+    Returns:
+        ImageSet; class names are the label names, groups the group feature's
+        names (Omniglot: alphabets) or "".
+    """
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise ImageSourceError(f"--tfds_name={name}: {error}") from error
+    if download:
+        try:
+            builder.download_and_prepare()
+        except Exception as error:  # Network, disk, missing TFDS extras, ...
+            raise ImageSourceError(
+                f"--tfds_name={name}: TFDS could not download and prepare it "
+                f"in {builder.data_dir}: {error!r}"
+            ) from error
+    elif not builder.is_prepared():
+        raise ImageSourceError(
+            f"--tfds_name={name}: not prepared in {builder.data_dir}, and "
+            "--notfds_download forbids downloading it"
+        )
+    features = builder.info.features
+    for key in ("image", "label"):
+        if key not in features:
+            raise ImageSourceError(
+                f"--tfds_name={name}: expected features 'image' and 'label', found "
+                f"{list(features.keys())}"
+            )
+    known = list(builder.info.splits.keys())  # empty under tfds.testing mocks
+    unknown = [s for s in splits if s not in known]
+    if known and unknown:
+        raise ImageSourceError(
+            f"--tfds_splits: {name} has no split(s) {unknown}; it has " f"{known}"
+        )
+    label_names = getattr(features["label"], "names", None)
+    group_feature = _TFDS_GROUP_FEATURE.get(name)
+    group_names = (
+        getattr(features[group_feature], "names", None) if group_feature else None
+    )
+    parts = []
+    for split in splits:
+        dataset = builder.as_dataset(split=split, shuffle_files=False)
+        parts.append(
+            dataset_to_image_set(
+                dataset,
+                label_names,
+                group_feature,
+                group_names,
+                image_size,
+                channels,
+                description=f"tfds {name}[{split}]",
+            )
+        )
+        logging.info("tfds %s[%s]: %d images", name, split, parts[-1].num_images)
+    return concatenate(parts)
+
+
+def load_image_folder(
+    directory: str, layout: str = "class", image_size: int = 0, channels: int = 0
+) -> ImageSet:
+    """Reads a folder of class folders with `tfds.folder_dataset.ImageFolder`.
+
+    Args:
+        directory: DIR/<class>/<image> (layout "class") or
+            DIR/<group>/<class>/<image> (layout "group/class"); .png/.jpg/.jpeg.
+        layout: one of FOLDER_LAYOUTS.
+        image_size, channels: see `convert_images`. With channels 0 images are
+            decoded with 3 channels (ImageFolder's default); 1 or 3 decodes to that
+            many channels directly.
+
+    Returns:
+        ImageSet ordered by (class folder, file name); groups are the group
+        folder names ("" for layout "class").
+    """
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    if layout not in FOLDER_LAYOUTS:
+        raise ImageSourceError(
+            f"--image_dir_layout: expected one of {FOLDER_LAYOUTS}, found "
+            f"{layout!r}"
+        )
+    directory = os.path.abspath(os.path.expanduser(directory))
+    if not os.path.isdir(directory):
+        raise ImageSourceError(f"--image_dir: no such directory {directory!r}")
+    shape = (None, None, channels or 3)
+    with tempfile.TemporaryDirectory() as link_root:
+        if layout == "class":
+            # ImageFolder reads root/<split>/<label>/<image>: make DIR the only split.
+            os.symlink(directory, os.path.join(link_root, "all"))
+            builder = tfds.folder_dataset.ImageFolder(link_root, shape=shape)
+        else:
+            builder = tfds.folder_dataset.ImageFolder(directory, shape=shape)
+        label_names = builder.info.features["label"].names
+        parts, file_names = [], []
+        for split in sorted(builder.info.splits.keys()):
+            dataset = builder.as_dataset(split=split, shuffle_files=False)
+            images, values = _read_examples(
+                dataset,
+                ["label", "image/filename"],
+                image_size,
+                channels,
+                description=f"--image_dir={directory} ({split})",
+            )
+            class_names = _names(values["label"], label_names)
+            if layout == "group/class":
+                class_names = np.char.add(split + "/", class_names)
+                groups = np.full(len(class_names), split)
+            else:
+                groups = np.full(len(class_names), "")
+            parts.append(ImageSet(images, class_names, groups))
+            file_names.extend(
+                os.path.basename(f.decode()) for f in values["image/filename"]
+            )
+    if not parts:
+        raise ImageSourceError(
+            f"--image_dir={directory}: no images found for layout {layout!r}"
+        )
+    images = concatenate(parts)
+    order = np.lexsort((np.array(file_names), images.class_names))
+    return images.take(order)

@@ -1,0 +1,383 @@
+"""The whole embedding run: source -> class split -> train -> embed -> write.
+
+`run(EmbedConfig)` reads the images of one source, splits the CLASSES into
+meta-train / meta-validation / meta-test (splits.py; clean: the embedding
+network and its softmax head are fitted on the meta-train classes' images
+only), optionally adds rotated classes, trains the network (pretrain.py),
+embeds every image of every split in inference mode and writes
+`<data_path>/<dataset_name>/<embedding_crop>/{train,val,test}_embeddings.pkl`
+and `classes.json` (writer.py).
+"""
+
+import collections
+import dataclasses
+import logging
+import os
+import time
+from typing import Dict, Tuple
+
+import numpy as np
+
+from leo_tf.embedding import images as images_lib
+from leo_tf.embedding import pretrain
+from leo_tf.embedding import splits as splits_lib
+from leo_tf.embedding import writer
+
+CLASS_SPLIT_RULES = ("auto", "omniglot", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """Where the images come from: exactly one of the three sources.
+
+    Attributes:
+        packed_omniglot: path of the packed Omniglot .npz.
+        image_dir: directory of class folders (see images.load_image_folder).
+        image_dir_layout: "class" or "group/class".
+        tfds_name: registered TFDS data set name.
+        tfds_splits: TFDS splits to pool.
+        tfds_data_dir: TFDS data directory ("" for TFDS' default).
+        tfds_download: let TFDS download and prepare the data set if needed.
+        image_size: resize to image_size x image_size (0 keeps the source size).
+        channels: convert to 1 or 3 channels (0 keeps the source's).
+    """
+
+    packed_omniglot: str = ""
+    image_dir: str = ""
+    image_dir_layout: str = "class"
+    tfds_name: str = ""
+    tfds_splits: Tuple[str, ...] = ("train", "test")
+    tfds_data_dir: str = ""
+    tfds_download: bool = True
+    image_size: int = 0
+    channels: int = 0
+
+    def __post_init__(self):
+        chosen = [
+            f"--{name}"
+            for name in ("packed_omniglot", "image_dir", "tfds_name")
+            if getattr(self, name)
+        ]
+        if len(chosen) != 1:
+            raise ValueError(
+                "set exactly one image source: --packed_omniglot, --image_dir or "
+                f"--tfds_name; found {chosen or 'none'}"
+            )
+        if self.channels not in (0, 1, 3):
+            raise ValueError(f"--channels: expected 0, 1 or 3, found {self.channels}")
+        if self.image_size < 0:
+            raise ValueError(f"--image_size: expected >= 0, found {self.image_size}")
+
+    @property
+    def is_omniglot(self) -> bool:
+        return bool(self.packed_omniglot) or self.tfds_name == "omniglot"
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+    """How classes are split (see splits.py).
+
+    Attributes:
+        rule: "omniglot", "random", or "auto" (= omniglot for the packed
+            Omniglot and TFDS omniglot sources, random otherwise).
+        num_val_alphabets: omniglot rule: background alphabets held out for
+            meta-validation.
+        split_sizes: random rule: "train,val,test" class counts or fractions.
+        split_seed: seeds the choice of validation alphabets / the permutation.
+        rotations: add each class's 90/180/270-degree rotations as new classes.
+    """
+
+    rule: str = "auto"
+    num_val_alphabets: int = 5
+    split_sizes: str = "0.64,0.16,0.2"
+    split_seed: int = 0
+    rotations: bool = False
+
+    def __post_init__(self):
+        if self.rule not in CLASS_SPLIT_RULES:
+            raise ValueError(
+                f"--class_split: expected one of {CLASS_SPLIT_RULES}, "
+                f"found {self.rule!r}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig:
+    """Where the pickles go: <data_path>/<dataset_name>/<embedding_crop>/."""
+
+    data_path: str
+    dataset_name: str = "omniglot"
+    embedding_crop: str = "center"
+
+    def __post_init__(self):
+        if not self.data_path:
+            raise ValueError("--data_path must be set")
+        writer.check_dataset_name(self.dataset_name)
+        if not self.embedding_crop or "/" in self.embedding_crop:
+            raise ValueError(
+                f"--embedding_crop={self.embedding_crop!r}: expected "
+                "a non-empty folder name"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig:
+    source: SourceConfig
+    split: SplitConfig
+    train: pretrain.TrainConfig
+    output: OutputConfig
+
+
+@dataclasses.dataclass
+class SplitSummary:
+    """One written split.
+
+    Attributes:
+        path: the pickle.
+        class_ids: class ids in label order (label i is class_ids[i]).
+        class_names: the source class names, same order.
+        counts: images per class, same order.
+    """
+
+    path: str
+    class_ids: Tuple[str, ...]
+    class_names: Tuple[str, ...]
+    counts: Tuple[int, ...]
+
+    @property
+    def num_images(self) -> int:
+        return int(sum(self.counts))
+
+
+@dataclasses.dataclass
+class EmbedResult:
+    """What `run` did.
+
+    Attributes:
+        splits: {"train"|"val"|"test": SplitSummary}.
+        head_class_ids: class ids of the softmax head's outputs, in order (the
+            classes the network was trained on).
+        split_rule: how classes were split, in words.
+        embedding_dim: D.
+        seconds: wall time per stage ("load", "train", "embed", "write").
+        history: per-epoch training loss / accuracy.
+        classes_path: the classes.json file.
+    """
+
+    splits: Dict[str, SplitSummary]
+    head_class_ids: Tuple[str, ...]
+    split_rule: str
+    embedding_dim: int
+    seconds: Dict[str, float]
+    history: Dict[str, list]
+    classes_path: str
+
+
+def load_images(config: SourceConfig) -> images_lib.ImageSet:
+    """Reads the configured image source (see images.py)."""
+    if config.packed_omniglot:
+        return images_lib.load_packed_omniglot(
+            config.packed_omniglot, config.image_size, config.channels
+        )
+    if config.image_dir:
+        return images_lib.load_image_folder(
+            config.image_dir,
+            config.image_dir_layout,
+            config.image_size,
+            config.channels,
+        )
+    return images_lib.load_tfds(
+        config.tfds_name,
+        config.tfds_splits,
+        config.tfds_data_dir or None,
+        config.tfds_download,
+        config.image_size,
+        config.channels,
+    )
+
+
+def split_classes(
+    image_set: images_lib.ImageSet, source: SourceConfig, config: SplitConfig
+) -> splits_lib.ClassSplit:
+    """The class split that `config` asks for."""
+    rule = config.rule
+    if rule == "auto":
+        rule = "omniglot" if source.is_omniglot else "random"
+    if rule == "omniglot":
+        return splits_lib.omniglot_split(
+            image_set.class_names,
+            image_set.groups,
+            config.num_val_alphabets,
+            config.split_seed,
+        )
+    return splits_lib.random_split(
+        image_set.class_names, config.split_sizes, config.split_seed
+    )
+
+
+def _class_blocks(class_names: np.ndarray):
+    """(names, counts, labels [n]) of rows grouped by class, in row order."""
+    names, starts, counts = np.unique(
+        class_names, return_index=True, return_counts=True
+    )
+    order = np.argsort(starts)
+    names, counts = names[order], counts[order]
+    labels = np.repeat(np.arange(len(names)), counts)
+    if not np.array_equal(np.repeat(names, counts), class_names):
+        raise AssertionError("rows are not grouped by class")
+    return names.tolist(), counts.tolist(), labels
+
+
+def describe_counts(split: str, counts) -> str:
+    """One line: classes, images, and a histogram of images per class."""
+    histogram = ", ".join(
+        f"{c} classes x {n} images"
+        for n, c in sorted(collections.Counter(counts).items())
+    )
+    return (
+        f"{split}: {len(counts)} classes, {sum(counts)} images "
+        f"(per class: {histogram})"
+    )
+
+
+def _write_outputs(
+    config: EmbedConfig,
+    class_split: splits_lib.ClassSplit,
+    by_split,
+    blocks,
+    ids,
+    embeddings,
+) -> Tuple[dict, str]:
+    """Writes the three pickles and classes.json.
+
+    Args:
+        config: the run's configuration.
+        class_split: the class split (its rule is recorded).
+        by_split: {split: ImageSet}, rows grouped by class.
+        blocks: {split: (class names, counts, labels [n])} from `_class_blocks`.
+        ids: {split: class ids in label order}.
+        embeddings: {split: float32 [n, D]}.
+
+    Returns:
+        ({split: SplitSummary}, path of classes.json).
+    """
+    output = config.output
+    summaries, classes = {}, {}
+    for split in splits_lib.SPLITS:
+        names, counts, labels = blocks[split]
+        row_ids = np.array(ids[split])[labels]
+        path = writer.split_path(
+            output.data_path, output.dataset_name, output.embedding_crop, split
+        )
+        writer.write_split(
+            path,
+            embeddings[split],
+            writer.make_keys(output.dataset_name, row_ids),
+            labels,
+        )
+        summaries[split] = SplitSummary(
+            path, ids[split], tuple(names), tuple(int(c) for c in counts)
+        )
+        group_of = dict(
+            zip(by_split[split].class_names.tolist(), by_split[split].groups.tolist())
+        )
+        for label, (class_id, name, count) in enumerate(zip(ids[split], names, counts)):
+            classes[class_id] = {
+                "name": name,
+                "group": group_of[name],
+                "split": split,
+                "label": label,
+                "num_images": int(count),
+            }
+    classes_path = os.path.join(
+        writer.split_dir(output.data_path, output.dataset_name, output.embedding_crop),
+        writer.CLASSES_FILE,
+    )
+    writer.write_json(
+        classes_path,
+        {
+            "dataset_name": output.dataset_name,
+            "embedding_crop": output.embedding_crop,
+            "embedding_dim": int(embeddings["train"].shape[1]),
+            "split_rule": class_split.rule,
+            "head_class_ids": list(ids["train"]),
+            "config": {
+                "source": dataclasses.asdict(config.source),
+                "split": dataclasses.asdict(config.split),
+                "train": dataclasses.asdict(config.train),
+            },
+            "classes": classes,
+        },
+    )
+    return summaries, classes_path
+
+
+def run(config: EmbedConfig) -> EmbedResult:
+    """Makes and writes the embeddings. See the module docstring.
+
+    Returns:
+        EmbedResult.
+    """
+    seconds = {}
+    start = time.perf_counter()
+    image_set = load_images(config.source)
+    seconds["load"] = time.perf_counter() - start
+    logging.info(
+        "read %d images of shape %s", image_set.num_images, image_set.images.shape[1:]
+    )
+
+    class_split = split_classes(image_set, config.source, config.split)
+    logging.info("class split: %s", class_split.rule)
+    by_split = splits_lib.apply_split(image_set, class_split)
+    empty = [s for s in splits_lib.SPLITS if not by_split[s].num_images]
+    if empty:
+        raise splits_lib.SplitError(
+            f"no classes in split(s) {empty} ({class_split.rule}); every split "
+            "needs at least one class"
+        )
+    if config.split.rotations:
+        by_split = {s: splits_lib.add_rotations(v) for s, v in by_split.items()}
+
+    # Class ids are numbered over train, then val, then test classes.
+    blocks = {s: _class_blocks(by_split[s].class_names) for s in splits_lib.SPLITS}
+    all_ids = writer.make_class_ids(
+        config.output.dataset_name, sum(len(blocks[s][0]) for s in blocks)
+    )
+    ids, offset = {}, 0
+    for split in splits_lib.SPLITS:
+        ids[split] = tuple(all_ids[offset : offset + len(blocks[split][0])])
+        offset += len(ids[split])
+        logging.info(describe_counts(split, blocks[split][1]))
+    logging.info(
+        "the embedding network is trained on the %d train classes only",
+        len(ids["train"]),
+    )
+
+    start = time.perf_counter()
+    train_names, _, train_labels = blocks["train"]
+    trained = pretrain.train_classifier(
+        by_split["train"].images, train_labels, len(train_names), config.train
+    )
+    seconds["train"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    embeddings = {
+        s: pretrain.extract_features(trained.extractor, by_split[s].images)
+        for s in splits_lib.SPLITS
+    }
+    seconds["embed"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    summaries, classes_path = _write_outputs(
+        config, class_split, by_split, blocks, ids, embeddings
+    )
+    seconds["write"] = time.perf_counter() - start
+    return EmbedResult(
+        summaries,
+        ids["train"],
+        class_split.rule,
+        int(embeddings["train"].shape[1]),
+        seconds,
+        trained.history,
+        classes_path,
+    )

@@ -1,0 +1,259 @@
+"""Supervised pre-training of the embedding network, and feature extraction.
+
+The classifier trained here is
+
+    images uint8-valued float32 [B, H, W, C]
+      -> augmentation (training only: random shift / rotation / zoom)
+      -> feature extractor: per-channel normalisation (meta-train pixel mean
+         and variance, fixed) -> backbone -> features [B, D]
+      -> linear softmax head Dense(num_classes) -> logits [B, num_classes]
+
+fitted with Adam (cosine-decayed learning rate) and softmax cross-entropy on
+the meta-train classes only. Embeddings are the feature extractor's outputs in
+inference mode (batch-norm moving statistics, no augmentation): the features
+before the head, after the backbone's last ReLU and pooling.
+
+Reproducibility: `train_classifier` seeds Python, NumPy and TensorFlow
+(`keras.utils.set_random_seed`) and turns on TensorFlow op determinism for the
+process, so the same seed and data give bit-identical weights and features on
+the same machine and software. (Keras then declines XLA compilation, which it
+does not combine with op determinism.)
+"""
+
+import dataclasses
+import logging
+from typing import Dict, List
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from leo_tf.embedding import backbones
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to fit the embedding network.
+
+    The defaults are tuned for Omniglot at 28x28 with conv4 on 2 CPU cores
+    (about 13 minutes of training): 10 epochs with shift and rotation
+    augmentation gave better nearest-class-mean accuracy on the validation
+    alphabets than 10 epochs without augmentation; 20 epochs were better
+    still (about +2 points 20-way 1-shot on the validation alphabets) at
+    twice the time.
+
+    Attributes:
+        backbone: one of backbones.BACKBONES.
+        conv_filters: channels of each conv4 block.
+        wrn_depth, wrn_width: WRN-depth-width.
+        epochs: passes over the meta-train images.
+        batch_size: images per step.
+        learning_rate: Adam's initial learning rate, cosine-decayed to 0 over the
+            run.
+        label_smoothing: softmax cross-entropy label smoothing.
+        augment_shift: maximum random translation, a fraction of height and
+            width (0 disables).
+        augment_rotation: maximum random rotation in degrees (0 disables).
+        augment_zoom: maximum random zoom in or out, a fraction (0 disables).
+        seed: seeds weights, shuffling and augmentation.
+    """
+
+    backbone: str = "conv4"
+    conv_filters: int = 64
+    wrn_depth: int = 28
+    wrn_width: int = 10
+    epochs: int = 10
+    batch_size: int = 128
+    learning_rate: float = 3e-3
+    label_smoothing: float = 0.0
+    augment_shift: float = 0.1
+    augment_rotation: float = 10.0
+    augment_zoom: float = 0.0
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class TrainedClassifier:
+    """The result of `train_classifier`.
+
+    Attributes:
+        extractor: images float32 [B, H, W, C] (0..255) -> features [B, D].
+        classifier: images -> logits [B, num_classes] (augmentation, extractor,
+            head); the head is the layer named "head".
+        history: per-epoch "loss" and "accuracy" on augmented training batches.
+    """
+
+    extractor: keras.Model
+    classifier: keras.Model
+    history: Dict[str, List[float]]
+
+
+def pixel_statistics(images: np.ndarray):
+    """Per-channel mean and variance of images uint8 [n, H, W, C] -> ([C], [C])."""
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64)
+    return pixels.mean(axis=0), pixels.var(axis=0)
+
+
+def build_feature_extractor(
+    config: TrainConfig, image_shape, mean, variance
+) -> keras.Model:
+    """Normalisation + backbone: float32 [B, H, W, C] (0..255) -> [B, D].
+
+    Args:
+        config: backbone choice and width.
+        image_shape: (H, W, C).
+        mean, variance: per-channel pixel statistics [C] of the meta-train images,
+            fixed (not trained).
+    """
+    backbone = backbones.build_backbone(
+        config.backbone,
+        image_shape,
+        conv_filters=config.conv_filters,
+        wrn_depth=config.wrn_depth,
+        wrn_width=config.wrn_width,
+    )
+    inputs = keras.Input(shape=tuple(image_shape), name="images")
+    normalised = keras.layers.Normalization(
+        mean=np.asarray(mean, np.float32),
+        variance=np.maximum(np.asarray(variance, np.float32), 1e-6),
+        name="normalise",
+    )(inputs)
+    return keras.Model(inputs, backbone(normalised), name="feature_extractor")
+
+
+def build_augmentation(config: TrainConfig, image_shape) -> keras.Sequential:
+    """Random shift / rotation / zoom, active in training only.
+
+    Out-of-image pixels repeat the nearest edge pixel (background for
+    Omniglot). Returns an identity model when every augmentation is 0.
+    """
+    layers = [keras.Input(shape=tuple(image_shape))]
+    if config.augment_rotation:
+        layers.append(
+            keras.layers.RandomRotation(
+                config.augment_rotation / 360.0,
+                fill_mode="nearest",
+                seed=config.seed + 1,
+                name="rotate",
+            )
+        )
+    if config.augment_zoom:
+        layers.append(
+            keras.layers.RandomZoom(
+                config.augment_zoom,
+                fill_mode="nearest",
+                seed=config.seed + 2,
+                name="zoom",
+            )
+        )
+    if config.augment_shift:
+        layers.append(
+            keras.layers.RandomTranslation(
+                config.augment_shift,
+                config.augment_shift,
+                fill_mode="nearest",
+                seed=config.seed + 3,
+                name="shift",
+            )
+        )
+    return keras.Sequential(layers, name="augment")
+
+
+def _training_dataset(
+    images: np.ndarray, labels: np.ndarray, config: TrainConfig
+) -> tf.data.Dataset:
+    """Shuffled (seeded, reshuffled each epoch) batches (float32 images, labels)."""
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+    dataset = dataset.shuffle(
+        len(images), seed=config.seed, reshuffle_each_iteration=True
+    )
+    # Whole batches only (batch norm dislikes tiny last batches), unless the
+    # data set is smaller than one batch.
+    dataset = dataset.batch(
+        config.batch_size, drop_remainder=len(images) >= config.batch_size
+    )
+    return dataset.map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(2)
+
+
+def train_classifier(
+    images: np.ndarray, labels: np.ndarray, num_classes: int, config: TrainConfig
+) -> TrainedClassifier:
+    """Fits backbone + linear softmax head on the meta-train images.
+
+    Args:
+        images: uint8 [n, H, W, C], meta-train images only.
+        labels: int [n], class index in [0, num_classes).
+        num_classes: number of meta-train classes (the head's width).
+        config: see TrainConfig.
+
+    Returns:
+        TrainedClassifier.
+    """
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), found "
+            f"[{labels.min()}, {labels.max()}]"
+        )
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+
+    image_shape = images.shape[1:]
+    mean, variance = pixel_statistics(images)
+    extractor = build_feature_extractor(config, image_shape, mean, variance)
+    inputs = keras.Input(shape=image_shape, name="images")
+    features = extractor(build_augmentation(config, image_shape)(inputs))
+    logits = keras.layers.Dense(num_classes, name="head")(features)
+    classifier = keras.Model(inputs, logits, name="classifier")
+
+    dataset = _training_dataset(images, labels.astype(np.int32), config)
+    steps = max(1, config.epochs * int(dataset.cardinality()))
+    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps)
+    classifier.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=config.label_smoothing
+        ),
+        metrics=["accuracy"],
+    )
+
+    def log_epoch(epoch, logs):
+        logging.info(
+            "embedding training epoch %d/%d: loss %.4f, accuracy %.4f",
+            epoch + 1,
+            config.epochs,
+            logs["loss"],
+            logs["accuracy"],
+        )
+
+    one_hot = dataset.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+    history = classifier.fit(
+        one_hot,
+        epochs=config.epochs,
+        verbose=0,
+        shuffle=False,  # `dataset` is already shuffled, seeded
+        callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=log_epoch)],
+    )
+    return TrainedClassifier(
+        extractor,
+        classifier,
+        {k: [float(v) for v in history.history[k]] for k in ("loss", "accuracy")},
+    )
+
+
+def extract_features(
+    extractor: keras.Model, images: np.ndarray, batch_size: int = 256
+) -> np.ndarray:
+    """Embeds images in inference mode.
+
+    Args:
+        extractor: from `train_classifier`.
+        images: uint8 [n, H, W, C].
+        batch_size: images per forward pass.
+
+    Returns:
+        float32 [n, D].
+    """
+    embed = tf.function(lambda x: extractor(tf.cast(x, tf.float32), training=False))
+    dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
+    features = [embed(batch).numpy() for batch in dataset]
+    return np.concatenate(features).astype(np.float32)

@@ -1,0 +1,681 @@
+"""Tests of `python -m leo_tf.embed` and the leo_tf.embedding package.
+
+Everything here runs on tiny generated images and a tiny conv4 in seconds,
+except the tests marked as reading the real packed Omniglot, which skip when
+`<repo>/../shared/data` is absent.
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+import pickle
+import re
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from leo_tf.embedding import backbones
+from leo_tf.embedding import images as images_lib
+from leo_tf.embedding import pipeline
+from leo_tf.embedding import pretrain
+from leo_tf.embedding import splits as splits_lib
+from leo_tf.embedding import writer
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+PACKED_OMNIGLOT = SHARED_DATA / "omniglot_28.npz"
+
+# A fake Omniglot: real alphabet names, 2 characters each, 5 drawings.
+FAKE_BACKGROUND = splits_lib.BACKGROUND_ALPHABETS[:6]
+FAKE_EVALUATION = splits_lib.EVALUATION_ALPHABETS[:2]
+CHARACTERS_PER_ALPHABET = 2
+DRAWINGS = 5
+NUM_VAL_ALPHABETS = 2
+
+
+def make_fake_omniglot(path: pathlib.Path) -> dict:
+    """Writes a packed-Omniglot-format .npz of generated 28x28 characters.
+
+    Each class is a random stroke template (dark on white, like Omniglot); a
+    drawing is its template shifted by up to one pixel with a few pixels
+    flipped. Returns the arrays written.
+    """
+    rng = np.random.default_rng(123)
+    rows = {
+        k: []
+        for k in (
+            "images",
+            "char_id",
+            "drawing",
+            "alphabet",
+            "character",
+            "split",
+            "filename",
+        )
+    }
+    char_id = 0
+    for split, alphabets in (
+        ("background", FAKE_BACKGROUND),
+        ("evaluation", FAKE_EVALUATION),
+    ):
+        for alphabet in alphabets:
+            for c in range(CHARACTERS_PER_ALPHABET):
+                template = rng.random((28, 28)) < 0.25
+                for drawing in range(DRAWINGS):
+                    shifted = np.roll(template, rng.integers(-1, 2, size=2), (0, 1))
+                    flipped = shifted ^ (rng.random((28, 28)) < 0.03)
+                    rows["images"].append(np.where(flipped, 0, 255).astype(np.uint8))
+                    rows["char_id"].append(char_id)
+                    rows["drawing"].append(drawing)
+                    rows["alphabet"].append(alphabet)
+                    rows["character"].append(f"character{c + 1:02d}")
+                    rows["split"].append(split)
+                    rows["filename"].append(f"{char_id + 1:04d}_{drawing + 1:02d}.png")
+                char_id += 1
+    arrays = {
+        "images": np.stack(rows["images"]),
+        "char_id": np.array(rows["char_id"], np.int32),
+        "drawing": np.array(rows["drawing"], np.int32),
+    }
+    for key in ("alphabet", "character", "split", "filename"):
+        arrays[key] = np.array(rows[key])
+    np.savez_compressed(path, **arrays)
+    return arrays
+
+
+def write_png_folder(arrays: dict, root: pathlib.Path) -> None:
+    """Writes the fake Omniglot's images as root/<alphabet>/<character>/*.png."""
+    for image, alphabet, character, filename in zip(
+        arrays["images"], arrays["alphabet"], arrays["character"], arrays["filename"]
+    ):
+        folder = root / str(alphabet) / str(character)
+        folder.mkdir(parents=True, exist_ok=True)
+        png = tf.io.encode_png(image[..., None]).numpy()
+        (folder / str(filename)).write_bytes(png)
+
+
+def tiny_config(data_path, seed=0, **source) -> pipeline.EmbedConfig:
+    """A config that trains a 4-filter conv4 for 2 epochs (seconds)."""
+    split = pipeline.SplitConfig(
+        rule="omniglot", num_val_alphabets=NUM_VAL_ALPHABETS, split_seed=7
+    )
+    train = pretrain.TrainConfig(conv_filters=4, epochs=2, batch_size=16, seed=seed)
+    return pipeline.EmbedConfig(
+        pipeline.SourceConfig(**source),
+        split,
+        train,
+        pipeline.OutputConfig(str(data_path)),
+    )
+
+
+def read_pickle(path) -> dict:
+    with open(path, "rb") as file:
+        return pickle.load(file, encoding="latin1")
+
+
+def check_split_pickle(path, dataset_name: str, embedding_dim: int) -> dict:
+    """Checks one pickle against LEO's format; returns {class_id: [n_c, D]}.
+
+    Format: dict of embeddings float32 [n, D], keys [n] strings
+    "<dataset_name>-<class_id>-<class_id>_<index>.png" (exactly three
+    '-'-separated fields, the file name's part before the first '_' equal to the
+    class id), labels int [n] = the class's index within the split, rows
+    grouped by class in class-id order.
+    """
+    data = read_pickle(path)
+    assert set(data) == {"embeddings", "keys", "labels"}
+    embeddings, keys, labels = data["embeddings"], data["keys"], data["labels"]
+    n = len(keys)
+    assert embeddings.dtype == np.float32
+    assert embeddings.shape == (n, embedding_dim)
+    assert np.all(np.isfinite(embeddings))
+    assert labels.shape == (n,) and np.issubdtype(labels.dtype, np.integer)
+    by_class, class_order = {}, []
+    for row, key in enumerate(keys):
+        key = str(key)
+        fields = key.split("-")
+        assert len(fields) == 3, key
+        prefix, class_id, file_name = fields
+        assert prefix == dataset_name
+        assert re.fullmatch(rf"{dataset_name}C\d{{4,}}", class_id), key
+        assert file_name.split("_")[0] == class_id, key
+        assert re.fullmatch(rf"{class_id}_\d{{4}}\.png", file_name), key
+        if class_id not in by_class:
+            class_order.append(class_id)
+            by_class[class_id] = []
+        by_class[class_id].append(row)
+    assert class_order == sorted(class_order)
+    assert len(set(keys.tolist())) == n  # keys are unique
+    for label, class_id in enumerate(class_order):
+        rows = by_class[class_id]
+        assert rows == list(range(rows[0], rows[0] + len(rows)))  # grouped
+        assert np.all(labels[rows] == label)
+    return {c: embeddings[rows] for c, rows in by_class.items()}
+
+
+def check_with_leo_reader(
+    data_path, dataset_name, split, embedding_dim, expected: dict
+) -> None:
+    # -------------------------------------------------------------------------
+    # MERGE NOTE: `leo_tf.data.embeddings` is written on another branch. Until
+    # it is merged this check runs only when it is importable; when merging,
+    # make it unconditional (delete the ImportError branch).
+    # -------------------------------------------------------------------------
+    try:
+        from leo_tf.data import (
+            embeddings as leo_embeddings,
+        )  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        return
+    loaded = leo_embeddings.load_split(
+        str(data_path), dataset_name, "center", split, embedding_dim=embedding_dim
+    )
+    assert set(loaded.embeddings) == set(expected)
+    for class_id, array in expected.items():
+        np.testing.assert_array_equal(loaded.embeddings[class_id], array)
+
+
+def file_digest(path) -> str:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def fake_omniglot(tmp_path_factory):
+    """(path of the fake packed .npz, its arrays)."""
+    path = tmp_path_factory.mktemp("source") / "fake_omniglot.npz"
+    return path, make_fake_omniglot(path)
+
+
+@pytest.fixture(scope="module")
+def packed_run(fake_omniglot, tmp_path_factory):
+    """One seed-0 run on the fake packed Omniglot, recording what was trained.
+
+    Returns (data_path, EmbedResult, the arguments train_classifier got).
+    """
+    data_path = tmp_path_factory.mktemp("packed_run")
+    recorded = {}
+    original = pretrain.train_classifier
+
+    def recording_train_classifier(images, labels, num_classes, config):
+        recorded.update(
+            images=images.copy(), labels=labels.copy(), num_classes=num_classes
+        )
+        return original(images, labels, num_classes, config)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pretrain, "train_classifier", recording_train_classifier)
+        result = pipeline.run(
+            tiny_config(data_path, packed_omniglot=str(fake_omniglot[0]))
+        )
+    return data_path, result, recorded
+
+
+# ---------------------------------------------------------------- file format
+
+
+def test_written_pickles_follow_leo_format_and_key_convention(packed_run):
+    data_path, result, _ = packed_run
+    assert result.embedding_dim == 4  # conv4 with 4 filters at 28x28: 4*1*1
+    classes = json.loads(pathlib.Path(result.classes_path).read_text())
+    expected_classes = {"train": 8, "val": 4, "test": 4}
+    for split in splits_lib.SPLITS:
+        path = data_path / "omniglot" / "center" / f"{split}_embeddings.pkl"
+        assert str(path) == result.splits[split].path
+        per_class = check_split_pickle(path, "omniglot", 4)
+        assert len(per_class) == expected_classes[split]
+        assert all(len(x) == DRAWINGS for x in per_class.values())
+        assert tuple(per_class) == result.splits[split].class_ids
+        for label, class_id in enumerate(per_class):
+            entry = classes["classes"][class_id]
+            assert entry["split"] == split and entry["label"] == label
+            assert entry["num_images"] == DRAWINGS
+            assert entry["name"].startswith(entry["group"] + "/character")
+        check_with_leo_reader(data_path, "omniglot", split, 4, per_class)
+    assert len(classes["classes"]) == 16
+    # Files are readable like any other new file (not mkstemp's 0600) ...
+    mode = (
+        data_path / "omniglot" / "center" / "train_embeddings.pkl"
+    ).stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
+    # ... and no temporary files are left behind.
+    assert sorted(os.listdir(data_path / "omniglot" / "center")) == [
+        "classes.json",
+        "test_embeddings.pkl",
+        "train_embeddings.pkl",
+        "val_embeddings.pkl",
+    ]
+
+
+def test_make_keys_numbers_images_within_each_class():
+    keys = writer.make_keys("mini", ["miniC0000", "miniC0000", "miniC0003"])
+    assert keys.tolist() == [
+        "mini-miniC0000-miniC0000_0000.png",
+        "mini-miniC0000-miniC0000_0001.png",
+        "mini-miniC0003-miniC0003_0000.png",
+    ]
+    assert writer.make_class_ids("omniglot", 3) == [
+        "omniglotC0000",
+        "omniglotC0001",
+        "omniglotC0002",
+    ]
+    assert writer.make_class_ids("x", 12345)[-1] == "xC12344"
+
+
+@pytest.mark.parametrize("name", ["omni-glot", "omni_glot", ""])
+def test_dataset_names_that_would_break_keys_are_rejected(name):
+    with pytest.raises(ValueError, match="letters and digits"):
+        writer.check_dataset_name(name)
+
+
+# ---------------------------------------------------------------- class split
+
+
+def test_splits_are_class_and_alphabet_disjoint_and_head_fits_train_only(
+    packed_run, fake_omniglot
+):
+    _, result, recorded = packed_run
+    _, arrays = fake_omniglot
+    classes = json.loads(pathlib.Path(result.classes_path).read_text())
+    ids = {s: set(result.splits[s].class_ids) for s in splits_lib.SPLITS}
+    names = {s: set(result.splits[s].class_names) for s in splits_lib.SPLITS}
+    alphabets = {
+        s: {classes["classes"][c]["group"] for c in ids[s]} for s in splits_lib.SPLITS
+    }
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not ids[a] & ids[b]
+        assert not names[a] & names[b]
+        assert not alphabets[a] & alphabets[b]
+    assert alphabets["test"] == set(FAKE_EVALUATION)
+    assert len(alphabets["val"]) == NUM_VAL_ALPHABETS
+    assert alphabets["train"] | alphabets["val"] == set(FAKE_BACKGROUND)
+
+    # The head's classes are exactly the train split's, in label order ...
+    assert result.head_class_ids == result.splits["train"].class_ids
+    assert recorded["num_classes"] == len(ids["train"])
+    # ... and the images it was fitted on are exactly the train classes' images.
+    names_of_source = np.char.add(
+        np.char.add(arrays["alphabet"], "/"), arrays["character"]
+    )
+    train_rows = np.isin(names_of_source, list(names["train"]))
+    digest = lambda images: sorted(
+        hashlib.sha1(x.tobytes()).hexdigest() for x in images
+    )
+    assert digest(recorded["images"][..., 0]) == digest(arrays["images"][train_rows])
+    assert np.bincount(recorded["labels"]).tolist() == [DRAWINGS] * len(ids["train"])
+
+
+def test_omniglot_split_draws_whole_validation_alphabets_by_seed():
+    alphabets = np.array(list(FAKE_BACKGROUND) + list(FAKE_EVALUATION))
+    class_names = np.char.add(alphabets, "/character01")
+    first = splits_lib.omniglot_split(class_names, alphabets, 2, seed=1)
+    again = splits_lib.omniglot_split(class_names, alphabets, 2, seed=1)
+    assert first == again
+    assert len(first.val) == 2 and len(first.train) == 4
+    assert first.test == tuple(
+        sorted(np.char.add(np.array(FAKE_EVALUATION), "/character01"))
+    )
+    others = {
+        splits_lib.omniglot_split(class_names, alphabets, 2, seed=s).val
+        for s in range(10)
+    }
+    assert len(others) > 1  # the seed matters
+    with pytest.raises(splits_lib.SplitError, match="unknown"):
+        splits_lib.omniglot_split(np.array(["x/c"]), np.array(["Klingon"]), 1, 0)
+
+
+def test_random_split_cuts_a_seeded_class_permutation():
+    class_names = np.repeat([f"class{i:02d}" for i in range(20)], 3)
+    split = splits_lib.random_split(class_names, "12,5,3", seed=4)
+    assert (len(split.train), len(split.val), len(split.test)) == (12, 5, 3)
+    assert sorted(split.train + split.val + split.test) == sorted(set(class_names))
+    assert split == splits_lib.random_split(class_names, "12,5,3", seed=4)
+    assert split != splits_lib.random_split(class_names, "12,5,3", seed=5)
+    by_fraction = splits_lib.random_split(class_names, "0.6,0.25,0.15", seed=4)
+    assert (len(by_fraction.train), len(by_fraction.val), len(by_fraction.test)) == (
+        12,
+        5,
+        3,
+    )
+    assert by_fraction.train == split.train  # same permutation, same cut
+    for bad in ("12,5,4", "0.5,0.5,0.5", "20,0,0", "1,2", "half,0.3,0.2"):
+        with pytest.raises(splits_lib.SplitError, match="--split_sizes"):
+            splits_lib.random_split(class_names, bad, seed=0)
+
+
+def test_rotations_add_three_rotated_classes_within_the_same_split():
+    images = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1)
+    image_set = images_lib.ImageSet(images, np.array(["a", "b"]), np.array(["g", "g"]))
+    rotated = splits_lib.add_rotations(image_set)
+    assert rotated.class_names.tolist() == [
+        "a",
+        "a/rot090",
+        "a/rot180",
+        "a/rot270",
+        "b",
+        "b/rot090",
+        "b/rot180",
+        "b/rot270",
+    ]
+    np.testing.assert_array_equal(
+        rotated.images[1, ..., 0], np.rot90(images[0, ..., 0], 1)
+    )
+    np.testing.assert_array_equal(rotated.images[6, ..., 0], images[1, ::-1, ::-1, 0])
+    # Rotating each split separately keeps rotated classes in their split.
+    class_split = splits_lib.ClassSplit(("a",), (), ("b",), rule="test")
+    by_split = {
+        s: splits_lib.add_rotations(v)
+        for s, v in splits_lib.apply_split(image_set, class_split).items()
+        if v.num_images
+    }
+    assert set(by_split["train"].class_names) == {
+        "a",
+        "a/rot090",
+        "a/rot180",
+        "a/rot270",
+    }
+    assert not set(by_split["train"].class_names) & set(by_split["test"].class_names)
+
+
+def test_a_split_without_classes_is_an_error_before_training(fake_omniglot, tmp_path):
+    _, arrays = fake_omniglot
+    background = arrays["split"] == "background"
+    np.savez(
+        tmp_path / "background_only.npz",
+        **{k: v[background] for k, v in arrays.items()},
+    )
+    with pytest.raises(
+        splits_lib.SplitError, match=r"no classes in split\(s\) " r"\['test'\]"
+    ):
+        pipeline.run(
+            tiny_config(
+                tmp_path / "out", packed_omniglot=str(tmp_path / "background_only.npz")
+            )
+        )
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_folder_loader_gives_the_same_embeddings_as_the_packed_arrays(
+    packed_run, fake_omniglot, tmp_path
+):
+    packed_path, arrays = fake_omniglot
+    write_png_folder(arrays, tmp_path / "pngs")
+    from_folder = images_lib.load_image_folder(
+        str(tmp_path / "pngs"), layout="group/class", channels=1
+    )
+    from_packed = images_lib.load_packed_omniglot(str(packed_path))
+    np.testing.assert_array_equal(from_folder.images, from_packed.images)
+    np.testing.assert_array_equal(from_folder.class_names, from_packed.class_names)
+    np.testing.assert_array_equal(from_folder.groups, from_packed.groups)
+
+    packed_data_path, packed_result, _ = packed_run
+    result = pipeline.run(
+        tiny_config(
+            tmp_path / "out",
+            image_dir=str(tmp_path / "pngs"),
+            image_dir_layout="group/class",
+            channels=1,
+        )
+    )
+    for split in splits_lib.SPLITS:
+        folder_pickle = read_pickle(result.splits[split].path)
+        packed_pickle = read_pickle(packed_result.splits[split].path)
+        for key in ("embeddings", "keys", "labels"):
+            np.testing.assert_array_equal(folder_pickle[key], packed_pickle[key])
+    assert result.splits["test"].class_names == packed_result.splits["test"].class_names
+
+
+def test_flat_folder_layout_reads_class_folders_in_file_name_order(tmp_path):
+    rng = np.random.default_rng(0)
+    expected = {}
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        expected[name] = rng.integers(0, 256, size=(3, 6, 6, 3), dtype=np.uint8)
+        for i, image in enumerate(expected[name]):
+            png = tf.io.encode_png(image).numpy()
+            (tmp_path / name / f"{name}{i}.png").write_bytes(png)
+    image_set = images_lib.load_image_folder(str(tmp_path), layout="class")
+    assert image_set.class_names.tolist() == ["cat"] * 3 + ["dog"] * 3
+    assert image_set.groups.tolist() == [""] * 6
+    np.testing.assert_array_equal(
+        image_set.images, np.concatenate([expected["cat"], expected["dog"]])
+    )
+    with pytest.raises(images_lib.ImageSourceError, match="--image_dir"):
+        images_lib.load_image_folder(str(tmp_path / "missing"))
+
+
+def test_dataset_to_image_set_maps_images_labels_and_groups():
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
+    dataset = tf.data.Dataset.from_tensor_slices(
+        {
+            "image": rgb,
+            "label": np.array([2, 0, 2, 1], np.int64),
+            "script": np.array([1, 0, 1, 0], np.int64),
+            "ignored": np.zeros(4, np.float32),
+        }
+    )
+    image_set = images_lib.dataset_to_image_set(
+        dataset,
+        label_names=["zero", "one", "two"],
+        group_feature="script",
+        group_names=["latin", "greek"],
+        channels=1,
+    )
+    assert image_set.class_names.tolist() == ["two", "zero", "two", "one"]
+    assert image_set.groups.tolist() == ["greek", "latin", "greek", "latin"]
+    grey = np.round(rgb.astype(np.float64) @ [0.299, 0.587, 0.114])
+    assert image_set.images.shape == (4, 8, 8, 1)
+    assert np.abs(image_set.images[..., 0] - grey).max() <= 1  # float32 rounding
+    resized = images_lib.dataset_to_image_set(dataset, image_size=4)
+    assert resized.images.shape == (4, 4, 4, 3)
+    assert resized.class_names.tolist() == ["2", "0", "2", "1"]
+    # A constant image stays constant when resized.
+    flat = images_lib.convert_images(np.full((9, 9, 1), 77, np.uint8), 4)
+    assert flat.shape == (4, 4, 1) and np.all(flat.numpy() == 77)
+
+
+def test_tfds_source_reads_registered_omniglot_through_tfds(monkeypatch):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    with tfds.testing.mock_data(num_examples=6):
+        image_set = images_lib.load_tfds(
+            "omniglot", ["train", "test"], image_size=28, channels=1
+        )
+        builder = tfds.builder("omniglot")
+        expected_labels = [
+            int(ex["label"])
+            for split in ("train", "test")
+            for ex in builder.as_dataset(split=split, shuffle_files=False)
+        ]
+        first = next(iter(builder.as_dataset(split="train", shuffle_files=False)))
+    assert image_set.images.shape == (12, 28, 28, 1)
+    label_names = builder.info.features["label"].names
+    assert image_set.class_names.tolist() == [label_names[v] for v in expected_labels]
+    assert image_set.groups.dtype.kind == "U" and all(image_set.groups)
+    np.testing.assert_array_equal(
+        image_set.images[0], images_lib.convert_images(first["image"], 28, 1).numpy()
+    )
+
+
+def test_image_sources_report_bad_inputs_by_name(tmp_path):
+    with pytest.raises(images_lib.ImageSourceError, match="no such file"):
+        images_lib.load_packed_omniglot(str(tmp_path / "none.npz"))
+    np.savez(tmp_path / "bad.npz", images=np.zeros((2, 28, 28), np.uint8))
+    with pytest.raises(images_lib.ImageSourceError, match="missing keys"):
+        images_lib.load_packed_omniglot(str(tmp_path / "bad.npz"))
+    with pytest.raises(ValueError, match="exactly one image source"):
+        pipeline.SourceConfig(packed_omniglot="a.npz", tfds_name="omniglot")
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_same_seed_gives_identical_pickles_and_another_seed_differs(
+    packed_run, fake_omniglot, tmp_path
+):
+    packed_path, _ = fake_omniglot
+    _, first, _ = packed_run
+    again = pipeline.run(
+        tiny_config(tmp_path / "again", packed_omniglot=str(packed_path))
+    )
+    other = pipeline.run(
+        tiny_config(tmp_path / "other", seed=1, packed_omniglot=str(packed_path))
+    )
+    for split in splits_lib.SPLITS:
+        assert file_digest(again.splits[split].path) == file_digest(
+            first.splits[split].path
+        )
+        a = read_pickle(first.splits[split].path)
+        b = read_pickle(other.splits[split].path)
+        np.testing.assert_array_equal(a["keys"], b["keys"])  # same split ...
+        assert not np.allclose(a["embeddings"], b["embeddings"])  # ... new net
+    assert file_digest(again.classes_path) == file_digest(first.classes_path)
+
+
+def test_conv4_embedding_width_is_filters_times_remaining_pixels():
+    assert backbones.conv4((28, 28, 1), filters=64).output.shape == (None, 64)
+    assert backbones.conv4((84, 84, 3), filters=64).output.shape == (None, 1600)
+    assert backbones.conv4((28, 28, 1), filters=8).output.shape == (None, 8)
+
+
+def test_wrn_28_10_gives_640_features_and_takes_a_training_step():
+    config = pretrain.TrainConfig(backbone="wrn", augment_shift=0, augment_rotation=0)
+    extractor = pretrain.build_feature_extractor(
+        config, (84, 84, 3), mean=[120.0] * 3, variance=[3000.0] * 3
+    )
+    assert extractor.output.shape == (None, 640)
+    # WRN-28-10: about 36.5 million parameters (Zagoruyko & Komodakis 2016).
+    assert 36.0e6 < extractor.count_params() < 37.0e6
+    classifier = keras.Sequential([extractor, keras.layers.Dense(5)])
+    classifier.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 84, 84, 3)).astype(np.float32)
+    before = [w.copy() for w in classifier.get_weights()]
+    start = time.perf_counter()
+    loss = classifier.train_on_batch(images, np.array([0, 3]))
+    seconds = time.perf_counter() - start
+    after = classifier.get_weights()
+    assert np.isfinite(loss)
+    changed = sum(not np.array_equal(b, a) for b, a in zip(before, after))
+    assert changed > len(before) // 2
+    features = extractor(images, training=False).numpy()
+    assert features.shape == (2, 640) and np.all(features >= 0)
+    print(
+        f"WRN-28-10 one training step (batch 2, 84x84, with compile): "
+        f"{seconds:.1f} s"
+    )
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def run_cli(*args, timeout=300):
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "leo_tf.embed", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_cli_writes_pickles_and_prints_per_split_counts(fake_omniglot, tmp_path):
+    packed_path, _ = fake_omniglot
+    completed = run_cli(
+        f"--packed_omniglot={packed_path}",
+        f"--data_path={tmp_path}",
+        "--dataset_name=fakeglot",
+        "--embedding_crop=center",
+        f"--num_val_alphabets={NUM_VAL_ALPHABETS}",
+        "--conv_filters=3",
+        "--epochs=1",
+        "--batch_size=16",
+        "--rotations",
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = completed.stdout
+    # With rotations every class comes with its 3 rotations: 4x the classes.
+    assert "train: 32 classes, 160 images (per class: 32 classes x 5 images)" in out
+    assert "val: 16 classes, 80 images" in out
+    assert "test: 16 classes, 80 images" in out
+    assert "embedding_dim D = 3" in out
+    for split, num_classes in (("train", 32), ("val", 16), ("test", 16)):
+        per_class = check_split_pickle(
+            tmp_path / "fakeglot" / "center" / f"{split}_embeddings.pkl", "fakeglot", 3
+        )
+        assert len(per_class) == num_classes
+        check_with_leo_reader(tmp_path, "fakeglot", split, 3, per_class)
+    classes = json.loads(
+        (tmp_path / "fakeglot" / "center" / "classes.json").read_text()
+    )
+    assert sum(c["name"].endswith("/rot180") for c in classes["classes"].values()) == 16
+
+
+def test_cli_bad_inputs_fail_with_one_message_and_write_nothing(tmp_path):
+    completed = run_cli(f"--data_path={tmp_path}", timeout=120)
+    assert completed.returncode != 0
+    assert "exactly one image source" in completed.stderr
+    missing = tmp_path / "missing.npz"
+    completed = run_cli(
+        f"--data_path={tmp_path}", f"--packed_omniglot={missing}", timeout=120
+    )
+    assert completed.returncode == 1
+    assert completed.stderr.strip().splitlines()[-1] == (
+        f"leo_tf.embed: --packed_omniglot: no such file {str(missing)!r}"
+    )
+    assert "Traceback" not in completed.stderr
+    assert not os.listdir(tmp_path)
+
+
+# ---------------------------------------------------------------- real data
+
+needs_shared_data = pytest.mark.skipif(
+    not PACKED_OMNIGLOT.is_file(),
+    reason=f"real packed Omniglot not found at {PACKED_OMNIGLOT}",
+)
+
+
+@needs_shared_data
+def test_real_omniglot_standard_split_is_964_background_659_evaluation():
+    image_set = images_lib.load_packed_omniglot(str(PACKED_OMNIGLOT))
+    assert image_set.images.shape == (32460, 28, 28, 1)
+    split = splits_lib.omniglot_split(
+        image_set.class_names, image_set.groups, num_val_alphabets=5, seed=0
+    )
+    assert len(split.train) + len(split.val) == 964
+    assert len(split.test) == 659
+    alphabet = lambda names: {n.split("/")[0] for n in names}
+    assert alphabet(split.test) == set(splits_lib.EVALUATION_ALPHABETS)
+    assert len(alphabet(split.val)) == 5
+    assert alphabet(split.train) | alphabet(split.val) == set(
+        splits_lib.BACKGROUND_ALPHABETS
+    )
+    assert not alphabet(split.train) & alphabet(split.val)
+    by_split = splits_lib.apply_split(image_set, split)
+    for name, images in by_split.items():
+        assert images.num_images == 20 * len(split.classes(name))
+    # The file's own background/evaluation column agrees with our lists.
+    with np.load(PACKED_OMNIGLOT) as data:
+        background = set(data["alphabet"][data["split"] == "background"])
+    assert background == set(splits_lib.BACKGROUND_ALPHABETS)
