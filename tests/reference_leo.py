@@ -212,7 +212,10 @@ class ReferenceModel:
         self.trainable_variables = model.trainable_variables
         self.weight_matrices = model.weight_matrices
 
-    def meta_batch_loss(self, episodes, noise=None):
+    def meta_batch_loss(self, episodes, noise=None, num_towers=1):
+        """The reference objective; tf.map_fn is its own parallelism, so
+        num_towers is ignored."""
+        del num_towers
         total, losses, accuracies = reference_meta_batch_loss(
             self.model, episodes, noise
         )
@@ -230,5 +233,5 @@ class ReferenceModel:
             total=total, episodes=outputs, l2=zeros[0], orthogonality=zeros[0]
         )
 
-    def run_episodes(self, episodes):
-        return self.meta_batch_loss(episodes).episodes
+    def run_episodes(self, episodes, num_towers=1):
+        return self.meta_batch_loss(episodes, num_towers=num_towers).episodes
