@@ -92,7 +92,15 @@ def _scaled_gradients(model, episodes, noise, scale, num_towers=1):
     with tf.GradientTape() as tape:
         objective = model.meta_batch_loss(episodes, noise, num_towers)
         scaled = objective.total * scale
-    return tape.gradient(scaled, model.trainable_variables), objective
+    variables = model.trainable_variables
+    gradients = tape.gradient(scaled, variables)
+    # With --finetuning_unroll_length=0 the finetuning rate is unused: its
+    # gradient is zero rather than None.
+    gradients = [
+        tf.zeros(v.shape, v.dtype) if g is None else g
+        for g, v in zip(gradients, variables)
+    ]
+    return gradients, objective
 
 
 def _scalar_metrics(objective, scale=1.0):

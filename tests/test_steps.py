@@ -205,3 +205,18 @@ def test_compiled_step_in_float32_agrees_with_float64():
         # Adam's steps (~1e-3 each) agree to well under 1% of their size.
         np.testing.assert_allclose(w32 - w0, w64 - w0, rtol=0, atol=2e-5)
         assert np.abs(w64 - w0).max() > 1e-4
+
+
+def test_training_without_finetuning_steps_leaves_its_rate_alone():
+    config = fx.small_config(finetuning_unroll_length=0)
+    model = fx.small_model(config, dtype="float64")
+    optimizer = steps.make_optimizer(OptimizerConfig(outer_lr=1e-3))
+    before = model.finetuning_lr.numpy()
+    episodes = fx.random_episodes(4)
+    noise = fx.noise_for(episodes, config, dtype=tf.float64)
+
+    metrics = steps.train_step_fn(model, optimizer, OptimizerConfig())(episodes, noise)
+
+    assert np.isfinite(metrics.loss.numpy()) and not bool(metrics.nan_guard)
+    np.testing.assert_array_equal(model.finetuning_lr.numpy(), before)
+    assert np.abs(model.inner_lr.numpy() - 1.0).max() > 0
