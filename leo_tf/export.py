@@ -120,7 +120,8 @@ def build_serving_module(model, metadata, asset_path):
                 tf.range(shape[0])[:, None, None], [shape[0], shape[1], 1]
             )
             adaptation = self.model.adapt(support[None], labels[None])
-            logits = self.model.predict(query[None, None], adaptation.weights)[0, 0]
+            class_weights = adaptation.class_weights  # [1, N, D]
+            logits = self.model.predict(query[None, None], class_weights)[0, 0]
             return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
 
         @tf.function(input_signature=[])

@@ -128,7 +128,9 @@ class Decoder(keras.layers.Layer):
     """Bias-free linear map from latent codes to classifier-weight parameters.
 
     `[B, N, K, L] -> [B, N, K, 2D]`: the first D outputs are the mean of the
-    classifier weights, the last D the pre-activation of their stddev.
+    classifier weights, the last D the pre-activation of their stddev. The two
+    halves of the kernel, `[L, D]` each, can also be applied on their own
+    (`loc`, `pre_stddev`), e.g. to different latents.
     """
 
     def __init__(self, embedding_dim, seed=None, **kwargs):
@@ -146,6 +148,14 @@ class Decoder(keras.layers.Layer):
     def call(self, latents):
         """latents: [B, N, K, L] -> weight distribution parameters [B, N, K, 2D]."""
         return _linear(latents, self.kernel)
+
+    def loc(self, latents):
+        """latents: [..., L] -> mean of the classifier weights [..., D]."""
+        return _linear(latents, self.kernel[:, : self.embedding_dim])
+
+    def pre_stddev(self, latents):
+        """latents: [..., L] -> pre-activation of the weights' stddev [..., D]."""
+        return _linear(latents, self.kernel[:, self.embedding_dim :])
 
     def orthogonality_penalty(self):
         """Mean squared distance of the kernel rows' cosine matrix from I."""

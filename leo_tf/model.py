@@ -2,8 +2,13 @@
 
 A meta-batch of B independent N-way K-shot episodes is processed at once;
 every tensor carries the batch axis first. Shapes: support `[B, N, K, D]`,
-query `[B, N, V, D]`, latent codes `[B, N, K, L]`, classifier weights
-`[B, N, K, D]`.
+query `[B, N, V, D]`, latent codes `[B, N, K, L]`, class weights `[B, N, D]`.
+
+Class weights: as in the paper, every latent code z[n, k] is decoded into
+(and, in meta-training, sampled as) classifier weights w[n, k], but the
+classifier uses only their class mean c[n] = mean_k w[n, k] (its logits are
+mean_k <x, w[n, k]> = <x, c[n]>), and finetuning moves the K weights of a
+class alike, so the model carries c `[B, N, D]` instead of w `[B, N, K, D]`.
 
 Meta-training and evaluation differ in one place only: the `EpisodeNoise`
 passed in. With noise (meta-training), inputs are dropped out with its masks
@@ -45,7 +50,7 @@ class Adaptation(NamedTuple):
     latent_distribution: tfd.Normal  # over [B, N, K, L]
     latents: tf.Tensor  # [B, N, K, L] sampled (or mean) initial codes
     adapted_latents: tf.Tensor  # [B, N, K, L] after the latent inner loop
-    weights: tf.Tensor  # [B, N, K, D] classifier weights after finetuning
+    class_weights: tf.Tensor  # [B, N, D] mean_k w[n, k] after finetuning
 
 
 class MetaBatchLoss(NamedTuple):
@@ -65,8 +70,12 @@ def gaussian(parameters, stddev_offset=0.0):
     expm1(u) + stddev_offset, equal in exact arithmetic and accurate near u=0.
     """
     loc, pre_stddev = tf.split(parameters, 2, axis=-1)
-    stddev = tf.maximum(tf.math.expm1(pre_stddev) + stddev_offset, _MIN_STDDEV)
-    return tfd.Normal(loc=loc, scale=stddev)
+    return tfd.Normal(loc=loc, scale=stddev(pre_stddev, stddev_offset))
+
+
+def stddev(pre_stddev, stddev_offset=0.0):
+    """max(expm1(u) + stddev_offset, 1e-10), elementwise; see `gaussian`."""
+    return tf.maximum(tf.math.expm1(pre_stddev) + stddev_offset, _MIN_STDDEV)
 
 
 def sample(distribution, standard_noise):
@@ -204,99 +213,134 @@ class LEO(keras.layers.Layer):
         codes = self.encoder(tr_input, dropout_mask)
         return gaussian(self.relation_network(codes))
 
-    # Section 3.1: decoding codes into a distribution over classifier weights.
-    def decode(self, latents):
-        """latents: [B, N, K, L] -> Normal over classifier weights [B, N, K, D].
+    # Section 3.1: decoding codes into classifier weights, and sampling them.
+    def decode(self, latents, standard_noise=None):
+        """Class weights c[n] = mean_k w[n, k] of the weights decoded from codes.
+
+        Each code z[n, k] gives a Normal over w[n, k] with loc[n, k] = z W_mu
+        and scale[n, k] = max(expm1(z W_u) + offset, 1e-10) (W_mu, W_u the
+        decoder's halves), sampled w = loc + scale * eps in meta-training and
+        w = loc in evaluation. The loc is linear in z, so
+          mean_k w[n, k] = (mean_k z[n, k]) W_mu + mean_k scale[n, k] eps[n, k]:
+        the mean half of the decoder runs once per class on the class-mean code,
+        and the stddev half, on every code, only in meta-training.
 
         The stddev offset sqrt(2 / (D + N)) is the Glorot scale of an N-way
         classifier on D inputs, as in the authors' code.
+
+        Args:
+          latents: [B, N, K, L] codes z.
+          standard_noise: [B, N, K, D] standard normal eps (meta-training), or
+            None for the means (evaluation).
+
+        Returns:
+          [B, N, D] class weights.
         """
+        class_loc = self.decoder.loc(tf.reduce_mean(latents, axis=2))  # [B, N, D]
+        if standard_noise is None:
+            return class_loc
         num_classes = tf.cast(tf.shape(latents)[1], self.compute_dtype)
         offset = tf.sqrt(2.0 / (self.embedding_dim + num_classes))
-        return gaussian(self.decoder(latents), stddev_offset=offset)
+        scale = stddev(self.decoder.pre_stddev(latents), offset)  # [B, N, K, D]
+        # The K weights of a class sampled around the class-mean loc instead of
+        # their own: they differ from w[n, k] by loc[n, k] - mean_k loc[n, k],
+        # which is zero on average over k, so their mean is mean_k w[n, k].
+        # (The [B, N, 1, D] loc broadcasts over k; it is not copied K times.)
+        shots = tfd.Normal(loc=class_loc[:, :, None, :], scale=scale)
+        return tf.reduce_mean(sample(shots, standard_noise), axis=2)
 
-    def predict(self, inputs, weights, dropout_mask=None):
+    def predict(self, inputs, class_weights, dropout_mask=None):
         """Classifier logits.
 
-        logit(x, n) = mean_k <x, w[n, k]> = <x, mean_k w[n, k]>: the mean over k
-        is taken on the weights first, so no [.., N, K] products are formed.
+        logit(x, n) = mean_k <x, w[n, k]> = <x, c[n]>, with the class weights
+        c[n] = mean_k w[n, k] formed before (see `decode`).
 
         Args:
           inputs: [B, G, M, D] examples in G groups of M (the N classes'
             K or V examples of an episode, or any grouping).
-          weights: [B, N, K, D] classifier weights.
+          class_weights: [B, N, D].
           dropout_mask: [B, G, M, D] or None.
 
         Returns:
           [B, G, M, N] logits.
         """
-        class_weights = tf.reduce_mean(weights, axis=2)  # [B, N, D]
         inputs = layers.apply_dropout(inputs, dropout_mask)
         logits = tf.matmul(
             _flatten_examples(inputs), class_weights, transpose_b=True
         )  # [B, GM, N]
-        shape = tf.concat([tf.shape(inputs)[:3], tf.shape(weights)[1:2]], axis=0)
+        shape = tf.concat([tf.shape(inputs)[:3], tf.shape(class_weights)[1:2]], 0)
         return tf.reshape(logits, shape)
 
-    def support_loss_gradient(self, tr_input, tr_onehot, weights, dropout_mask=None):
-        """d/dw of the SUM over support examples of the softmax cross-entropy.
+    def support_loss_gradient(
+        self, tr_input, tr_onehot, class_weights, dropout_mask=None
+    ):
+        """d/dc of the SUM over support examples of the softmax cross-entropy.
 
         Closed form: d CE / d logits = softmax(logits) - onehot(label), and
-        logits = x . mean_k w[n, k], so d/dw[n, k] = (1/K) sum_x (p - y)_n x.
-        The outer tape differentiates through this expression, so second-order
-        gradients stay exact.
+        logits = x . c[n], so d/dc[n] = sum_x (p - y)_n x. The authors
+        differentiate w.r.t. each of the K weights w[n, k] of which c[n] is the
+        mean: that gradient is d/dc[n] / K, the same for every k (see
+        `finetuning_inner_loop`). The outer tape differentiates through this
+        expression, so second-order gradients stay exact.
 
         Args:
           tr_input: [B, N, K, D].
           tr_onehot: [B, N, K, N] one-hot labels.
-          weights: [B, N, K, D].
+          class_weights: [B, N, D].
           dropout_mask: [B, N, K, D] or None.
 
         Returns:
-          [B, N, K, D].
+          [B, N, D].
         """
         inputs = layers.apply_dropout(tr_input, dropout_mask)
-        logits = self.predict(inputs, weights)
+        logits = self.predict(inputs, class_weights)
         residual = tf.nn.softmax(logits) - tr_onehot  # [B, N, K, N]
-        class_gradient = tf.matmul(
+        return tf.matmul(
             _flatten_examples(residual), _flatten_examples(inputs), transpose_a=True
         )  # [B, N, D]
-        num_shots = tf.cast(tf.shape(weights)[2], weights.dtype)
-        return tf.broadcast_to(
-            class_gradient[:, :, None, :] / num_shots, tf.shape(weights)
-        )
 
     # Section 3.2: adaptation in latent space.
     def leo_inner_loop(self, tr_input, tr_onehot, latents, noise):
         """S steps of z <- z - inner_lr * dL_tr/dz; returns adapted [B, N, K, L].
 
-        L_tr is the summed support loss of the weights decoded (and, in
+        L_tr is the summed support loss of the class weights decoded (and, in
         meta-training, re-sampled) from the current z; each step's gradient is
-        the closed-form dL_tr/dw carried back to z by a tape over the decoder.
+        the closed-form dL_tr/dc carried back to z by a tape over the decoder.
         """
         for step in range(self.config.inner_unroll_length):
             with tf.GradientTape() as tape:
                 tape.watch(latents)
-                weights = sample(self.decode(latents), _pick(noise.weights, step))
-            weight_gradient = self.support_loss_gradient(
-                tr_input, tr_onehot, weights, _pick(noise.support_dropout, step)
+                class_weights = self.decode(latents, _pick(noise.weights, step))
+            class_gradient = self.support_loss_gradient(
+                tr_input, tr_onehot, class_weights, _pick(noise.support_dropout, step)
             )
             latent_gradient = tape.gradient(
-                weights, latents, output_gradients=weight_gradient
+                class_weights, latents, output_gradients=class_gradient
             )
             latents = latents - self.inner_lr * latent_gradient
         return latents
 
     # Section 3.3: fine-tuning the decoded weights in parameter space.
-    def finetuning_inner_loop(self, tr_input, tr_onehot, weights, noise):
-        """F steps of w <- w - finetuning_lr * dL_tr/dw; returns [B, N, K, D]."""
+    def finetuning_inner_loop(self, tr_input, tr_onehot, class_weights, noise):
+        """F steps of w <- w - finetuning_lr * dL_tr/dw; returns c [B, N, D].
+
+        Every one of the K weights w[n, k] of class n has the gradient
+        dL_tr/dw[n, k] = dL_tr/dc[n] / K, so each, and hence their mean c[n],
+        moves by finetuning_lr * dL_tr/dc[n] / K.
+        """
+        num_shots = tf.cast(tf.shape(tr_input)[2], self.compute_dtype)
         first = self.config.inner_unroll_length
         for step in range(self.config.finetuning_unroll_length):
-            weight_gradient = self.support_loss_gradient(
-                tr_input, tr_onehot, weights, _pick(noise.support_dropout, first + step)
+            class_gradient = self.support_loss_gradient(
+                tr_input,
+                tr_onehot,
+                class_weights,
+                _pick(noise.support_dropout, first + step),
             )
-            weights = weights - self.finetuning_lr * weight_gradient
-        return weights
+            class_weights = class_weights - self.finetuning_lr * (
+                class_gradient / num_shots
+            )
+        return class_weights
 
     def adapt(self, tr_input, tr_output, noise=_NO_NOISE):
         """Encodes the support set, adapts in latent space, then finetunes.
@@ -308,7 +352,7 @@ class LEO(keras.layers.Layer):
 
         Returns:
           Adaptation: the latent distribution, its sample [B, N, K, L], the
-          adapted latents [B, N, K, L] and finetuned weights [B, N, K, D].
+          adapted latents [B, N, K, L] and finetuned class weights [B, N, D].
         """
         tr_input = tf.cast(tr_input, self.compute_dtype)
         num_classes = tf.shape(tr_input)[1]
@@ -316,11 +360,13 @@ class LEO(keras.layers.Layer):
         latent_distribution = self.encode(tr_input, noise.encoder_dropout)
         latents = sample(latent_distribution, noise.latent)
         adapted = self.leo_inner_loop(tr_input, tr_onehot, latents, noise)
-        weights = sample(
-            self.decode(adapted), _pick(noise.weights, self.config.inner_unroll_length)
+        class_weights = self.decode(
+            adapted, _pick(noise.weights, self.config.inner_unroll_length)
         )
-        weights = self.finetuning_inner_loop(tr_input, tr_onehot, weights, noise)
-        return Adaptation(latent_distribution, latents, adapted, weights)
+        class_weights = self.finetuning_inner_loop(
+            tr_input, tr_onehot, class_weights, noise
+        )
+        return Adaptation(latent_distribution, latents, adapted, class_weights)
 
     def run_episodes(self, episodes, noise=None, num_towers=1):
         """Adapts to each episode's support set and scores its query set.
@@ -347,9 +393,9 @@ class LEO(keras.layers.Layer):
         noise = noise or _NO_NOISE
         val_input = tf.cast(episodes.val_input, self.compute_dtype)
         adaptation = self.adapt(episodes.tr_input, episodes.tr_output, noise)
-        latent_distribution, latents, adapted, weights = adaptation
+        latent_distribution, latents, adapted, class_weights = adaptation
 
-        logits = self.predict(val_input, weights, noise.query_dropout)
+        logits = self.predict(val_input, class_weights, noise.query_dropout)
         labels = episodes.val_output[..., 0]
         query_loss = _mean_per_episode(
             tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)

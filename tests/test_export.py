@@ -52,7 +52,7 @@ def _in_process_logits(model, support, query):
     classes, shots = support.shape[:2]
     labels = np.broadcast_to(np.arange(classes)[:, None, None], (classes, shots, 1))
     adaptation = model.adapt(support[None], labels[None].astype(np.int32))
-    return model.predict(query[None, None], adaptation.weights)[0, 0].numpy()
+    return model.predict(query[None, None], adaptation.class_weights)[0, 0].numpy()
 
 
 _LOADER = textwrap.dedent("""

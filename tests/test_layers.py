@@ -97,6 +97,13 @@ def test_decoder_is_bias_free_linear_map_to_twice_the_embedding_width():
     kernel = decoder.kernel.numpy()
     assert kernel.shape == (4, 12)
     np.testing.assert_allclose(decoder(latents).numpy(), latents @ kernel, rtol=1e-12)
+    # Its halves on their own: the weights' mean, then their stddev's input.
+    np.testing.assert_allclose(
+        decoder.loc(latents).numpy(), latents @ kernel[:, :6], rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        decoder.pre_stddev(latents).numpy(), latents @ kernel[:, 6:], rtol=1e-12
+    )
 
 
 def test_orthogonality_penalty_matches_numpy():

@@ -28,17 +28,35 @@ def test_gaussian_stddev_transform_matches_numpy(offset):
     assert distribution.scale.numpy().min() >= 1e-10  # the floor applies
 
 
-def test_decode_uses_glorot_stddev_offset_of_the_episode():
+def test_decode_is_class_mean_of_per_shot_samples_with_glorot_stddev_offset():
+    rng = np.random.default_rng(0)
+    model = fx.small_model(dim=8, dtype="float64")
+    latents = rng.normal(size=(2, 3, 2, 4))
+    noise = rng.normal(size=(2, 3, 2, 8))
+    params = latents @ model.decoder.kernel.numpy()  # every shot decoded
+    offset = np.sqrt(2.0 / (8 + 3))  # D = 8, N = 3
+    scale = np.maximum(np.exp(params[..., 8:]) - (1 - offset), 1e-10)
+    assert np.median(scale) > 0.1  # mostly above the floor: the offset matters
+    samples = params[..., :8] + scale * noise  # w[n, k], [2, 3, 2, 8]
+
+    sampled = model.decode(tf.constant(latents), tf.constant(noise))
+    mean = model.decode(tf.constant(latents))
+
+    np.testing.assert_allclose(sampled.numpy(), samples.mean(axis=2), rtol=1e-9)
+    np.testing.assert_allclose(mean.numpy(), params[..., :8].mean(axis=2), rtol=1e-9)
+
+
+def test_decode_without_noise_does_not_use_the_stddev_half():
     model = fx.small_model(dim=8, dtype="float64")
     latents = np.random.default_rng(0).normal(size=(2, 3, 2, 4))
-    params = latents @ model.decoder.kernel.numpy()
-    offset = np.sqrt(2.0 / (8 + 3))  # D = 8, N = 3
-    expected_scale = np.maximum(np.exp(params[..., 8:]) - (1 - offset), 1e-10)
+    kernel = model.decoder.kernel.numpy()
+    expected = (latents @ kernel[:, :8]).mean(axis=2)
+    kernel[:, 8:] = np.nan
+    model.decoder.kernel.assign(kernel)
 
-    distribution = model.decode(tf.constant(latents))
-
-    np.testing.assert_allclose(distribution.mean().numpy(), params[..., :8])
-    np.testing.assert_allclose(distribution.scale.numpy(), expected_scale, rtol=1e-9)
+    np.testing.assert_allclose(
+        model.decode(tf.constant(latents)).numpy(), expected, rtol=1e-12
+    )
 
 
 def test_predict_is_mean_over_shots_of_per_weight_logits():
@@ -55,22 +73,22 @@ def test_predict_is_mean_over_shots_of_per_weight_logits():
     )
 
     logits = model.predict(
-        tf.constant(inputs), tf.constant(weights), tf.constant(mask)
+        tf.constant(inputs), tf.constant(weights.mean(axis=2)), tf.constant(mask)
     ).numpy()
 
     np.testing.assert_allclose(logits, expected, rtol=1e-10)
 
 
 def test_support_loss_gradient_hand_computed():
-    """N = 2, K = 1, w = 0: p = 1/2, so dL/dw[n] = sum_x (1/2 - y_n) x."""
+    """N = 2, K = 1, c = 0: p = 1/2, so dL/dc[n] = sum_x (1/2 - y_n) x."""
     model = fx.small_model(dim=2, dtype="float64")
     inputs = np.array([[[[1.0, 0.0]], [[0.0, 2.0]]]])  # class 0: e1, class 1: 2e2
     onehot = np.array([[[[1.0, 0.0]], [[0.0, 1.0]]]])
-    weights = np.zeros((1, 2, 1, 2))
+    class_weights = np.zeros((1, 2, 2))
     # Class 0 weight: (1/2 - 1) e1 + (1/2 - 0) 2e2 = (-1/2, 1).
-    expected = np.array([[[[-0.5, 1.0]], [[0.5, -1.0]]]])
+    expected = np.array([[[-0.5, 1.0], [0.5, -1.0]]])
 
-    gradient = model.support_loss_gradient(inputs, onehot, weights).numpy()
+    gradient = model.support_loss_gradient(inputs, onehot, class_weights).numpy()
 
     np.testing.assert_allclose(gradient, expected, atol=1e-12)
 
@@ -81,31 +99,39 @@ def test_support_loss_gradient_is_gradient_of_the_summed_loss():
     episodes = fx.random_episodes(3, batch=2, classes=3, shots=2)
     inputs = tf.cast(episodes.tr_input, tf.float64)
     onehot = tf.one_hot(episodes.tr_output[..., 0], 3, dtype=tf.float64)
-    weights = tf.constant(rng.normal(size=(2, 3, 2, 8)))
+    weights = tf.constant(rng.normal(size=(2, 3, 2, 8)))  # w[n, k], K = 2
     mask = tf.constant(rng.choice([0.0, 2.0], size=(2, 3, 2, 8)))
-    with tf.GradientTape() as tape:
+    with tf.GradientTape(persistent=True) as tape:
         tape.watch(weights)
-        logits = model.predict(inputs, weights, mask)
+        class_weights = tf.reduce_mean(weights, axis=2)
+        logits = model.predict(inputs, class_weights, mask)
         per_example = tf.nn.softmax_cross_entropy_with_logits(onehot, logits)
         summed = tf.reduce_sum(per_example)
-    expected = tape.gradient(summed, weights).numpy()
+    expected = tape.gradient(summed, class_weights).numpy()
+    per_weight = tape.gradient(summed, weights).numpy()
 
-    gradient = model.support_loss_gradient(inputs, onehot, weights, mask).numpy()
+    gradient = model.support_loss_gradient(inputs, onehot, class_weights, mask)
+    gradient = gradient.numpy()
 
     np.testing.assert_allclose(gradient, expected, rtol=1e-10, atol=1e-12)
     # The sum, not the mean: the mean's gradient is NK = 6 times smaller.
     assert np.abs(gradient).max() > 5 * np.abs(expected / 6).max()
+    # The authors' gradient w.r.t. each of the K weights is 1/K of it.
+    for k in range(2):
+        np.testing.assert_allclose(
+            per_weight[:, :, k], gradient / 2, rtol=1e-10, atol=1e-12
+        )
 
 
 # -------------------------------------------------------------- inner loops
 class _QuadraticSupportLoss:
-    """Replaces the support loss by c/2 ||w||^2 (gradient c w) for hand maths."""
+    """Replaces the support loss by a/2 ||c||^2 (gradient a c) for hand maths."""
 
     def __init__(self, coefficient):
         self.coefficient = coefficient
 
-    def __call__(self, tr_input, tr_onehot, weights, dropout_mask=None):
-        return self.coefficient * weights
+    def __call__(self, tr_input, tr_onehot, class_weights, dropout_mask=None):
+        return self.coefficient * class_weights
 
 
 def test_latent_inner_loop_scales_latents_by_the_known_factor(monkeypatch):
@@ -130,18 +156,20 @@ def test_latent_inner_loop_scales_latents_by_the_known_factor(monkeypatch):
 
 
 def test_finetuning_loop_scales_weights_by_the_known_factor(monkeypatch):
+    """dL/dc = c, so each of the K = 2 weights, and c, moves by lr c / 2."""
     config = fx.small_config(finetuning_unroll_length=5)
     model = fx.small_model(config, dim=3, dtype="float64")
     model.finetuning_lr.assign([0.1, 0.2, 0.4])
     monkeypatch.setattr(model, "support_loss_gradient", _QuadraticSupportLoss(1.0))
-    weights = np.arange(1.0, 7.0).reshape(1, 2, 1, 3)
+    tr_input = np.zeros((1, 2, 2, 3))  # only its K = 2 is used
+    class_weights = np.arange(1.0, 7.0).reshape(1, 2, 3)
 
     adapted = model.finetuning_inner_loop(
-        None, None, tf.constant(weights), model_lib._NO_NOISE
+        tf.constant(tr_input), None, tf.constant(class_weights), model_lib._NO_NOISE
     ).numpy()
 
     np.testing.assert_allclose(
-        adapted, weights * (1 - np.array([0.1, 0.2, 0.4])) ** 5, rtol=1e-12
+        adapted, class_weights * (1 - np.array([0.05, 0.1, 0.2])) ** 5, rtol=1e-12
     )
 
 
