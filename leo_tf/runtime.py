@@ -11,6 +11,15 @@ def _cores():
     return os.cpu_count() or 1
 
 
+def _has_gpu():
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def unbatched_matmuls():
+    """Whether LEO's per-episode matmuls run as separate 2-D MatMuls (CPU)."""
+    return not _has_gpu()
+
+
 def num_towers(requested, batch_size):
     """How many towers to split a meta-batch of batch_size into.
 
@@ -19,7 +28,7 @@ def num_towers(requested, batch_size):
     """
     if requested:
         return requested
-    if tf.config.list_physical_devices("GPU"):
+    if _has_gpu():
         return 1
     towers = min(_cores(), batch_size)
     while batch_size % towers:
