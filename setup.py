@@ -22,6 +22,8 @@ setuptools.setup(
         "tensorflow>=2.16,<3",
         "tensorflow-probability[tf]>=0.24,<1",
         "tensorflow-datasets>=4.9,<5",
+        # TFDS needs it to download a data set (leo_tf.embed --tfds_name).
+        "importlib_resources>=5",
         # TensorFlow no longer installs TensorBoard; summaries need it.
         "tensorboard>=2.16,<3",
         "absl-py>=1.4,<3",
