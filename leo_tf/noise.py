@@ -23,7 +23,11 @@ _ALGORITHM = "philox"
 
 
 class EpisodeNoise(NamedTuple):
-    """Noise for a meta-batch. Dropout masks are scaled keep masks."""
+    """Noise for a meta-batch. Dropout masks are scaled keep masks.
+
+    The two per-step fields may also be tuples of per-step tensors (see
+    `model.meta_batch_part`); the model only indexes them by step.
+    """
 
     encoder_dropout: tf.Tensor  # [B, N, K, D]
     latent: tf.Tensor  # [B, N, K, L], standard normal
