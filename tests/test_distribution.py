@@ -95,9 +95,11 @@ def _free_ports(count):
     return ports
 
 
-def test_two_worker_run_agrees_on_weights_and_only_the_chief_writes(tmp_path):
-    data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
-    directory = tmp_path / "run"
+def _run_two_workers(tmp_path, data_path, directory, num_steps):
+    """Runs a 2-worker multi_worker cluster on localhost to num_steps.
+
+    Returns [(stdout, stderr)] of the chief and the other worker.
+    """
     cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
     workers = []
     for index in range(2):
@@ -106,7 +108,7 @@ def test_two_worker_run_agrees_on_weights_and_only_the_chief_writes(tmp_path):
             {"cluster": cluster, "task": {"type": "worker", "index": index}}
         )
         env["TMPDIR"] = str(tmp_path / f"tmp{index}")
-        os.makedirs(env["TMPDIR"])
+        os.makedirs(env["TMPDIR"], exist_ok=True)
         workers.append(
             subprocess.Popen(
                 [
@@ -120,7 +122,7 @@ def test_two_worker_run_agrees_on_weights_and_only_the_chief_writes(tmp_path):
                     "--num_latents=8",
                     "--metatrain_batch_size=4",
                     "--metavalid_batch_size=20",
-                    "--num_steps_limit=6",
+                    f"--num_steps_limit={num_steps}",
                     "--checkpoint_steps=3",
                     "--summary_steps=3",
                 ],
@@ -140,20 +142,46 @@ def test_two_worker_run_agrees_on_weights_and_only_the_chief_writes(tmp_path):
             worker.kill()
     for worker, (_, stderr) in zip(workers, outputs):
         assert worker.returncode == 0, stderr[-3000:]
-    digests = [
-        re.findall(r"Step 6: weights digest (\w+)", stderr) for _, stderr in outputs
+    return outputs, workers[0].pid
+
+
+def _digests(outputs, step):
+    return [
+        re.findall(rf"Step {step}: weights digest (\w+)", stderr)
+        for _, stderr in outputs
     ]
+
+
+def test_two_worker_run_agrees_on_weights_and_only_the_chief_writes(tmp_path):
+    data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
+    directory = tmp_path / "run"
+    outputs, chief_pid = _run_two_workers(tmp_path, data_path, directory, 6)
+    digests = _digests(outputs, 6)
     assert digests[0] and digests[0] == digests[1]
     assert "step 6/6" in outputs[0][0] and "step 6/6" not in outputs[1][0]
     # Only the chief writes: one event file, and the worker's own temporary
     # checkpoints are gone.
     events = list(directory.glob("events.out.tfevents.*"))
-    assert len(events) == 1 and str(workers[0].pid) in events[0].name
+    assert len(events) == 1 and str(chief_pid) in events[0].name
     assert sorted(p.name for p in directory.glob("ckpt-*.index")) == [
         "ckpt-3.index",
         "ckpt-6.index",
     ]
     assert (directory / "best_checkpoint" / "metrics.json").exists()
+    assert list((tmp_path / "tmp1").iterdir()) == []
+
+    # Restarting the cluster (as after a worker failure): every worker
+    # restores the chief's latest checkpoint and they continue in step.
+    outputs, _ = _run_two_workers(tmp_path, data_path, directory, 9)
+    for _, stderr in outputs:
+        assert f"Resuming from {directory / 'ckpt-6'} at step 6" in stderr
+    digests = _digests(outputs, 9)
+    assert digests[0] and digests[0] == digests[1]
+    assert sorted(p.name for p in directory.glob("ckpt-*.index")) == [
+        "ckpt-3.index",
+        "ckpt-6.index",
+        "ckpt-9.index",
+    ]
     assert list((tmp_path / "tmp1").iterdir()) == []
 
 
