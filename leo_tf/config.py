@@ -113,6 +113,12 @@ flags.DEFINE_integer(
     "leo_tf: meta-test episodes to average over (the authors' 10000), in "
     "whole batches of metatest_batch_size.",
 )
+flags.DEFINE_boolean(
+    "fixed_metavalid_batches",
+    False,
+    "leo_tf: estimate meta-validation accuracy on the same batches at every "
+    "checkpoint (default, as the authors: new batches each time).",
+)
 flags.DEFINE_enum(
     "distribution",
     "none",
@@ -186,6 +192,7 @@ class TrainConfig:
     num_towers: int = 0
     distribution: str = "none"
     num_metavalid_batches: int = 10
+    fixed_metavalid_batches: bool = False
     num_metatest_episodes: int = 10000
 
 

@@ -2,8 +2,9 @@
 
 `train` follows the authors' protocol: num_steps_limit meta-training steps;
 every checkpoint_steps a checkpoint, a meta-validation estimate (the mean
-accuracy of num_metavalid_batches fixed meta-validation batches) and, when it
-is the best so far, an atomic promotion to `best_checkpoint`. A run restarted
+accuracy of num_metavalid_batches meta-validation batches, new ones at every
+checkpoint as in the authors' code, or the same ones with
+--fixed_metavalid_batches) and, when it is the best so far, an atomic promotion to `best_checkpoint`. A run restarted
 on the same directory resumes from the latest checkpoint at exactly its step:
 batches and noise are pure functions of (seed, step), so the data "state" is
 the step itself, and each checkpoint records its own validation accuracy, so
@@ -83,10 +84,14 @@ class _StopRequest:
             signal.signal(number, handler)
 
 
-def _validate(eval_step, sampler, num_batches):
-    """Mean accuracy and query loss over the fixed meta-validation batches."""
+def _validate(eval_step, sampler, num_batches, first_batch):
+    """Mean accuracy and query loss over meta-validation batches.
+
+    Batches first_batch .. first_batch + num_batches - 1 of the sampler, each
+    a pure function of the run's seed and its index.
+    """
     accuracies, losses = [], []
-    for index in range(num_batches):
+    for index in range(first_batch, first_batch + num_batches):
         accuracy, loss = eval_step(episodes_lib.Episodes(*sampler.sample(index)))
         accuracies.append(accuracy.numpy())
         losses.append(loss.numpy())
@@ -308,8 +313,12 @@ class _Session:
         if not _finite(self.model):
             self._save()  # logs the refusal
             return {}
+        num_batches = self.config.train.num_metavalid_batches
         accuracy, loss = _validate(
-            self.eval_step, self.val_sampler, self.config.train.num_metavalid_batches
+            self.eval_step,
+            self.val_sampler,
+            num_batches,
+            0 if self.config.train.fixed_metavalid_batches else step * num_batches,
         )
         self.validation_accuracy.assign(accuracy)
         with self.writer.as_default(step=step):
