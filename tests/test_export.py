@@ -268,7 +268,17 @@ def test_failed_export_leaves_nothing_half_written(trained, tmp_path, monkeypatc
         export_lib.export(config.train.checkpoint_path, tmp_path / "fresh")
 
     assert sorted(p.relative_to(previous) for p in previous.rglob("*")) == before
-    assert tf.saved_model.load(str(previous)) is not None
+    # The previous export still serves, with the trained model's logits.
+    rng = np.random.default_rng(0)
+    support = rng.standard_normal((3, 2, DIM)).astype(np.float32)
+    query = rng.standard_normal((4, DIM)).astype(np.float32)
+    serving = tf.saved_model.load(str(previous)).signatures["serving_default"]
+    np.testing.assert_allclose(
+        serving(support=support, query=query)["logits"].numpy(),
+        _in_process_logits(_restored_model(config), support, query),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
 
 

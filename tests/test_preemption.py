@@ -47,6 +47,20 @@ def _env(**extra):
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO), **extra}
 
 
+def _run_to_completion(data_path, directory, *extra):
+    """Runs training to its end in a subprocess; returns the CompletedProcess."""
+    process = subprocess.run(
+        _command(data_path, directory, *extra),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    return process
+
+
 def _value(reader, name):
     return reader.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
 
@@ -127,15 +141,7 @@ def test_sigkill_at_random_moments_and_crash_points_loses_nothing(tmp_path):
             best_accuracies.append(metrics["metavalid_accuracy"])
 
     expected_resume = tf.train.latest_checkpoint(str(directory))
-    final = subprocess.run(
-        _command(data_path, directory),
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert final.returncode == 0, final.stderr[-3000:]
+    final = _run_to_completion(data_path, directory)
     assert f"Resuming from {expected_resume} at step" in final.stderr
     assert f"step {LIMIT}/{LIMIT}" in final.stdout
     assert kills >= 10
@@ -145,15 +151,7 @@ def test_sigkill_at_random_moments_and_crash_points_loses_nothing(tmp_path):
     assert metrics["metavalid_accuracy"] >= max(best_accuracies, default=0)
 
     straight = tmp_path / "straight"
-    uninterrupted = subprocess.run(
-        _command(data_path, straight),
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    _run_to_completion(data_path, straight)
     interrupted_weights = _final_weights(directory)
     for name, value in _final_weights(straight).items():
         np.testing.assert_array_equal(interrupted_weights[name], value, err_msg=name)
@@ -193,18 +191,7 @@ def test_sigterm_and_sigint_checkpoint_and_exit_cleanly(tmp_path, signal_number)
     if signal_number != signal.SIGTERM:
         return  # resuming from a signal's checkpoint is checked once
 
-    resumed = subprocess.run(
-        _command(
-            data_path,
-            directory,
-            "--checkpoint_steps=1000",
-            f"--num_steps_limit={step + 2}",
-        ),
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    resumed = _run_to_completion(
+        data_path, directory, "--checkpoint_steps=1000", f"--num_steps_limit={step + 2}"
     )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming from {prefix} at step {step}" in resumed.stderr

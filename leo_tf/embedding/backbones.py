@@ -22,6 +22,19 @@ BACKBONES = ("conv4", "wrn")
 _WEIGHT_INIT = "he_normal"
 
 
+def _conv(filters: int, size: int, name: str, stride: int = 1) -> keras.layers.Conv2D:
+    """A bias-free, He-initialised, "same"-padded square convolution."""
+    return keras.layers.Conv2D(
+        filters,
+        size,
+        strides=stride,
+        padding="same",
+        use_bias=False,
+        kernel_initializer=_WEIGHT_INIT,
+        name=name,
+    )
+
+
 def conv4(input_shape, filters: int = 64, name: str = "conv4") -> keras.Model:
     """The 4-block conv net of the few-shot literature.
 
@@ -41,14 +54,7 @@ def conv4(input_shape, filters: int = 64, name: str = "conv4") -> keras.Model:
     inputs = keras.Input(shape=tuple(input_shape))
     x = inputs
     for block in range(4):
-        x = keras.layers.Conv2D(
-            filters,
-            3,
-            padding="same",
-            use_bias=False,
-            kernel_initializer=_WEIGHT_INIT,
-            name=f"block{block}_conv",
-        )(x)
+        x = _conv(filters, 3, f"block{block}_conv")(x)
         x = keras.layers.BatchNormalization(name=f"block{block}_bn")(x)
         x = keras.layers.ReLU(name=f"block{block}_relu")(x)
         x = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
@@ -61,37 +67,15 @@ def _wrn_block(x, filters: int, stride: int, dropout_rate: float, name: str):
     pre = keras.layers.BatchNormalization(name=f"{name}_bn1")(x)
     pre = keras.layers.ReLU(name=f"{name}_relu1")(pre)
     if stride != 1 or x.shape[-1] != filters:
-        shortcut = keras.layers.Conv2D(
-            filters,
-            1,
-            strides=stride,
-            use_bias=False,
-            kernel_initializer=_WEIGHT_INIT,
-            name=f"{name}_shortcut",
-        )(pre)
+        shortcut = _conv(filters, 1, f"{name}_shortcut", stride)(pre)
     else:
         shortcut = x
-    y = keras.layers.Conv2D(
-        filters,
-        3,
-        strides=stride,
-        padding="same",
-        use_bias=False,
-        kernel_initializer=_WEIGHT_INIT,
-        name=f"{name}_conv1",
-    )(pre)
+    y = _conv(filters, 3, f"{name}_conv1", stride)(pre)
     y = keras.layers.BatchNormalization(name=f"{name}_bn2")(y)
     y = keras.layers.ReLU(name=f"{name}_relu2")(y)
     if dropout_rate:
         y = keras.layers.Dropout(dropout_rate, name=f"{name}_dropout")(y)
-    y = keras.layers.Conv2D(
-        filters,
-        3,
-        padding="same",
-        use_bias=False,
-        kernel_initializer=_WEIGHT_INIT,
-        name=f"{name}_conv2",
-    )(y)
+    y = _conv(filters, 3, f"{name}_conv2")(y)
     return keras.layers.Add(name=f"{name}_add")([shortcut, y])
 
 
@@ -118,14 +102,7 @@ def wide_resnet(
         raise ValueError(f"WRN depth must be 6n + 4, found {depth}")
     blocks_per_group = (depth - 4) // 6
     inputs = keras.Input(shape=tuple(input_shape))
-    x = keras.layers.Conv2D(
-        16,
-        3,
-        padding="same",
-        use_bias=False,
-        kernel_initializer=_WEIGHT_INIT,
-        name="stem",
-    )(inputs)
+    x = _conv(16, 3, "stem")(inputs)
     for group, (filters, stride) in enumerate(
         ((16 * width, 1), (32 * width, 2), (64 * width, 2))
     ):
