@@ -10,9 +10,10 @@ work from a notebook or a test without absl.
 import dataclasses
 import math
 import os
-import pathlib
 
 from absl import flags
+
+from leo_tf import paths
 
 KNOWN_DATASETS = ("miniImageNet", "tieredImageNet", "synthetic")
 EMBEDDING_CROPS = ("center", "multiview")
@@ -209,12 +210,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def default_data_path():
-    """The per-user cache directory: $XDG_CACHE_HOME/leo_tf/data."""
-    cache = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return str(pathlib.Path(cache) / "leo_tf" / "data")
-
-
 def from_flags(values=FLAGS):
     """Validated RunConfig from parsed absl flags; raises ConfigError."""
     model = ModelConfig(
@@ -228,7 +223,9 @@ def from_flags(values=FLAGS):
         for f in dataclasses.fields(DataConfig)
         if f.name in values and f.name != "data_path"
     }
-    data = DataConfig(data_path=values.data_path or default_data_path(), **data_fields)
+    data = DataConfig(
+        data_path=values.data_path or str(paths.default_data_path()), **data_fields
+    )
     train = TrainConfig(
         **{
             f.name: values[f.name].value
@@ -338,11 +335,12 @@ def validate(config):
         data.embedding_crop,
         "tieredImageNet has center crops only",
     )
+    available = available_datasets(data.data_path)
     _require(
-        data.dataset_name in available_datasets(data.data_path),
+        data.dataset_name in available,
         "dataset_name",
         data.dataset_name,
-        "unknown data set; available: " + ", ".join(available_datasets(data.data_path)),
+        "unknown data set; available: " + ", ".join(available),
     )
 
     if not train.evaluation_mode:

@@ -88,11 +88,13 @@ def _validate(eval_step, sampler, num_batches, first_batch):
     """Mean accuracy and query loss over meta-validation batches.
 
     Batches first_batch .. first_batch + num_batches - 1 of the sampler, each
-    a pure function of the run's seed and its index.
+    a pure function of the run's seed and its index, sampled one ahead of the
+    step as in evaluation.
     """
     accuracies, losses = [], []
-    for index in range(first_batch, first_batch + num_batches):
-        accuracy, loss = eval_step(episodes_lib.Episodes(*sampler.sample(index)))
+    dataset = episodes_lib.make_dataset(sampler, first_batch, num_batches, prefetch=1)
+    for _, episodes in dataset:
+        accuracy, loss = eval_step(episodes)
         accuracies.append(accuracy.numpy())
         losses.append(loss.numpy())
     return float(np.mean(accuracies)), float(np.mean(losses))
@@ -327,8 +329,7 @@ class _Session:
         self.writer.flush()
         prefix = self._save()
         checkpoints.crash_point("save:done")
-        best = checkpoints.best_metrics(self.directory)
-        is_best = best is None or accuracy > best["metavalid_accuracy"]
+        is_best, best = self._beats_best(accuracy)
         logging.info(
             "Step %d: meta-validation accuracy %.4f (best %s)",
             step,
@@ -345,14 +346,18 @@ class _Session:
             )
         return {"metavalid_accuracy": accuracy, "is_best": is_best}
 
+    def _beats_best(self, accuracy):
+        """(whether accuracy beats best_checkpoint's record, the record or None)."""
+        best = checkpoints.best_metrics(self.directory)
+        return best is None or accuracy > best["metavalid_accuracy"], best
+
     def _promote_if_better(self, prefix):
         """Promotes the restored latest checkpoint if its recorded validation
         accuracy beats the best record: the run died before promoting it."""
         accuracy = float(self.validation_accuracy.numpy())
         if math.isnan(accuracy):
             return
-        best = checkpoints.best_metrics(self.directory)
-        if best is None or accuracy > best["metavalid_accuracy"]:
+        if self._beats_best(accuracy)[0]:
             record = _best_record(self.config, int(self.step.numpy()), accuracy)
             checkpoints.promote_to_best(self.directory, prefix, record)
             logging.info(

@@ -48,6 +48,7 @@ import numpy as np
 
 from leo_tf.data import embeddings as embeddings_lib
 from leo_tf.data import episodes as episodes_lib
+from leo_tf.paths import default_data_path
 
 DATASET_NAME = "synthetic"
 EMBEDDING_CROP = "center"
@@ -63,18 +64,6 @@ STYLE_SCALE = 3.0
 # Written to <data_path>/synthetic/generator.json; bump when the data change.
 GENERATOR_VERSION = 1
 _METADATA_FILE = "generator.json"
-
-
-def default_data_path() -> pathlib.Path:
-    """A per-user cache: `$XDG_CACHE_HOME/leo_tf/data` or `~/.cache/leo_tf/data`.
-
-    XDG_CACHE_HOME counts only when it is an absolute path, as the XDG base
-    directory specification says.
-    """
-    cache = os.environ.get("XDG_CACHE_HOME", "")
-    if not os.path.isabs(cache):  # unset, empty or relative: not usable
-        cache = os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(cache) / "leo_tf" / "data"
 
 
 def _metadata(seed: int) -> dict:

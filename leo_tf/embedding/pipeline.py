@@ -18,6 +18,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
+from leo_tf.data import embeddings as embeddings_lib
 from leo_tf.embedding import images as images_lib
 from leo_tf.embedding import pretrain
 from leo_tf.embedding import splits as splits_lib
@@ -266,8 +267,10 @@ def _write_outputs(
     for split in splits_lib.SPLITS:
         names, counts, labels = blocks[split]
         row_ids = np.array(ids[split])[labels]
-        path = writer.split_path(
-            output.data_path, output.dataset_name, output.embedding_crop, split
+        path = str(
+            embeddings_lib.split_path(
+                output.data_path, output.dataset_name, output.embedding_crop, split
+            )
         )
         writer.write_split(
             path,
@@ -289,10 +292,7 @@ def _write_outputs(
                 "label": label,
                 "num_images": int(count),
             }
-    classes_path = os.path.join(
-        writer.split_dir(output.data_path, output.dataset_name, output.embedding_crop),
-        writer.CLASSES_FILE,
-    )
+    classes_path = os.path.join(os.path.dirname(path), writer.CLASSES_FILE)
     writer.write_json(
         classes_path,
         {

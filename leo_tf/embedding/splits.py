@@ -17,13 +17,14 @@ new classes in the same split (Vinyals et al. 2016), so splits stay disjoint.
 """
 
 import dataclasses
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 
+from leo_tf.data import embeddings as embeddings_lib
 from leo_tf.embedding import images as images_lib
 
-SPLITS = ("train", "val", "test")
+SPLITS = embeddings_lib.SPLITS
 
 # Omniglot's 30 "background" and 20 "evaluation" alphabets (folder names).
 BACKGROUND_ALPHABETS = (

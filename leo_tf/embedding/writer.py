@@ -47,20 +47,6 @@ def check_dataset_name(name: str) -> str:
     return name
 
 
-def split_dir(data_path: str, dataset_name: str, embedding_crop: str) -> str:
-    """<data_path>/<dataset_name>/<embedding_crop>."""
-    return os.path.join(data_path, dataset_name, embedding_crop)
-
-
-def split_path(
-    data_path: str, dataset_name: str, embedding_crop: str, split: str
-) -> str:
-    """<data_path>/<dataset_name>/<embedding_crop>/<split>_embeddings.pkl."""
-    return os.path.join(
-        split_dir(data_path, dataset_name, embedding_crop), f"{split}_embeddings.pkl"
-    )
-
-
 def make_class_ids(dataset_name: str, num_classes: int) -> list:
     """["<dataset_name>C0000", ...]: num_classes ids, zero-padded to >= 4 digits."""
     check_dataset_name(dataset_name)
