@@ -149,13 +149,27 @@ class Decoder(keras.layers.Layer):
         """latents: [B, N, K, L] -> weight distribution parameters [B, N, K, 2D]."""
         return _linear(latents, self.kernel)
 
-    def loc(self, latents):
-        """latents: [..., L] -> mean of the classifier weights [..., D]."""
-        return _linear(latents, self.kernel[:, : self.embedding_dim])
+    def kernel_halves(self):
+        """(W_mu, W_u), the kernel's `[L, D]` halves, split by one op.
 
-    def pre_stddev(self, latents):
-        """latents: [..., L] -> pre-activation of the weights' stddev [..., D]."""
-        return _linear(latents, self.kernel[:, self.embedding_dim :])
+        Reusing one split across the decodes of a step keeps the kernel's
+        gradient one concat instead of a padded slice gradient per decode.
+        """
+        return tuple(tf.split(self.kernel, 2, axis=1))
+
+    def loc(self, latents, kernel_halves=None):
+        """latents: [..., L] -> mean of the classifier weights [..., D].
+
+        kernel_halves: `kernel_halves()` to reuse, or None to split here.
+        """
+        return _linear(latents, (kernel_halves or self.kernel_halves())[0])
+
+    def pre_stddev(self, latents, kernel_halves=None):
+        """latents: [..., L] -> pre-activation of the weights' stddev [..., D].
+
+        kernel_halves: `kernel_halves()` to reuse, or None to split here.
+        """
+        return _linear(latents, (kernel_halves or self.kernel_halves())[1])
 
     def orthogonality_penalty(self):
         """Mean squared distance of the kernel rows' cosine matrix from I."""

@@ -237,7 +237,7 @@ class LEO(keras.layers.Layer):
         return gaussian(self.relation_network(codes))
 
     # Section 3.1: decoding codes into classifier weights, and sampling them.
-    def decode(self, latents, standard_noise=None):
+    def decode(self, latents, standard_noise=None, decoder_halves=None):
         """Class weights c[n] = mean_k w[n, k] of the weights decoded from codes.
 
         Each code z[n, k] gives a Normal over w[n, k] with loc[n, k] = z W_mu
@@ -255,22 +255,26 @@ class LEO(keras.layers.Layer):
           latents: [B, N, K, L] codes z.
           standard_noise: [B, N, K, D] standard normal eps (meta-training), or
             None for the means (evaluation).
+          decoder_halves: `self.decoder.kernel_halves()`, split once for all
+            the decodes of a step, or None to split here.
 
         Returns:
           [B, N, D] class weights.
         """
-        class_loc = self.decoder.loc(tf.reduce_mean(latents, axis=2))  # [B, N, D]
+        class_loc = self.decoder.loc(
+            tf.reduce_mean(latents, axis=2), decoder_halves
+        )  # [B, N, D]
         if standard_noise is None:
             return class_loc
         num_classes = tf.cast(tf.shape(latents)[1], self.compute_dtype)
         offset = tf.sqrt(2.0 / (self.embedding_dim + num_classes))
-        scale = stddev(self.decoder.pre_stddev(latents), offset)  # [B, N, K, D]
-        # The K weights of a class sampled around the class-mean loc instead of
-        # their own: they differ from w[n, k] by loc[n, k] - mean_k loc[n, k],
-        # which is zero on average over k, so their mean is mean_k w[n, k].
-        # (The [B, N, 1, D] loc broadcasts over k; it is not copied K times.)
-        shots = tfd.Normal(loc=class_loc[:, :, None, :], scale=scale)
-        return tf.reduce_mean(sample(shots, standard_noise), axis=2)
+        pre_stddev = self.decoder.pre_stddev(latents, decoder_halves)
+        scale = stddev(pre_stddev, offset)  # [B, N, K, D]
+        # The sampled w[n, k] = loc[n, k] + scale[n, k] eps[n, k] are only
+        # needed through their class mean, which is (see above)
+        #   c[n] = mean_k loc[n, k] + mean_k scale[n, k] eps[n, k],
+        # so the class-mean loc is added once per class, not broadcast over k.
+        return class_loc + tf.reduce_mean(scale * standard_noise, axis=2)
 
     def predict(self, inputs, class_weights, dropout_mask=None):
         """Classifier logits.
@@ -323,17 +327,20 @@ class LEO(keras.layers.Layer):
         )  # [B, N, D]
 
     # Section 3.2: adaptation in latent space.
-    def leo_inner_loop(self, tr_input, tr_onehot, latents, noise):
+    def leo_inner_loop(self, tr_input, tr_onehot, latents, noise, decoder_halves=None):
         """S steps of z <- z - inner_lr * dL_tr/dz; returns adapted [B, N, K, L].
 
         L_tr is the summed support loss of the class weights decoded (and, in
         meta-training, re-sampled) from the current z; each step's gradient is
         the closed-form dL_tr/dc carried back to z by a tape over the decoder.
+        decoder_halves: as in `decode`.
         """
         for step in range(self.config.inner_unroll_length):
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(latents)
-                class_weights = self.decode(latents, _pick(noise.weights, step))
+                class_weights = self.decode(
+                    latents, _pick(noise.weights, step), decoder_halves
+                )
             class_gradient = self.support_loss_gradient(
                 tr_input, tr_onehot, class_weights, _pick(noise.support_dropout, step)
             )
@@ -382,9 +389,14 @@ class LEO(keras.layers.Layer):
         tr_onehot = tf.one_hot(tr_output[..., 0], num_classes, dtype=self.compute_dtype)
         latent_distribution = self.encode(tr_input, noise.encoder_dropout)
         latents = sample(latent_distribution, noise.latent)
-        adapted = self.leo_inner_loop(tr_input, tr_onehot, latents, noise)
+        decoder_halves = self.decoder.kernel_halves()
+        adapted = self.leo_inner_loop(
+            tr_input, tr_onehot, latents, noise, decoder_halves
+        )
         class_weights = self.decode(
-            adapted, _pick(noise.weights, self.config.inner_unroll_length)
+            adapted,
+            _pick(noise.weights, self.config.inner_unroll_length),
+            decoder_halves,
         )
         class_weights = self.finetuning_inner_loop(
             tr_input, tr_onehot, class_weights, noise
