@@ -15,17 +15,28 @@ def _softmax(logits):
 
 
 # ---------------------------------------------------------------- equations
-@pytest.mark.parametrize("offset", [0.0, np.sqrt(2.0 / (640 + 5))])
-def test_gaussian_stddev_transform_matches_numpy(offset):
+def test_latent_gaussian_stddev_transform_matches_numpy():
     params = np.array([[0.3, -1.2, 0.5, 1e-9, -3.0, 2.0]])
-    # exp(u) - (1 - offset), with exp(u) - 1 taken exactly (expm1) near u = 0.
-    expected_scale = np.maximum(np.expm1(params[:, 3:]) + offset, 1e-10)
+    # exp(u) - 1, taken exactly (expm1) near u = 0, floored at 1e-10.
+    expected_scale = np.maximum(np.expm1(params[:, 3:]), 1e-10)
 
-    distribution = model_lib.gaussian(tf.constant(params), offset)
+    distribution = model_lib.gaussian(tf.constant(params))
 
     np.testing.assert_allclose(distribution.loc.numpy(), params[:, :3])
     np.testing.assert_allclose(distribution.scale.numpy(), expected_scale, rtol=1e-9)
-    assert distribution.scale.numpy().min() >= 1e-10  # the floor applies
+    assert distribution.scale.numpy()[0, 1] == 1e-10  # the floor applies
+    # float32 keeps the digits of a tiny stddev near u = 0.
+    tiny = model_lib.latent_stddev(tf.constant([1e-6], tf.float32)).numpy()
+    np.testing.assert_allclose(tiny, np.expm1(1e-6), rtol=1e-6)
+
+
+def test_weight_stddev_transform_matches_numpy():
+    pre_stddev = np.array([0.3, -1.2, 1e-9, -0.05, 2.0])
+    offset = np.sqrt(2.0 / (640 + 5))
+    expected = np.maximum(np.exp(pre_stddev) - (1 - offset), 1e-10)
+    actual = model_lib.weight_stddev(tf.constant(pre_stddev), offset).numpy()
+    np.testing.assert_allclose(actual, expected, rtol=1e-9)
+    assert actual[1] == 1e-10 and actual[3] > 1e-3  # floored / offset applies
 
 
 def test_decode_is_class_mean_of_per_shot_samples_with_glorot_stddev_offset():
