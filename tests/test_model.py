@@ -444,3 +444,19 @@ def test_towers_give_the_same_results_as_one_batch():
         tape.gradient(two.total, model.trainable_variables),
     ):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_softmax_cross_entropy_matches_numpy_and_is_stable():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 3, 4, 5)) * 3
+    logits[0, 0, 0] += 1e4  # large logits must not overflow
+    labels = rng.integers(0, 5, size=(2, 3, 4))
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    expected = -np.take_along_axis(log_softmax, labels[..., None], -1)[..., 0]
+    for dtype, rtol in ((tf.float64, 1e-12), (tf.float32, 1e-5)):
+        actual = model_lib.softmax_cross_entropy(
+            tf.constant(labels, tf.int32), tf.constant(logits, dtype)
+        ).numpy()
+        assert np.all(np.isfinite(actual))
+        np.testing.assert_allclose(actual, expected, rtol=rtol, atol=1e-5)
