@@ -14,6 +14,7 @@ import os
 from absl import flags
 
 from leo_tf import paths
+from leo_tf.noise import MIN_DROPOUT_RATE
 
 KNOWN_DATASETS = ("miniImageNet", "tieredImageNet", "synthetic")
 EMBEDDING_CROPS = ("center", "multiview")
@@ -266,10 +267,11 @@ def validate(config):
         "must be at least 0",
     )
     _require(
-        0.0 <= model.dropout_rate < 1.0,
+        model.dropout_rate == 0.0 or MIN_DROPOUT_RATE <= model.dropout_rate < 1.0,
         "dropout_rate",
         model.dropout_rate,
-        "must be in [0, 1)",
+        f"must be 0 or in [{MIN_DROPOUT_RATE:.3g}, 1): dropout masks resolve "
+        "the rate to multiples of 2^-16",
     )
     for name in (
         "inner_lr_init",

@@ -46,6 +46,32 @@ def test_standard_normal_samples_are_standard_normal_and_uncorrelated():
     assert abs(correlation) < 4 / math.sqrt(half)
 
 
+def test_keep_mask_compares_16_bit_halves_of_the_philox_words():
+    shape, seed, rate = [3, 5, 7], tf.constant([4, 2], tf.int64), 0.3  # 105: odd
+    words = tf.random.stateless_uniform(
+        [53], seed, dtype=tf.uint32, minval=None, maxval=None, alg="philox"
+    ).numpy()
+    halves = words.astype("<u4").view("<u2")[:105]  # low half, then high half
+    threshold = 19661  # round(0.3 * 65536)
+    expected = np.where(halves >= threshold, 1 / 0.7, 0.0).reshape(shape)
+    actual = noise_lib.keep_mask(shape, seed, rate, tf.float64).numpy()
+    np.testing.assert_array_equal(actual, expected)
+
+
+def test_keep_mask_drop_probability_and_edge_rates():
+    mask = noise_lib.keep_mask([400_000], [9, 1], 0.3).numpy()
+    assert set(np.unique(mask)) == {0.0, np.float32(1 / 0.7)}
+    dropped = np.mean(mask == 0)
+    assert abs(dropped - 19661 / 65536) < 4 * math.sqrt(0.3 * 0.7 / mask.size)
+    # Rate 0 keeps everything; the smallest rate drops one level in 2^16; a
+    # rate within 2^-17 of 1 still keeps one level.
+    assert np.all(noise_lib.keep_mask([1000], [1, 1], 0.0).numpy() == 1.0)
+    rare = noise_lib.keep_mask([2_000_000], [2, 1], noise_lib.MIN_DROPOUT_RATE)
+    assert 0 < np.sum(rare.numpy() == 0) < 2_000_000 / 65536 * 2
+    almost_all = noise_lib.keep_mask([2_000_000], [3, 1], 1 - 2**-18).numpy()
+    assert 0 < np.sum(almost_all > 0) < 2_000_000 / 65536 * 2
+
+
 def test_draw_noise_shapes_masks_and_seeds():
     kwargs = dict(
         num_latents=4,
