@@ -299,7 +299,7 @@ class LEO(keras.layers.Layer):
           [B, N, D] class weights.
         """
         class_loc = self.decoder.loc(
-            tf.reduce_mean(latents, axis=2), decoder_halves
+            layers.mean_along(latents, axis=2), decoder_halves
         )  # [B, N, D]
         if standard_noise is None:
             return class_loc
@@ -311,7 +311,7 @@ class LEO(keras.layers.Layer):
         # needed through their class mean, which is (see above)
         #   c[n] = mean_k loc[n, k] + mean_k scale[n, k] eps[n, k],
         # so the class-mean loc is added once per class, not broadcast over k.
-        return class_loc + tf.reduce_mean(scale * standard_noise, axis=2)
+        return class_loc + layers.mean_along(scale * standard_noise, axis=2)
 
     def predict(self, inputs, class_weights, dropout_mask=None):
         """Classifier logits.

@@ -137,3 +137,20 @@ def test_orthogonality_penalty_is_zero_for_orthogonal_rows_and_known_value():
 def test_layer_config_round_trips(layer):
     rebuilt = type(layer).from_config(layer.get_config())
     assert rebuilt.get_config() == layer.get_config()
+
+
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_mean_along_equals_the_mean_and_its_gradient_spreads_evenly(keepdims):
+    values = tf.constant(np.random.default_rng(3).normal(size=(2, 3, 5, 4)))
+    upstream = np.random.default_rng(4).normal(
+        size=(2, 3, 1, 4) if keepdims else (2, 3, 4)
+    )
+    with tf.GradientTape() as tape:
+        tape.watch(values)
+        mean = layers.mean_along(values, axis=2, keepdims=keepdims)
+    gradient = tape.gradient(mean, values, output_gradients=tf.constant(upstream))
+    np.testing.assert_allclose(
+        mean.numpy(), np.mean(values.numpy(), axis=2, keepdims=keepdims), rtol=1e-14
+    )
+    spread = np.broadcast_to(upstream.reshape(2, 3, 1, 4) / 5, (2, 3, 5, 4))
+    np.testing.assert_allclose(gradient.numpy(), spread, rtol=1e-14)
