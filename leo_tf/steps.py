@@ -95,7 +95,9 @@ def _scaled_gradients(model, episodes, noise, scale, num_towers=1):
     variables = model.trainable_variables
     gradients = tape.gradient(scaled, variables)
     # With --finetuning_unroll_length=0 the finetuning rate is unused: its
-    # gradient is zero rather than None.
+    # gradient is zero rather than None. (By hand: tape.gradient's
+    # unconnected_gradients=ZERO fails on Keras 3 variables in TF 2.21,
+    # whose dtype is a string.)
     gradients = [
         tf.zeros(v.shape, v.dtype) if g is None else g
         for g, v in zip(gradients, variables)
