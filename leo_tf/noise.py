@@ -39,6 +39,36 @@ class EpisodeNoise(NamedTuple):
     query_dropout: tf.Tensor  # [B, N, V, D]
 
 
+def noise_shapes(
+    support_shape,
+    query_shape,
+    *,
+    num_latents,
+    inner_unroll_length,
+    finetuning_unroll_length
+):
+    """The shape of each noise tensor of one meta-training step.
+
+    Args:
+      support_shape: [B, N, K, D], Python ints.
+      query_shape: [B, N, V, D].
+      num_latents: L.
+      inner_unroll_length: S, latent-space adaptation steps.
+      finetuning_unroll_length: F, weight-space adaptation steps.
+
+    Returns:
+      EpisodeNoise of shapes (lists of ints).
+    """
+    support, query = list(support_shape), list(query_shape)
+    return EpisodeNoise(
+        encoder_dropout=support,
+        latent=support[:-1] + [num_latents],
+        weights=[inner_unroll_length + 1] + support,
+        support_dropout=[inner_unroll_length + finetuning_unroll_length] + support,
+        query_dropout=query,
+    )
+
+
 def draw_noise(
     seed,
     support_shape,
@@ -54,7 +84,7 @@ def draw_noise(
 
     Args:
       seed: int [2], a stateless seed; equal seeds give equal noise.
-      support_shape: [B, N, K, D] (a list or a 1-D int tensor).
+      support_shape: [B, N, K, D], Python ints.
       query_shape: [B, N, V, D].
       num_latents: L.
       inner_unroll_length: S, latent-space adaptation steps.
@@ -63,26 +93,28 @@ def draw_noise(
       dtype: float dtype of the noise.
 
     Returns:
-      EpisodeNoise.
+      EpisodeNoise of tensors with the shapes of `noise_shapes`.
     """
-    support_shape = tf.convert_to_tensor(support_shape, tf.int32)
-    query_shape = tf.convert_to_tensor(query_shape, tf.int32)
+    shapes = noise_shapes(
+        support_shape,
+        query_shape,
+        num_latents=num_latents,
+        inner_unroll_length=inner_unroll_length,
+        finetuning_unroll_length=finetuning_unroll_length,
+    )
     seeds = tf.random.experimental.stateless_split(
         tf.convert_to_tensor(seed, tf.int64), num=5, alg=_ALGORITHM
     )
-    steps = inner_unroll_length + finetuning_unroll_length
-
-    latent_shape = tf.concat([support_shape[:-1], [num_latents]], axis=0)
     return EpisodeNoise(
-        encoder_dropout=keep_mask(support_shape, seeds[0], dropout_rate, dtype),
-        latent=standard_normal(latent_shape, seeds[1], dtype),
-        weights=standard_normal(
-            tf.concat([[inner_unroll_length + 1], support_shape], 0), seeds[2], dtype
+        encoder_dropout=keep_mask(
+            shapes.encoder_dropout, seeds[0], dropout_rate, dtype
         ),
+        latent=standard_normal(shapes.latent, seeds[1], dtype),
+        weights=standard_normal(shapes.weights, seeds[2], dtype),
         support_dropout=keep_mask(
-            tf.concat([[steps], support_shape], 0), seeds[3], dropout_rate, dtype
+            shapes.support_dropout, seeds[3], dropout_rate, dtype
         ),
-        query_dropout=keep_mask(query_shape, seeds[4], dropout_rate, dtype),
+        query_dropout=keep_mask(shapes.query_dropout, seeds[4], dropout_rate, dtype),
     )
 
 

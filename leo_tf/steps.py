@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 
 from leo_tf.model import meta_batch_part
+from leo_tf import noise as noise_lib
 from leo_tf.noise import EpisodeNoise
 
 # Weight of the fallback L2 objective used when the loss or a gradient is NaN.
@@ -202,39 +203,23 @@ def distributed_train_step_fn(strategy, model, optimizer, config):
     return step
 
 
-def episodes_spec(
-    episodes_type, batch_size, num_classes, num_tr, num_val, embedding_dim
-):
-    """TensorSpecs of a meta-batch, as an `episodes_type` (e.g. Episodes)."""
-    support = [batch_size, num_classes, num_tr]
-    query = [batch_size, num_classes, num_val]
-    return episodes_type(
-        tr_input=tf.TensorSpec(support + [embedding_dim], tf.float32),
-        tr_output=tf.TensorSpec(support + [1], tf.int32),
-        val_input=tf.TensorSpec(query + [embedding_dim], tf.float32),
-        val_output=tf.TensorSpec(query + [1], tf.int32),
+def _noise_spec(episodes_spec, model_config, dtype=tf.float32):
+    """TensorSpecs of the EpisodeNoise that goes with `episodes_spec`."""
+    shapes = noise_lib.noise_shapes(
+        episodes_spec.tr_input.shape.as_list(),
+        episodes_spec.val_input.shape.as_list(),
+        num_latents=model_config.num_latents,
+        inner_unroll_length=model_config.inner_unroll_length,
+        finetuning_unroll_length=model_config.finetuning_unroll_length,
     )
-
-
-def noise_spec(episodes_spec_, model_config, dtype=tf.float32):
-    """TensorSpecs of the EpisodeNoise that goes with `episodes_spec_`."""
-    support = episodes_spec_.tr_input.shape.as_list()
-    query = episodes_spec_.val_input.shape.as_list()
-    steps = model_config.inner_unroll_length + model_config.finetuning_unroll_length
-    return EpisodeNoise(
-        encoder_dropout=tf.TensorSpec(support, dtype),
-        latent=tf.TensorSpec(support[:-1] + [model_config.num_latents], dtype),
-        weights=tf.TensorSpec([model_config.inner_unroll_length + 1] + support, dtype),
-        support_dropout=tf.TensorSpec([steps] + support, dtype),
-        query_dropout=tf.TensorSpec(query, dtype),
-    )
+    return EpisodeNoise(*(tf.TensorSpec(shape, dtype) for shape in shapes))
 
 
 def compile_train_step(
     model,
     optimizer,
     config,
-    episodes_spec_,
+    episodes_spec,
     jit_compile=False,
     strategy=None,
     num_towers=1,
@@ -251,18 +236,18 @@ def compile_train_step(
     return tf.function(
         step,
         input_signature=[
-            episodes_spec_,
-            noise_spec(episodes_spec_, model.config, model.compute_dtype),
+            episodes_spec,
+            _noise_spec(episodes_spec, model.config, model.compute_dtype),
         ],
         jit_compile=jit_compile,
     )
 
 
-def compile_eval_step(model, episodes_spec_, jit_compile=False, num_towers=1):
+def compile_eval_step(model, episodes_spec, jit_compile=False, num_towers=1):
     """Evaluation: episodes -> (accuracy [B], query loss [B]), no noise."""
 
     def step(episodes):
         outputs = model.run_episodes(episodes, num_towers=num_towers)
         return outputs.accuracy, outputs.query_loss
 
-    return tf.function(step, input_signature=[episodes_spec_], jit_compile=jit_compile)
+    return tf.function(step, input_signature=[episodes_spec], jit_compile=jit_compile)

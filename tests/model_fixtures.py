@@ -34,6 +34,18 @@ def random_episodes(seed, batch=3, classes=3, shots=2, queries=4, dim=8):
     )
 
 
+def episodes_spec(batch_size, num_classes, num_tr, num_val, embedding_dim):
+    """TensorSpecs of a meta-batch of Episodes with these sizes."""
+    support = [batch_size, num_classes, num_tr]
+    query = [batch_size, num_classes, num_val]
+    return Episodes(
+        tr_input=tf.TensorSpec(support + [embedding_dim], tf.float32),
+        tr_output=tf.TensorSpec(support + [1], tf.int32),
+        val_input=tf.TensorSpec(query + [embedding_dim], tf.float32),
+        val_output=tf.TensorSpec(query + [1], tf.int32),
+    )
+
+
 def noise_for(episodes, config, seed=(1, 2), dtype=tf.float32):
     return draw_noise(
         seed,

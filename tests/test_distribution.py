@@ -35,7 +35,7 @@ _MIRRORED_VS_SINGLE = textwrap.dedent("""
     from tests import model_fixtures as fx
 
     config = OptimizerConfig(outer_lr=1e-3)
-    spec = steps.episodes_spec(fx.Episodes, 4, 3, 2, 4, 8)
+    spec = fx.episodes_spec(4, 3, 2, 4, 8)
     batches = [fx.random_episodes(seed, batch=4) for seed in range(3)]
     weights, metrics = [], []
     for strategy in (None, tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])):

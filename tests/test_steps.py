@@ -169,7 +169,7 @@ def test_training_with_a_fixed_seed_is_reproducible():
 
 def test_compiled_steps_trace_once_per_shape():
     model, optimizer, config = _train_setup(dtype="float32")
-    spec = steps.episodes_spec(fx.Episodes, 3, 3, 2, 4, 8)
+    spec = fx.episodes_spec(3, 3, 2, 4, 8)
     train_step = steps.compile_train_step(model, optimizer, config, spec)
     eval_step = steps.compile_eval_step(model, spec)
     for index in range(12):
@@ -182,16 +182,17 @@ def test_compiled_steps_trace_once_per_shape():
 
 def test_compiled_step_in_float32_agrees_with_float64():
     """The optimised, compiled step: float32 tracks float64 over 3 updates."""
+    initial = [
+        v.numpy() for v in fx.small_model(dtype="float32", seed=3).trainable_variables
+    ]
     results = []
     for dtype in ("float32", "float64"):
         model, optimizer, config = _train_setup(dtype=dtype, seed=3)
-        spec = steps.episodes_spec(fx.Episodes, 3, 3, 2, 4, 8)
-        step = steps.compile_train_step(model, optimizer, config, spec)
-        if dtype == "float64":  # start from the float32 model's weights
-            for variable, value in zip(model.trainable_variables, initial):
-                variable.assign(value.astype(np.float64))
-        else:
-            initial = [v.numpy() for v in model.trainable_variables]
+        for variable, value in zip(model.trainable_variables, initial):
+            variable.assign(value.astype(dtype))  # both start from equal weights
+        step = steps.compile_train_step(
+            model, optimizer, config, fx.episodes_spec(3, 3, 2, 4, 8)
+        )
         losses = []
         for index in range(3):
             episodes = fx.random_episodes(20 + index)
