@@ -12,8 +12,7 @@ import keras
 import tensorflow as tf
 
 from leo_tf.model import meta_batch_part
-from leo_tf import noise as noise_lib
-from leo_tf.noise import EpisodeNoise
+from leo_tf.noise import EpisodeNoise, noise_shapes
 
 # Weight of the fallback L2 objective used when the loss or a gradient is NaN.
 _NAN_FALLBACK_L2_WEIGHT = 1e-4
@@ -205,7 +204,7 @@ def distributed_train_step_fn(strategy, model, optimizer, config):
 
 def _noise_spec(episodes_spec, model_config, dtype=tf.float32):
     """TensorSpecs of the EpisodeNoise that goes with `episodes_spec`."""
-    shapes = noise_lib.noise_shapes(
+    shapes = noise_shapes(
         episodes_spec.tr_input.shape.as_list(),
         episodes_spec.val_input.shape.as_list(),
         num_latents=model_config.num_latents,
