@@ -25,6 +25,18 @@ def test_standard_normal_is_the_box_muller_transform_of_its_uniforms():
     np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_unit_uniform_equals_stateless_uniform_bit_for_bit():
+    # The raw op skips the public function's * 1 + 0; nothing else may change.
+    for dtype in (tf.float32, tf.float64):
+        seed = tf.constant([11, -3], tf.int64)
+        expected = tf.random.stateless_uniform(
+            [4, 999], seed, dtype=dtype, alg="philox"
+        )
+        actual = noise_lib._stateless_unit_uniform([4, 999], seed, dtype)
+        assert actual.dtype == dtype
+        np.testing.assert_array_equal(actual.numpy(), expected.numpy())
+
+
 def test_standard_normal_samples_are_standard_normal_and_uncorrelated():
     samples = noise_lib.standard_normal([200_001], [7, 7]).numpy().astype(np.float64)
     assert samples.shape == (200_001,) and np.all(np.isfinite(samples))
