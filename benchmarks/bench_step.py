@@ -5,7 +5,14 @@
 Each (variant, setting) runs in a fresh process: import, build, trace and
 warm up, then the median rate of repeated timed windows, and the process's
 peak resident memory (and its growth over the resident memory just before
-the first batch existed). Variants:
+the first batch existed). The processes of one setting live side by side and
+take turns: each timed window of one variant is followed by one of every
+other variant (in a rotating order), and only one process runs at a time.
+Every variant is thus timed under the same machine conditions, which on a
+shared, noisy machine drift by tens of percent within a minute; the ratios
+compare like with like. Before each window a process runs a few untimed
+steps, so that its input pipeline, idle while the others ran, is back in
+its steady state. Variants:
 
   shipped   leo_tf's compiled steps, fed by its tf.data pipeline (episodes
             and noise drawn ahead of the step);
@@ -33,6 +40,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -76,16 +84,6 @@ def _sampler(setting, seed=0):
         batch_size=setting["batch"],
         seed=seed,
     )
-
-
-def _time_windows(run_steps, steps_per_window, windows):
-    """Median steps/s over `windows` timed windows of `steps_per_window`."""
-    rates = []
-    for _ in range(windows):
-        start = time.perf_counter()
-        run_steps(steps_per_window)
-        rates.append(steps_per_window / (time.perf_counter() - start))
-    return statistics.median(rates), rates
 
 
 def _tf_worker(variant, setting, args):
@@ -213,46 +211,123 @@ def _torch_worker(setting, args):
 
 
 def worker(args):
+    """Builds and warms up a variant, then times one window per request.
+
+    Protocol on stdin/stdout (other output goes to stderr): prints
+    `@ready` after warm-up; for each `window` line read, runs the settling
+    steps, times one window and prints `@window <steps/s>`; at `done` (or end
+    of input) prints `@result <json>`.
+    """
     setting = SETTINGS[args.setting]
     if args.variant == "torch":
         run_steps, baseline_rss = _torch_worker(setting, args)
     else:
         run_steps, baseline_rss = _tf_worker(args.variant, setting, args)
-    steps_per_window = args.steps or (20 if setting["mode"] == "train" else 2)
+    training = setting["mode"] == "train"
+    steps_per_window = args.steps or (20 if training else 2)
+    # Training is fed by a pipeline that draws 2 steps ahead: 3 untimed steps
+    # use up what it drew while this process waited its turn.
+    settle_steps = 3 if training else 1
     run_steps(max(3, steps_per_window // 2))  # trace and warm up
-    rate, rates = _time_windows(run_steps, steps_per_window, args.windows)
+    print("@ready", flush=True)
+    rates = []
+    for line in sys.stdin:
+        if line.strip() != "window":
+            break
+        run_steps(settle_steps)
+        start = time.perf_counter()
+        run_steps(steps_per_window)
+        rates.append(steps_per_window / (time.perf_counter() - start))
+        print(f"@window {rates[-1]}", flush=True)
     result = {
         "variant": args.variant + ("+xla" if args.jit_compile else ""),
         "setting": args.setting,
-        "episodes_per_second": rate * setting["batch"],
+        "episodes_per_second": statistics.median(rates) * setting["batch"],
         "window_episodes_per_second": [r * setting["batch"] for r in rates],
         "peak_rss_mb": _peak_rss_mb(),
         "peak_growth_mb": _peak_rss_mb() - baseline_rss,
     }
-    print(json.dumps(result))
+    print("@result " + json.dumps(result), flush=True)
 
 
-def _run_worker(variant, setting, args, jit_compile=False):
-    command = [
-        sys.executable,
-        __file__,
-        "--worker",
-        f"--variant={variant}",
-        f"--setting={setting}",
-        f"--windows={args.windows}",
-    ]
-    if args.steps:
-        command.append(f"--steps={args.steps}")
-    if jit_compile:
-        command.append("--jit_compile")
-    command.append(f"--towers={args.towers}")
-    if args.torch_threads:
-        command.append(f"--torch_threads={args.torch_threads}")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
-    process = subprocess.run(command, capture_output=True, text=True, env=env)
-    if process.returncode != 0:
-        return {"variant": variant, "setting": setting, "error": process.stderr[-2000:]}
-    return json.loads(process.stdout.strip().splitlines()[-1])
+class _Worker:
+    """One variant's worker process, driven window by window."""
+
+    def __init__(self, variant, setting, args, jit_compile=False):
+        self.variant = variant + ("+xla" if jit_compile else "")
+        self.setting = setting
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            f"--variant={variant}",
+            f"--setting={setting}",
+            f"--towers={args.towers}",
+        ]
+        if args.steps:
+            command.append(f"--steps={args.steps}")
+        if jit_compile:
+            command.append("--jit_compile")
+        if args.torch_threads:
+            command.append(f"--torch_threads={args.torch_threads}")
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            env=env,
+        )
+        self.error = None
+        self._expect("@ready")
+
+    def _expect(self, tag):
+        """The rest of the next stdout line that starts with `tag`, or None."""
+        if self.error is None:
+            for line in self._process.stdout:
+                if line.startswith(tag):
+                    return line[len(tag) :].strip()
+            self._process.wait()
+            self._stderr.seek(0)
+            self.error = self._stderr.read()[-2000:] or "worker exited"
+        return None
+
+    def _send(self, line):
+        if self.error is None:
+            try:
+                self._process.stdin.write(line + "\n")
+                self._process.stdin.flush()
+            except BrokenPipeError:
+                self._expect("@never")  # collects the exit and its error
+
+    def time_window(self):
+        self._send("window")
+        self._expect("@window")
+
+    def result(self):
+        self._send("done")
+        result = self._expect("@result")
+        self._process.wait()
+        self._stderr.close()
+        if result is None:
+            return {
+                "variant": self.variant,
+                "setting": self.setting,
+                "error": self.error,
+            }
+        return json.loads(result)
+
+
+def _measure_setting(setting, variants, args):
+    """Results of the (variant, jit_compile) pairs, timed in turns."""
+    workers = [_Worker(v, setting, args, jit_compile=j) for v, j in variants]
+    for window in range(args.windows):
+        shift = window % len(workers)
+        for worker_ in workers[shift:] + workers[:shift]:
+            worker_.time_window()
+    return [worker_.result() for worker_ in workers]
 
 
 def main():
@@ -296,16 +371,18 @@ def main():
         )
     results = []
     for setting in args.settings.split(","):
+        variants = []
         for variant in args.variants.split(","):
             if variant == "torch" and not have_torch:
                 continue
             if variant == "mirrored" and SETTINGS[setting]["mode"] != "train":
                 continue
-            results.append(_run_worker(variant, setting, args))
-            print(_row(results[-1]), flush=True)
+            variants.append((variant, False))
             if variant == "shipped" and args.with_xla:
-                results.append(_run_worker(variant, setting, args, jit_compile=True))
-                print(_row(results[-1]), flush=True)
+                variants.append((variant, True))
+        for result in _measure_setting(setting, variants, args):
+            results.append(result)
+            print(_row(result), flush=True)
     print()
     print(_table(results))
     path = pathlib.Path(args.json)
