@@ -196,7 +196,10 @@ def _stateless_unit_uniform(shape, seed, dtype):
 
     The same values without the public function's `* (maxval - minval) +
     minval`, which for [0, 1) multiplies by 1 and adds 0: two passes over the
-    draws that change nothing.
+    draws that change nothing. The key and counter come from the op that
+    scrambles a seed for the device's default algorithm, Philox on CPUs and
+    GPUs, the same scrambling as the public function's for "philox" (tests
+    check the values bit for bit).
     """
     key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=seed)
     return tf.raw_ops.StatelessRandomUniformV2(
