@@ -33,6 +33,7 @@ measure memory bandwidth, not the step).
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import pathlib
@@ -359,12 +360,9 @@ def main():
         worker(args)
         return
 
-    try:
-        import torch  # noqa: F401
-
-        have_torch = True
-    except ImportError:
-        have_torch = False
+    # Looked up, not imported: only the torch worker processes need it.
+    have_torch = importlib.util.find_spec("torch") is not None
+    if not have_torch:
         print(
             "torch is not installed: skipping the PyTorch variant "
             "(pip install '.[bench]' to include it)"
@@ -380,6 +378,8 @@ def main():
             variants.append((variant, False))
             if variant == "shipped" and args.with_xla:
                 variants.append((variant, True))
+        if not variants:
+            continue
         for result in _measure_setting(setting, variants, args):
             results.append(result)
             print(_row(result), flush=True)
