@@ -117,7 +117,7 @@ def _final_weights(directory):
     }
 
 
-def test_sigkill_at_random_moments_and_crash_points_loses_nothing(tmp_path):
+def test_sigkill_at_random_moments_and_crash_points_loses_nothing(tmp_path, request):
     data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
     directory = tmp_path / "run"
     straight = tmp_path / "straight"
@@ -133,6 +133,7 @@ def test_sigkill_at_random_moments_and_crash_points_loses_nothing(tmp_path):
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    request.addfinalizer(straight_process.kill)  # if the test fails before it ends
     rng = random.Random(0)
     schedule = [*CRASH_POINTS, *([None] * NUM_RANDOM_KILLS)]
     rng.shuffle(schedule)
