@@ -88,13 +88,15 @@ def _sampler(setting, seed=0):
 
 
 def _tf_worker(variant, setting, args):
-    import tensorflow as tf
-
+    # leo_tf before TensorFlow, as its users import it: leo_tf chooses
+    # TensorFlow's CPU kernels at import (leo_tf/__init__.py), for every variant.
     from leo_tf import runtime, steps
     from leo_tf.config import ModelConfig, OptimizerConfig
     from leo_tf.data import episodes as episodes_lib
     from leo_tf.model import LEO
     from leo_tf.noise import noise_dataset
+
+    import tensorflow as tf
 
     runtime.configure_threads()
     strategy = None
@@ -247,6 +249,7 @@ def worker(args):
         "window_episodes_per_second": [r * setting["batch"] for r in rates],
         "peak_rss_mb": _peak_rss_mb(),
         "peak_growth_mb": _peak_rss_mb() - baseline_rss,
+        "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
     }
     print("@result " + json.dumps(result), flush=True)
 
@@ -360,6 +363,8 @@ def main():
         worker(args)
         return
 
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1 (leo_tf's default)")
+    print(f"TensorFlow workers run with TF_ENABLE_ONEDNN_OPTS={onednn}")
     # Looked up, not imported: only the torch worker processes need it.
     have_torch = importlib.util.find_spec("torch") is not None
     if not have_torch:

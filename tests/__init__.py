@@ -1,0 +1,10 @@
+"""leo_tf's tests.
+
+leo_tf is imported before any test module imports TensorFlow, so that the
+TensorFlow kernels leo_tf chooses at import (leo_tf/__init__.py) are those
+tested.
+"""
+
+import importlib
+
+importlib.import_module("leo_tf")

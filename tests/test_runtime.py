@@ -1,5 +1,10 @@
 """Process-wide TensorFlow settings."""
 
+import os
+import subprocess
+import sys
+
+import pytest
 import tensorflow as tf
 
 from leo_tf import runtime
@@ -20,3 +25,35 @@ def test_one_tower_when_a_gpu_is_visible(monkeypatch):
     monkeypatch.setattr(runtime, "_cores", lambda: 16)
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind: ["gpu:0"])
     assert runtime.num_towers(0, 12) == 1
+
+
+def _onednn_enabled_after_importing_leo_tf_then_tensorflow(environment_value):
+    """Whether TensorFlow runs oneDNN kernels in a fresh process."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if environment_value is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = environment_value
+    script = (
+        "import leo_tf, tensorflow\n"
+        "from tensorflow.python.util import _pywrap_util_port\n"
+        "print(_pywrap_util_port.IsMklEnabled())\n"
+    )
+    process = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return process.stdout.strip().splitlines()[-1] == "True"
+
+
+@pytest.mark.parametrize(
+    "environment_value, expected", [(None, True), ("0", False), ("1", True)]
+)
+def test_leo_tf_turns_on_onednn_kernels_unless_the_user_chose(
+    environment_value, expected
+):
+    assert (
+        _onednn_enabled_after_importing_leo_tf_then_tensorflow(environment_value)
+        == expected
+    )
