@@ -153,20 +153,48 @@ def _mean_per_episode(values):
     return tf.reduce_mean(tf.reshape(values, [tf.shape(values)[0], -1]), axis=1)
 
 
-def _per_episode_matmul(a, b, **kwargs):
-    """tf.matmul of [B, ...] tensors: one 2-D MatMul per episode on CPUs.
+def _per_episode_matmul(a, b, episode_matmul=tf.matmul, **kwargs):
+    """tf.matmul of [B, ...] tensors, as one 2-D matmul per episode on CPUs.
 
     On CPU, TensorFlow's batched matmul is several times slower than separate
     2-D MatMuls for LEO's shapes, which have few columns (N classes): 5x for
     the V=599 evaluation's query logits; and separate MatMuls also spread
     over the inter-op threads. GPUs, and a batch of unknown size (serving),
     use one batched matmul.
+
+    Args:
+      a, b: [B, ...] operands.
+      episode_matmul: the 2-D matmul of one episode's operands, taking
+        `**kwargs`: tf.matmul or `_row_blocked_matmul`.
+      **kwargs: tf.matmul's transpose_a, transpose_b.
     """
     if a.shape[0] is None or not runtime.unbatched_matmuls():
         return tf.matmul(a, b, **kwargs)
     return tf.stack(
-        [tf.matmul(x, y, **kwargs) for x, y in zip(tf.unstack(a), tf.unstack(b))]
+        [episode_matmul(x, y, **kwargs) for x, y in zip(tf.unstack(a), tf.unstack(b))]
     )
+
+
+_MAX_BLOCK_ROWS = 1024
+
+
+def _row_blocked_matmul(a, b, **kwargs):
+    """tf.matmul of a 2-D `a` [R, X] (not transposed) and `b`, in row blocks.
+
+    The rows of a product are independent, (A B)[rows] = A[rows] B, so
+    R > 1024 rows are cut into ceil(R / 1024) blocks of near-equal size, one
+    MatMul each, and the results concatenated; up to 1024 rows (the query
+    sets of the paper's meta-training) are one MatMul. On CPU, oneDNN takes
+    the V=599 evaluation's query logits, [2995, 640] x [640, 5] per episode,
+    14% faster in three blocks than whole (1.65 against 1.91 ms on one
+    thread); the whole evaluation step runs 1.1-1.2x faster (BUILD.md).
+    """
+    rows = a.shape[0]
+    if rows is None or rows <= _MAX_BLOCK_ROWS:
+        return tf.matmul(a, b, **kwargs)
+    count = -(-rows // _MAX_BLOCK_ROWS)
+    sizes = [rows // count + (i < rows % count) for i in range(count)]
+    return tf.concat([tf.matmul(block, b, **kwargs) for block in tf.split(a, sizes)], 0)
 
 
 def _flatten_examples(values):
@@ -330,7 +358,10 @@ class LEO(keras.layers.Layer):
         """
         inputs = layers.apply_dropout(inputs, dropout_mask)
         logits = _per_episode_matmul(
-            _flatten_examples(inputs), class_weights, transpose_b=True
+            _flatten_examples(inputs),
+            class_weights,
+            episode_matmul=_row_blocked_matmul,
+            transpose_b=True,
         )  # [B, GM, N]
         shape = tf.concat([tf.shape(inputs)[:3], tf.shape(class_weights)[1:2]], 0)
         return tf.reshape(logits, shape)

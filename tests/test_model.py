@@ -90,6 +90,31 @@ def test_predict_is_mean_over_shots_of_per_weight_logits():
     np.testing.assert_allclose(logits, expected, rtol=1e-10)
 
 
+def test_query_logits_of_many_rows_are_row_blocked_and_exact():
+    # V=599 evaluation shapes: 5 x 599 = 2995 query rows per episode are
+    # three MatMuls of at most 1024 rows, whose concatenation is the product.
+    rng = np.random.default_rng(2)
+    model = fx.small_model(dtype="float64")
+    inputs = rng.normal(size=(2, 5, 599, 8))
+    class_weights = rng.normal(size=(2, 5, 8))
+    predict = tf.function(model.predict).get_concrete_function(
+        tf.TensorSpec(inputs.shape, tf.float64),
+        tf.TensorSpec(class_weights.shape, tf.float64),
+    )
+
+    matmul_rows = sorted(
+        op.inputs[0].shape[0]
+        for op in predict.graph.get_operations()
+        if op.type == "MatMul"
+    )
+    assert matmul_rows == [998, 998, 998, 998, 999, 999]
+    np.testing.assert_allclose(
+        predict(tf.constant(inputs), tf.constant(class_weights)).numpy(),
+        np.einsum("bnvd,bcd->bnvc", inputs, class_weights),
+        rtol=1e-12,
+    )
+
+
 def test_support_loss_gradient_hand_computed():
     """N = 2, K = 1, c = 0: p = 1/2, so dL/dc[n] = sum_x (1/2 - y_n) x."""
     model = fx.small_model(dim=2, dtype="float64")
