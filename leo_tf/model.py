@@ -60,6 +60,10 @@ class MetaBatchLoss(NamedTuple):
     episodes: EpisodeOutputs
     l2: tf.Tensor  # scalar, sum over weight matrices of sum(w^2)/2
     orthogonality: tf.Tensor  # scalar, decoder orthogonality penalty
+    # Scalars whose sum is `total` (up to rounding): each tower's share of the
+    # mean episode loss, then the weighted penalties. Each depends on its own
+    # ops, so their gradients can be taken one by one (steps._scaled_gradients).
+    terms: tuple
 
 
 def gaussian(parameters):
@@ -232,6 +236,11 @@ def meta_batch_part(episodes, noise, index, num_parts):
         support_dropout=per_step(noise.support_dropout),
         query_dropout=noise.query_dropout[begin:end],
     )
+
+
+def _concatenated(towers):
+    """One EpisodeOutputs of the towers' EpisodeOutputs, in their order."""
+    return EpisodeOutputs(*(tf.concat(parts, 0) for parts in zip(*towers)))
 
 
 def _pick(stack, index):
@@ -481,20 +490,32 @@ class LEO(keras.layers.Layer):
           episodes: tr_input [B, N, K, D], tr_output [B, N, K, 1] int,
             val_input [B, N, V, D], val_output [B, N, V, 1] int.
           noise: EpisodeNoise for meta-training; None for evaluation.
-          num_towers: split the meta-batch into this many equal parts
-            computed side by side (independent ops that a CPU's inter-op
-            threads run in parallel); B must be a multiple. The results are
-            those of one tower.
+          num_towers: see `run_towers`. The results are those of one tower.
 
         Returns:
           EpisodeOutputs.
         """
-        if num_towers > 1:
-            towers = [
-                self.run_episodes(*meta_batch_part(episodes, noise, i, num_towers))
-                for i in range(num_towers)
-            ]
-            return EpisodeOutputs(*(tf.concat(parts, 0) for parts in zip(*towers)))
+        return _concatenated(self.run_towers(episodes, noise, num_towers))
+
+    def run_towers(self, episodes, noise=None, num_towers=1):
+        """`run_episodes` on each of num_towers equal parts of the meta-batch.
+
+        The parts' ops are independent, so a CPU's inter-op threads compute
+        them side by side; B must be a multiple of num_towers.
+
+        Returns:
+          A list of num_towers EpisodeOutputs, of B / num_towers episodes
+          each, in the meta-batch's order.
+        """
+        if num_towers == 1:
+            return [self._run_tower(episodes, noise)]
+        return [
+            self._run_tower(*meta_batch_part(episodes, noise, i, num_towers))
+            for i in range(num_towers)
+        ]
+
+    def _run_tower(self, episodes, noise):
+        """`run_episodes` of one tower: all of `episodes`, as one batch."""
         training = noise is not None
         noise = noise or _NO_NOISE
         val_input = tf.cast(episodes.val_input, self.compute_dtype)
@@ -534,17 +555,27 @@ class LEO(keras.layers.Layer):
         return tf.add_n([tf.nn.l2_loss(w) for w in self.weight_matrices])
 
     def meta_batch_loss(self, episodes, noise=None, num_towers=1):
-        """Mean episode loss plus the L2 and orthogonality penalties."""
-        outputs = self.run_episodes(episodes, noise, num_towers)
+        """Mean episode loss plus the L2 and orthogonality penalties.
+
+        num_towers: see `run_towers`.
+        """
+        towers = self.run_towers(episodes, noise, num_towers)
+        outputs = _concatenated(towers)
         l2 = self.l2_penalty()
         orthogonality = self.decoder.orthogonality_penalty()
-        total = (
-            tf.reduce_mean(outputs.loss)
-            + self.config.l2_penalty_weight * l2
+        penalties = (
+            self.config.l2_penalty_weight * l2
             + self.config.orthogonality_penalty_weight * orthogonality
         )
+        # mean over the B episodes = sum over towers of (tower's loss sum) / B
+        batch_size = tf.cast(tf.shape(outputs.loss)[0], outputs.loss.dtype)
+        shares = [tf.reduce_sum(tower.loss) / batch_size for tower in towers]
         return MetaBatchLoss(
-            total=total, episodes=outputs, l2=l2, orthogonality=orthogonality
+            total=tf.reduce_mean(outputs.loss) + penalties,
+            episodes=outputs,
+            l2=l2,
+            orthogonality=orthogonality,
+            terms=(*shares, penalties),
         )
 
     def get_config(self):

@@ -88,21 +88,44 @@ def _build_optimizer(optimizer, variables):
 
 
 def _scaled_gradients(model, episodes, noise, scale, num_towers=1):
-    """Gradients of scale * meta-batch loss, and the (unscaled) objective."""
-    with tf.GradientTape() as tape:
+    """Gradients of scale * meta-batch loss, and the (unscaled) objective.
+
+    The gradient of each of the objective's terms (each tower's share of the
+    loss, the penalties) is taken on its own, and they are summed in a fixed
+    order. Taken at once, a variable's contributions from the towers and the
+    penalties would meet in one AddN, whose CPU kernel accumulates into the
+    first input buffer it can reuse at run time: with towers running side by
+    side, that input, and so the order of the float additions, changed from
+    run to run, and equal seeds gave different weights (README,
+    Reproducibility).
+    """
+    with tf.GradientTape(persistent=True) as tape:
         objective = model.meta_batch_loss(episodes, noise, num_towers)
-        scaled = objective.total * scale
+        terms = [term * scale for term in objective.terms]
     variables = model.trainable_variables
-    gradients = tape.gradient(scaled, variables)
-    # With --finetuning_unroll_length=0 the finetuning rate is unused: its
-    # gradient is zero rather than None. (By hand: tape.gradient's
-    # unconnected_gradients=ZERO fails on Keras 3 variables in TF 2.21,
-    # whose dtype is a string.)
+    per_term = [tape.gradient(term, variables) for term in terms]
     gradients = [
-        tf.zeros(v.shape, v.dtype) if g is None else g
-        for g, v in zip(gradients, variables)
+        _fixed_order_sum([g for g in parts if g is not None], v)
+        for v, *parts in zip(variables, *per_term)
     ]
     return gradients, objective
+
+
+def _fixed_order_sum(tensors, variable):
+    """The sum of same-shape tensors, added in one fixed order.
+
+    A reduction over a stacked axis, not `+` or tf.add_n: Grappler rewrites
+    chains of adds into an AddN (see `_scaled_gradients`). No tensors (a
+    variable no term depends on, e.g. the finetuning rate with
+    --finetuning_unroll_length=0) give zeros of the variable's shape.
+    (Zeros by hand: tape.gradient's unconnected_gradients=ZERO fails on
+    Keras 3 variables in TF 2.21, whose dtype is a string.)
+    """
+    if not tensors:
+        return tf.zeros(variable.shape, variable.dtype)
+    if len(tensors) == 1:
+        return tensors[0]
+    return tf.reduce_sum(tf.stack(tensors), axis=0)
 
 
 def _scalar_metrics(objective, scale=1.0):

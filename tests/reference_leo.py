@@ -230,7 +230,11 @@ class ReferenceModel:
             logits=tf.zeros([1], losses.dtype),
         )
         return model_lib.MetaBatchLoss(
-            total=total, episodes=outputs, l2=zeros[0], orthogonality=zeros[0]
+            total=total,
+            episodes=outputs,
+            l2=zeros[0],
+            orthogonality=zeros[0],
+            terms=(total,),
         )
 
     def run_episodes(self, episodes, num_towers=1):

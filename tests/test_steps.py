@@ -1,5 +1,11 @@
 """The outer-loop step: NaN guard, clipping, Adam, determinism, tracing."""
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -7,6 +13,8 @@ import tensorflow as tf
 from leo_tf import steps
 from leo_tf.config import OptimizerConfig
 from tests import model_fixtures as fx
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _adam_first_update(gradient, lr, epsilon=1e-8, beta1=0.9, beta2=0.999):
@@ -165,6 +173,25 @@ def test_training_with_a_fixed_seed_is_reproducible():
     for a, b in zip(first_weights, second_weights):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(first, other)
+
+
+def test_gradients_of_towers_side_by_side_are_bit_for_bit_reproducible():
+    # Summed by the tape, the gradients of two towers running side by side
+    # differed in their last bits between calls with equal inputs
+    # (relation-network and encoder kernels, in a quarter to a half of the
+    # calls on these shapes; README, Reproducibility). In a fresh process,
+    # with leo_tf's thread settings.
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.tower_gradient_repeats", "30"],
+        cwd=REPO,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    changed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert changed == {}, f"calls whose gradient changed, per variable: {changed}"
 
 
 def test_compiled_steps_trace_once_per_shape():
