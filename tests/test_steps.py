@@ -175,6 +175,28 @@ def test_training_with_a_fixed_seed_is_reproducible():
     assert not np.array_equal(first, other)
 
 
+def test_gradients_taken_per_term_equal_the_gradient_of_the_total():
+    model = fx.small_model(dtype="float64")
+    episodes = fx.random_episodes(13, batch=6)
+    noise = fx.noise_for(episodes, model.config, dtype=tf.float64)
+    with tf.GradientTape() as tape:
+        objective = model.meta_batch_loss(episodes, noise, num_towers=3)
+    expected = tape.gradient(objective.total, model.trainable_variables)
+
+    gradients, per_term = steps._scaled_gradients(
+        model, episodes, noise, 0.5, num_towers=3
+    )
+
+    assert len(per_term.terms) == 4  # three towers' shares, then the penalties
+    assert sum(t.numpy() for t in per_term.terms) == pytest.approx(
+        objective.total.numpy(), rel=1e-14
+    )
+    for variable, a, b in zip(model.trainable_variables, expected, gradients):
+        np.testing.assert_allclose(
+            b.numpy(), 0.5 * a.numpy(), rtol=1e-12, atol=1e-15, err_msg=variable.path
+        )
+
+
 def test_gradients_of_towers_side_by_side_are_bit_for_bit_reproducible():
     # Summed by the tape, the gradients of two towers running side by side
     # differed in their last bits between calls with equal inputs
