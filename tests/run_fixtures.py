@@ -1,6 +1,17 @@
-"""RunConfigs for short in-process runs on the toy data of data_fixtures."""
+"""RunConfigs for short in-process runs on the toy data of data_fixtures, and
+the environment of runs in a child process."""
+
+import os
+import pathlib
 
 from leo_tf import config as config_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra):
+    """os.environ for a child Python that imports this checkout, quietly."""
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO), **extra}
 
 
 def toy_run_config(data_path, directory, **train):

@@ -62,15 +62,11 @@ _MIRRORED_VS_SINGLE = textwrap.dedent("""
     """)
 
 
-def _env():
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
-
-
 def test_mirrored_step_equals_single_device_step():
     process = subprocess.run(
         [sys.executable, "-c", _MIRRORED_VS_SINGLE],
         cwd=REPO,
-        env=_env(),
+        env=run_fixtures.subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -103,7 +99,7 @@ def _run_two_workers(tmp_path, data_path, directory, num_steps):
     cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
     workers = []
     for index in range(2):
-        env = _env()
+        env = run_fixtures.subprocess_env()
         env["TF_CONFIG"] = json.dumps(
             {"cluster": cluster, "task": {"type": "worker", "index": index}}
         )

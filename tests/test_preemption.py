@@ -2,7 +2,6 @@
 nothing; SIGTERM and SIGINT checkpoint and exit cleanly."""
 
 import json
-import os
 import pathlib
 import random
 import signal
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests import data_fixtures
+from tests import data_fixtures, run_fixtures
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LIMIT = 300
@@ -43,16 +42,12 @@ def _command(data_path, directory, *extra):
     ]
 
 
-def _env(**extra):
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO), **extra}
-
-
 def _run_to_completion(data_path, directory, *extra):
     """Runs training to its end in a subprocess; returns the CompletedProcess."""
     process = subprocess.run(
         _command(data_path, directory, *extra),
         cwd=REPO,
-        env=_env(),
+        env=run_fixtures.subprocess_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -86,7 +81,9 @@ def _check_best_checkpoint(directory):
 
 
 def _launch(data_path, directory, crash_point=None):
-    env = _env(**({"LEO_TF_CRASH_AT": crash_point} if crash_point else {}))
+    env = run_fixtures.subprocess_env(
+        **({"LEO_TF_CRASH_AT": crash_point} if crash_point else {})
+    )
     return subprocess.Popen(
         _command(data_path, directory),
         cwd=REPO,
@@ -128,7 +125,7 @@ def test_sigkill_at_random_moments_and_crash_points_loses_nothing(tmp_path, requ
         straight_process = subprocess.Popen(
             _command(data_path, straight),
             cwd=REPO,
-            env=_env(),
+            env=run_fixtures.subprocess_env(),
             text=True,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -185,7 +182,7 @@ def test_sigterm_and_sigint_checkpoint_and_exit_cleanly(tmp_path, signal_number)
     process = subprocess.Popen(
         _command(data_path, directory, "--checkpoint_steps=1000"),
         cwd=REPO,
-        env=_env(),
+        env=run_fixtures.subprocess_env(),
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

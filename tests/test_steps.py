@@ -1,8 +1,6 @@
 """The outer-loop step: NaN guard, clipping, Adam, determinism, tracing."""
 
 import json
-import os
-import pathlib
 import subprocess
 import sys
 
@@ -13,8 +11,7 @@ import tensorflow as tf
 from leo_tf import steps
 from leo_tf.config import OptimizerConfig
 from tests import model_fixtures as fx
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests import run_fixtures
 
 
 def _adam_first_update(gradient, lr, epsilon=1e-8, beta1=0.9, beta2=0.999):
@@ -205,8 +202,8 @@ def test_gradients_of_towers_side_by_side_are_bit_for_bit_reproducible():
     # with leo_tf's thread settings.
     result = subprocess.run(
         [sys.executable, "-m", "tests.tower_gradient_repeats", "30"],
-        cwd=REPO,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)},
+        cwd=run_fixtures.REPO,
+        env=run_fixtures.subprocess_env(),
         capture_output=True,
         text=True,
         timeout=600,
