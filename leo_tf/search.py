@@ -277,7 +277,7 @@ def parse_train_flags(args):
     values = flags.FlagValues()
     for flag in _train_flags():
         values[flag.name] = copy.deepcopy(flag)
-    values.unparse_flags()
+        values[flag.name].unparse()  # back to its default
     try:
         values(["leo_tf.search", *args])
     except flags.Error as error:
