@@ -420,7 +420,7 @@ def results_table(results):
     for record in records:
         if record.get("reason"):
             lines.append(
-                f"trial {record['trial']} {record['status']}: {record['reason']}"
+                f"{record['directory']} {record['status']}: {record['reason']}"
             )
     return "\n".join(lines)
 
@@ -517,7 +517,7 @@ def _run_trial(trial, draws, space, directory, log):
         keras.backend.clear_session()
     if "stopped_by" in outcome:
         log(
-            f"trial {trial}: stopped by {outcome['stopped_by']}; rerun the "
+            f"{directory.name}: stopped by {outcome['stopped_by']}; rerun the "
             "same command to resume"
         )
         return None
@@ -578,13 +578,13 @@ def _progress_line(trial, num_trials, record, best, elapsed, eta):
     else:
         result = record["reason"]
     best_so_far = (
-        f"best {best['metavalid_accuracy']:.4f} (trial {best['trial']})"
+        f"best {best['metavalid_accuracy']:.4f} ({best['directory']})"
         if best
         else "no best yet"
     )
     return (
-        f"trial {trial + 1}/{num_trials} {record['status']}: {result} | "
-        f"{progress.duration(record['wall_s'])} | {best_so_far} | search "
+        f"{record['directory']} ({trial + 1}/{num_trials}) {record['status']}: "
+        f"{result} | {progress.duration(record['wall_s'])} | {best_so_far} | search "
         f"{progress.duration(elapsed)}, ETA {progress.duration(eta)}"
     )
 
@@ -661,7 +661,7 @@ def run_search(base_args, space, search_dir, num_trials, seed, log=print):
             continue
         _start_trial(trial, draws, directory, lines, _trial_header(trial, seed, space))
         values = " ".join(f"--{name}={text}" for name, text in draws.items())
-        log(f"trial {trial + 1}/{num_trials}: {values}")
+        log(f"{directory.name} ({trial + 1}/{num_trials}): {values}")
         record = _run_trial(trial, draws, space, directory, log)
         if record is None:
             return SearchOutcome(results, best, stopped=True)
