@@ -39,6 +39,7 @@ setuptools.setup(
             "leo-train=leo_tf.train:run",
             "leo-export=leo_tf.export:run",
             "leo-embed=leo_tf.embed:run",
+            "leo-search=leo_tf.search:run",
         ],
     },
     classifiers=[

@@ -256,16 +256,13 @@ def validate(config):
         config.data,
         config.train,
     )
-    for name in ("num_latents", "inner_unroll_length"):
-        _require(
-            getattr(model, name) >= 1, name, getattr(model, name), "must be at least 1"
-        )
     _require(
-        model.finetuning_unroll_length >= 0,
-        "finetuning_unroll_length",
-        model.finetuning_unroll_length,
-        "must be at least 0",
+        model.num_latents >= 1, "num_latents", model.num_latents, "must be at least 1"
     )
+    for name in ("inner_unroll_length", "finetuning_unroll_length"):
+        _require(
+            getattr(model, name) >= 0, name, getattr(model, name), "must be at least 0"
+        )
     _require(
         model.dropout_rate == 0.0 or MIN_DROPOUT_RATE <= model.dropout_rate < 1.0,
         "dropout_rate",

@@ -103,7 +103,7 @@ def test_data_path_defaults_to_the_user_cache(tmp_path, monkeypatch):
         ("--num_steps_limit=0", "--num_steps_limit=0: must be at least 1"),
         ("--metatrain_batch_size=0", "--metatrain_batch_size=0: must be at least 1"),
         ("--num_latents=0", "--num_latents=0: must be at least 1"),
-        ("--inner_unroll_length=0", "--inner_unroll_length=0: must be at least 1"),
+        ("--inner_unroll_length=-1", "--inner_unroll_length=-1: must be at least 0"),
         ("--embedding_crop=left", "--embedding_crop=left: must be one of center"),
     ],
 )

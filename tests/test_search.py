@@ -1,0 +1,319 @@
+"""leo_tf.search: resumable random search, results, HParams, best.cfg."""
+
+import dataclasses
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from leo_tf import checkpoints, search, trainer
+from leo_tf.data import embeddings
+from tests import data_fixtures
+
+# One dimension of each kind; num_latents changes the model's shapes.
+SPACE = (
+    "outer_lr:loguniform:1e-4:1e-2",
+    "dropout_rate:uniform:0:0.5",
+    "finetuning_unroll_length:int:0:3",
+    "num_latents:choice:4,8",
+)
+NUM_TRIALS = 4
+FAILING, DIVERGING, FINISHED, KILLED = range(NUM_TRIALS)
+
+
+def _base_args(data_path):
+    """Fast 5-way 1-shot runs of 20 steps on data_fixtures' toy set."""
+    return [
+        f"--data_path={data_path}",
+        "--dataset_name=toy",
+        "--num_steps_limit=20",
+        "--checkpoint_steps=10",
+        "--summary_steps=10",
+        "--metatrain_batch_size=4",
+        "--metavalid_batch_size=20",
+        "--metatest_batch_size=50",
+    ]
+
+
+class _Killed(BaseException):
+    """Stands for the process dying: not an Exception, so nothing handles it."""
+
+
+def _snapshot(directory):
+    """{relative path: (bytes, mtime_ns)} of every file under directory."""
+    return {
+        str(path.relative_to(directory)): (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in sorted(pathlib.Path(directory).rglob("*"))
+        if path.is_file()
+    }
+
+
+def _search(data_path, search_dir):
+    return search.run_search(
+        _base_args(data_path),
+        search.parse_space(SPACE),
+        search_dir,
+        NUM_TRIALS,
+        seed=0,
+        log=lambda line: None,
+    )
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A search killed during its last trial, then rerun with the same command.
+
+    Without a test split on disk. In the first run, trial 0's training raises,
+    trial 1's ends without a checkpoint (diverged), trial 2 trains, and trial
+    3 is killed after its checkpoint at step 10. Records what each run
+    trained and which splits were read.
+    """
+    root = tmp_path_factory.mktemp("search")
+    data_path = data_fixtures.write_toy_dataset(root / "data")
+    (data_path / "toy" / "center" / "test_embeddings.pkl").unlink()
+    search_dir = root / "search"
+    real_train, real_load_split = trainer.train, embeddings.load_split
+    splits, trained = [], []
+
+    def spying_load_split(*args, **kwargs):
+        splits.append(args[3])
+        return real_load_split(*args, **kwargs)
+
+    def first_run_train(config, strategy=None):
+        directory = pathlib.Path(config.train.checkpoint_path)
+        trial = int(directory.name.split("-")[1])
+        if trial == FAILING:
+            raise RuntimeError("injected failure\nsecond line")
+        if trial == DIVERGING:
+            return {"step": config.train.num_steps_limit}
+        if trial == KILLED:
+            half = dataclasses.replace(config.train, num_steps_limit=10)
+            real_train(dataclasses.replace(config, train=half), strategy)
+            raise _Killed()
+        return real_train(config, strategy)
+
+    def second_run_train(config, strategy=None):
+        trained.append(pathlib.Path(config.train.checkpoint_path).name)
+        return real_train(config, strategy)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(embeddings, "load_split", spying_load_split)
+        patch.setattr(trainer, "train", first_run_train)
+        with pytest.raises(_Killed):
+            _search(data_path, search_dir)
+        first_results = search.read_results(search_dir)
+        finished_files = _snapshot(search.trial_directory(search_dir, FINISHED))
+        patch.setattr(trainer, "train", second_run_train)
+        outcome = _search(data_path, search_dir)
+    return dict(
+        data_path=data_path,
+        search_dir=search_dir,
+        first_results=first_results,
+        finished_files=finished_files,
+        outcome=outcome,
+        trained=trained,
+        splits=splits,
+    )
+
+
+def test_a_killed_search_rerun_keeps_every_finished_trial_and_resumes(interrupted):
+    first, outcome = interrupted["first_results"], interrupted["outcome"]
+    search_dir = interrupted["search_dir"]
+
+    assert sorted(first) == [FAILING, DIVERGING, FINISHED]
+    assert interrupted["trained"] == [f"trial-{KILLED:03d}"]
+    final = search.read_results(search_dir)
+    assert final == outcome.results
+    assert sorted(final) == list(range(NUM_TRIALS))
+    for trial in first:
+        assert final[trial] == first[trial]
+    assert final[KILLED]["status"] == "ok"
+    assert final[KILLED]["resumed_from_step"] == 10
+    assert final[KILLED]["steps"] == 20
+    assert not outcome.stopped
+    assert (
+        _snapshot(search.trial_directory(search_dir, FINISHED))
+        == interrupted["finished_files"]
+    )
+
+
+def test_failed_and_diverged_trials_are_recorded_with_their_reason(interrupted):
+    results = interrupted["outcome"].results
+
+    assert results[FAILING]["status"] == "failed"
+    assert results[FAILING]["reason"] == "RuntimeError: injected failure"
+    assert results[DIVERGING]["status"] == "diverged"
+    assert "no checkpoint" in results[DIVERGING]["reason"]
+    assert results[FINISHED]["status"] == "ok"
+    for trial in (FINISHED, KILLED):
+        directory = search.trial_directory(interrupted["search_dir"], trial)
+        best = checkpoints.best_metrics(directory)
+        assert results[trial]["metavalid_accuracy"] == best["metavalid_accuracy"]
+        assert results[trial]["best_step"] == best["step"]
+
+
+def test_the_test_split_is_never_read(interrupted):
+    assert set(interrupted["splits"]) == {"train", "val"}
+
+
+def test_trial_values_are_a_pure_function_of_the_seed_and_trial_index(interrupted):
+    space = search.parse_space(SPACE)
+    draws = [search.draw_trial(space, 0, trial) for trial in range(NUM_TRIALS)]
+
+    assert draws == [search.draw_trial(space, 0, t) for t in range(NUM_TRIALS)]
+    assert draws[0] != draws[1]
+    assert draws[0] != search.draw_trial(space, 1, 0)
+    for trial, record in interrupted["outcome"].results.items():
+        expected = {d.flag: d.value(draws[trial][d.flag]) for d in space}
+        assert record["hparams"] == expected
+        config = search.trial_config(
+            search.trial_directory(interrupted["search_dir"], trial) / "trial.cfg"
+        )
+        assert config.optimizer.outer_lr == expected["outer_lr"]
+        assert config.model.dropout_rate == expected["dropout_rate"]
+        assert config.model.num_latents == expected["num_latents"]
+        assert 1e-4 <= expected["outer_lr"] < 1e-2
+        assert expected["finetuning_unroll_length"] in range(4)
+
+
+def _trained_config(directory):
+    """The configuration the trainer recorded in a run directory."""
+    saved = json.loads((directory / checkpoints.CONFIG_FILE).read_text())
+    del saved["embedding_dim"]
+    return saved
+
+
+def test_each_trial_flagfile_holds_the_configuration_it_trained(interrupted):
+    for trial in (FINISHED, KILLED):
+        directory = search.trial_directory(interrupted["search_dir"], trial)
+        config = search.trial_config(directory / "trial.cfg")
+
+        assert config.to_dict() == _trained_config(directory)
+        assert config.train.checkpoint_path == str(directory.resolve())
+
+
+def test_best_cfg_reproduces_the_winning_trial(interrupted):
+    results = interrupted["outcome"].results
+    winner = max(
+        (r for r in results.values() if r["status"] == "ok"),
+        key=lambda r: r["metavalid_accuracy"],
+    )
+    directory = interrupted["search_dir"] / winner["directory"]
+
+    config = search.trial_config(interrupted["search_dir"] / "best.cfg")
+
+    assert interrupted["outcome"].best == winner
+    assert config.to_dict() == _trained_config(directory)
+    assert config.optimizer.outer_lr == winner["hparams"]["outer_lr"]
+
+
+def _plugin_values(directory, plugin):
+    """(tag, Summary.Value) of every summary of `plugin` in directory's events."""
+    found = []
+    for path in sorted(pathlib.Path(directory).glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == plugin:
+                    found.append((value.tag, value))
+    return found
+
+
+def _hparams_data(directory):
+    return [
+        plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+        for _, value in _plugin_values(directory, "hparams")
+    ]
+
+
+def test_the_hparams_dashboard_summaries_are_written(interrupted):
+    search_dir = interrupted["search_dir"]
+    experiments = [d for d in _hparams_data(search_dir) if d.HasField("experiment")]
+
+    assert len(experiments) == 1
+    experiment = experiments[0].experiment
+    assert [h.name for h in experiment.hparam_infos] == [
+        entry.split(":")[0] for entry in SPACE
+    ]
+    assert search.OBJECTIVE_TAG in [m.name.tag for m in experiment.metric_infos]
+    for trial, record in interrupted["outcome"].results.items():
+        directory = search.trial_directory(search_dir, trial)
+        sessions = [
+            d.session_start_info
+            for d in _hparams_data(directory)
+            if d.HasField("session_start_info")
+        ]
+        assert len(sessions) == 1
+        assert {
+            name: value.number_value for name, value in sessions[0].hparams.items()
+        } == {name: float(v) for name, v in record["hparams"].items()}
+        objective = [
+            tf.make_ndarray(value.tensor)
+            for tag, value in _plugin_values(directory, "scalars")
+            if tag == search.OBJECTIVE_TAG
+        ]
+        if record["status"] == "ok":
+            np.testing.assert_allclose(objective, [record["metavalid_accuracy"]])
+        else:
+            assert not objective
+
+
+def test_a_changed_command_refuses_the_directory_of_another_search(interrupted):
+    search_dir = interrupted["search_dir"]
+    before = _snapshot(search_dir)
+    args = [*_base_args(interrupted["data_path"]), "--kl_weight=0.5"]
+
+    with pytest.raises(search.SearchError) as error:
+        search.run_search(args, search.parse_space(SPACE), search_dir, 1, seed=0)
+
+    message = str(error.value)
+    assert "trial-000/trial.cfg: made by another search" in message
+    assert "--kl_weight=0.5" in message and "\n" not in message
+    assert _snapshot(search_dir) == before
+
+
+@pytest.mark.parametrize(
+    "entry, problem",
+    [
+        ("outer_lr", "expected FLAG:KIND:..."),
+        ("learning_rate:uniform:0:1", "learning_rate is not a flag of leo_tf.train"),
+        ("checkpoint_path:choice:a,b", "--checkpoint_path is set by the search"),
+        ("outer_lr:normal:0:1", "normal is not a kind of draw"),
+        ("num_latents:uniform:8:64", "--num_latents can be searched by int, choice"),
+        ("dropout_rate:int:0:1", "--dropout_rate can be searched by loguniform, "),
+        ("outer_lr:loguniform:0:1e-3", "loguniform needs 0 < LOW"),
+        ("outer_lr:uniform:1e-3:1e-4", "needs finite LOW < HIGH"),
+        ("outer_lr:uniform:1e-3", "uniform takes LOW:HIGH"),
+        ("num_latents:int:8:6.5", "LOW and HIGH must be integers"),
+        ("num_latents:choice:8,,16", "choice takes V1,V2,... with no empty value"),
+        ("num_latents:choice:8,many", "'many' is not a valid value"),
+    ],
+)
+def test_bad_space_entries_are_named_in_one_line(entry, problem):
+    with pytest.raises(search.SearchError) as error:
+        search.parse_space([entry])
+
+    assert str(error.value).startswith(f"--space={entry}: {problem}")
+    assert "\n" not in str(error.value)
+
+
+def test_space_values_invalid_for_training_fail_before_anything_is_written(tmp_path):
+    data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
+    space = search.parse_space(
+        ["outer_lr:loguniform:1e-4:1e-3", "dropout_rate:uniform:0:1"]
+    )
+
+    with pytest.raises(search.SearchError) as error:
+        search.run_search(_base_args(data_path), space, tmp_path / "s", 2, seed=0)
+
+    assert str(error.value).startswith(
+        "--space=dropout_rate:uniform:0:1: --dropout_rate=1.0: must be 0 or in"
+    )
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_flag_searched_twice_is_refused():
+    with pytest.raises(search.SearchError, match="--outer_lr is searched twice"):
+        search.parse_space(["outer_lr:uniform:0.1:1", "outer_lr:choice:0.1"])
