@@ -1,0 +1,187 @@
+"""Bad data refused early and cheaply: arrays whose declared size the file
+cannot hold, files that are not regular files, splits that share classes or
+examples, and broken packed image files."""
+
+import codecs
+import os
+import pickle
+import threading
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from leo_tf.data import embeddings
+from leo_tf.data.embeddings import DataError
+
+# numpy's own pickling functions, under the installed numpy's module names.
+_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]
+_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
+
+GIB = 2**30
+
+
+class Reduces:
+    """Pickles as `func(*args)`, then `__setstate__(state)` if state is given:
+    hand-made pickles that declare whatever shape a test needs."""
+
+    def __init__(self, func, args, state=None):
+        self.reduced = (func, args) if state is None else (func, args, state)
+
+    def __reduce__(self):
+        return self.reduced
+
+
+def write_pickle(path, contents, protocol=2):
+    with open(path, "wb") as f:
+        pickle.dump(contents, f, protocol=protocol)
+    return path
+
+
+def read_error_and_peak(path):
+    """The DataError message of reading `path`, and the peak bytes traced
+    (numpy reports its array buffers to tracemalloc) while reading."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as info:
+            embeddings.read_embedding_file(path, embedding_dim=None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return str(info.value), peak
+
+
+# ---------------------------------------------------------------------------
+# Declared sizes.
+
+# (id, the 'embeddings' field, pickle protocol, fragments of the message)
+HUGE_ARRAYS = [
+    (
+        "ndarray_called_with_a_huge_shape",
+        Reduces(np.ndarray, ((GIB // 2560, 640), np.dtype(np.float32))),
+        2,
+        ["declares a float32 array of shape (419430, 640)", "holds no bytes"],
+    ),
+    (
+        "reconstruct_with_a_huge_shape",
+        Reduces(_RECONSTRUCT, (np.ndarray, (GIB,), b"b")),
+        2,
+        ["declares a int8 array of shape (1073741824,)", "holds no bytes"],
+    ),
+    (
+        "state_declaring_more_than_its_data",
+        Reduces(
+            _RECONSTRUCT,
+            (np.ndarray, (0,), b"b"),
+            (1, (GIB // 2560, 640), np.dtype(np.float32), False, bytes(16)),
+        ),
+        4,
+        ["(1073740800 bytes)", "the file holds 16 bytes of data for it"],
+    ),
+    (
+        "protocol_5_buffer_shorter_than_its_shape",
+        Reduces(_FROMBUFFER, (bytearray(16), np.dtype(np.float32), (GIB // 4,), "C")),
+        5,
+        ["shape (268435456,)", "the file holds 16 bytes of data for it"],
+    ),
+    (
+        # numpy itself crashes the process (segfault) on this state.
+        "object_array_longer_than_its_list",
+        Reduces(
+            _RECONSTRUCT,
+            (np.ndarray, (0,), b"b"),
+            (1, (5,), np.dtype(object), False, [1.0, 2.0]),
+        ),
+        2,
+        ["declares a object array of shape (5,)", "holds 2 of them"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "field,protocol,fragments",
+    [case[1:] for case in HUGE_ARRAYS],
+    ids=[case[0] for case in HUGE_ARRAYS],
+)
+def test_an_array_larger_than_its_data_is_refused_before_allocation(
+    tmp_path, field, protocol, fragments
+):
+    path = write_pickle(
+        tmp_path / "huge.pkl", {"embeddings": field, "keys": []}, protocol
+    )
+    assert path.stat().st_size < 400
+    message, peak = read_error_and_peak(path)
+    assert message.startswith(f"{path}: field 'embeddings': declares a ")
+    for fragment in fragments:
+        assert fragment in message
+    assert peak < 2**24  # far below the declared size
+
+
+def test_bytes_of_a_huge_length_are_refused(tmp_path):
+    path = write_pickle(tmp_path / "b.pkl", {"embeddings": Reduces(bytes, (GIB,))})
+    message, peak = read_error_and_peak(path)
+    assert message == (
+        f"refusing to unpickle bytes({GIB},) from {path}: only empty bytes are "
+        "pickled that way"
+    )
+    assert peak < 2**24
+
+
+def test_one_string_decoded_over_and_over_is_refused(tmp_path):
+    text = "x" * 100_000  # one object: pickled once, then referenced
+    path = write_pickle(
+        tmp_path / "many.pkl",
+        {"embeddings": [Reduces(codecs.encode, (text, "latin1")) for _ in range(1000)]},
+    )
+    assert path.stat().st_size < 200_000
+    message, peak = read_error_and_peak(path)
+    assert message.startswith(f"{path}: a byte string declares 100000 bytes, ")
+    assert "more than the file's" in message
+    assert peak < 2**24
+
+
+# ---------------------------------------------------------------------------
+# Files that are not regular files.
+
+
+def read_without_blocking(path) -> str:
+    """The DataError message of reading `path`; fails if reading blocks."""
+    outcome = {}
+
+    def read():
+        try:
+            embeddings.read_embedding_file(path)
+        except DataError as e:
+            outcome["message"] = str(e)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), f"reading {path} blocked"
+    return outcome["message"]
+
+
+def test_a_fifo_is_named_without_opening_it(tmp_path):
+    path = tmp_path / "train_embeddings.pkl"
+    os.mkfifo(path)
+    assert read_without_blocking(path) == (
+        f"{path}: expected a file, found a FIFO (named pipe)"
+    )
+
+
+def test_a_character_device_is_named(tmp_path):
+    path = tmp_path / "train_embeddings.pkl"
+    path.symlink_to("/dev/zero")
+    assert read_without_blocking(path) == (
+        f"{path}: expected a file, found a character device"
+    )
+
+
+def test_a_broken_symbolic_link_names_its_target(tmp_path):
+    path = tmp_path / "train_embeddings.pkl"
+    path.symlink_to(tmp_path / "moved" / "train_embeddings.pkl")
+    assert read_without_blocking(path) == (
+        f"{path}: expected a file, found a broken symbolic link to "
+        f"{str(tmp_path / 'moved' / 'train_embeddings.pkl')!r}"
+    )
+
