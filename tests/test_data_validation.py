@@ -3,16 +3,20 @@ cannot hold, files that are not regular files, splits that share classes or
 examples, and broken packed image files."""
 
 import codecs
+import dataclasses
 import os
 import pickle
+import shutil
 import threading
 import tracemalloc
 
 import numpy as np
 import pytest
 
-from leo_tf.data import embeddings
+from leo_tf import config as config_lib
+from leo_tf.data import embeddings, meta_dataset
 from leo_tf.data.embeddings import DataError
+from tests import data_fixtures
 
 # numpy's own pickling functions, under the installed numpy's module names.
 _RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]
@@ -185,3 +189,78 @@ def test_a_broken_symbolic_link_names_its_target(tmp_path):
         f"{str(tmp_path / 'moved' / 'train_embeddings.pkl')!r}"
     )
 
+
+
+# ---------------------------------------------------------------------------
+# Splits that share classes or examples.
+
+
+def toy_data_config(data_path, **changes):
+    return dataclasses.replace(
+        config_lib.DataConfig(data_path=str(data_path), dataset_name="toy"), **changes
+    )
+
+
+def toy_split(data_path, split):
+    return data_path / "toy" / "center" / f"{split}_embeddings.pkl"
+
+
+@pytest.fixture
+def toy(tmp_path):
+    return data_fixtures.write_toy_dataset(tmp_path / "data")
+
+
+def test_val_that_repeats_the_train_classes_is_refused_naming_them(toy):
+    shutil.copyfile(toy_split(toy, "train"), toy_split(toy, "val"))
+    with pytest.raises(DataError) as info:
+        meta_dataset.load_classes(toy_data_config(toy), "train")
+    assert str(info.value) == (
+        f"{toy_split(toy, 'val')}: split 'val' shares 12 of its 12 classes with "
+        f"split 'train' ({toy_split(toy, 'train')}): 'ntr00000', 'ntr00001', "
+        "'ntr00002', 'ntr00003', 'ntr00004' and 7 more; a leak between the "
+        "splits; pass --allow_split_overlap to use them anyway"
+    )
+
+
+def copy_train_rows_into_test(data_path, count):
+    """Gives the first `count` test rows the embeddings of train rows 30.."""
+    with open(toy_split(data_path, "train"), "rb") as f:
+        train = pickle.load(f)
+    with open(toy_split(data_path, "test"), "rb") as f:
+        test = pickle.load(f)
+    test["embeddings"][:count] = train["embeddings"][30 : 30 + count]
+    write_pickle(toy_split(data_path, "test"), test)
+
+
+def test_test_examples_identical_to_train_examples_are_refused(toy):
+    copy_train_rows_into_test(toy, 3)  # train rows 30-32: class ntr00001
+    with pytest.raises(DataError) as info:
+        meta_dataset.load_classes(toy_data_config(toy), "test")
+    assert str(info.value) == (
+        f"{toy_split(toy, 'test')}: split 'test' has 3 of its 144 examples "
+        f"identical to examples of split 'train' ({toy_split(toy, 'train')}), "
+        "e.g. in class 'nte00000' (identical to one of class 'ntr00001'); a "
+        "leak between the splits; pass --allow_split_overlap to use them anyway"
+    )
+
+
+def test_allow_split_overlap_accepts_shared_classes_and_examples(toy):
+    copy_train_rows_into_test(toy, 3)
+    shutil.copyfile(toy_split(toy, "train"), toy_split(toy, "val"))
+    config = toy_data_config(toy, allow_split_overlap=True)
+    assert meta_dataset.load_classes(config, "val").num_classes == 12
+    assert meta_dataset.load_classes(config, "test").num_examples == 144
+
+
+def test_train_on_val_trains_on_val_but_refuses_val_classes_in_test(toy):
+    config = toy_data_config(toy, train_on_val=True)
+    assert meta_dataset.load_classes(config, "train").num_classes == 18
+    assert meta_dataset.load_classes(config, "val").num_classes == 6
+    shutil.copyfile(toy_split(toy, "val"), toy_split(toy, "test"))
+    with pytest.raises(DataError) as info:
+        meta_dataset.load_classes(config, "train")
+    assert str(info.value).startswith(
+        f"{toy_split(toy, 'test')}: split 'test' shares 6 of its 6 classes with "
+        f"split 'train' ({toy_split(toy, 'train')} + {toy_split(toy, 'val')}): "
+        "'nva00000', "
+    )

@@ -652,6 +652,20 @@ def read_embedding_file(path, embedding_dim: int | None = 640) -> ClassEmbedding
     return _group_by_class([_read_rows(path, embedding_dim)])
 
 
+def read_rows(path) -> tuple:
+    """Reads and validates one pickle's rows, without grouping them by class.
+
+    Cheaper than `read_embedding_file` for a large file (no copy of the
+    embeddings), for callers that only need each row and its class; it
+    does not look for duplicate image file names.
+
+    Returns:
+        (class ids str `[n]`, embeddings float32 `[n, D]`), in file order.
+    """
+    rows = _read_rows(path, embedding_dim=None)
+    return np.array(rows.class_ids), rows.embeddings
+
+
 def load_split(
     data_path,
     dataset_name,
@@ -734,5 +748,6 @@ __all__ = [
     "check_episode_requirements",
     "load_split",
     "read_embedding_file",
+    "read_rows",
     "split_path",
 ]
