@@ -4,11 +4,13 @@ examples, and broken packed image files."""
 
 import codecs
 import dataclasses
+import io
 import os
 import pickle
 import shutil
 import threading
 import tracemalloc
+import zipfile
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from leo_tf import config as config_lib
 from leo_tf.data import embeddings, meta_dataset
 from leo_tf.data.embeddings import DataError
+from leo_tf.embedding import images as images_lib
 from tests import data_fixtures
 
 # numpy's own pickling functions, under the installed numpy's module names.
@@ -264,3 +267,118 @@ def test_train_on_val_trains_on_val_but_refuses_val_classes_in_test(toy):
         f"split 'train' ({toy_split(toy, 'train')} + {toy_split(toy, 'val')}): "
         "'nva00000', "
     )
+
+
+# ---------------------------------------------------------------------------
+# Packed image files for `leo_tf.embed --packed_omniglot`.
+
+
+def packed_arrays(n=4):
+    """The arrays of a tiny packed Omniglot: n blank 28x28 characters."""
+    return {
+        "images": np.full((n, 28, 28), 255, np.uint8),
+        "char_id": np.arange(n, dtype=np.int32),
+        "drawing": np.zeros(n, np.int32),
+        "alphabet": np.array(["Latin"] * n),
+        "character": np.array([f"character{i:02d}" for i in range(n)]),
+    }
+
+
+def write_npz(path, **changes):
+    np.savez(path, **{**packed_arrays(), **changes})
+
+
+def write_truncated_npz(path):
+    np.savez_compressed(path, **packed_arrays())
+    path.write_bytes(path.read_bytes()[:-200])
+
+
+def write_npz_declaring_a_huge_images_array(path):
+    """A valid .npz, except that the images' header declares 10^6 images."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (10**6, 28, 28)}
+    )
+    arrays = packed_arrays()
+    with zipfile.ZipFile(path, "w") as archive:
+        for key, array in arrays.items():
+            with archive.open(f"{key}.npy", "w") as member:
+                if key == "images":
+                    member.write(header.getvalue() + array.tobytes())
+                else:
+                    np.lib.format.write_array(member, array)
+
+
+# (id, writes the file, the message after "<path>: ")
+BAD_PACKED_FILES = [
+    (
+        "text_file",
+        lambda path: path.write_text("images,char_id\n"),
+        "expected a .npz file (numpy.savez: a zip archive of .npy arrays), found "
+        "a file that is not a zip archive",
+    ),
+    (
+        "truncated_zip",
+        write_truncated_npz,
+        "expected a .npz file (numpy.savez: a zip archive of .npy arrays), found "
+        "a damaged or truncated zip archive (File is not a zip file)",
+    ),
+    (
+        "object_array",
+        lambda path: write_npz(path, alphabet=np.array(["Latin"] * 4, dtype=object)),
+        "key 'alphabet': expected strings [n], found an array of Python objects "
+        "(dtype object), which only unpickling could read: refused",
+    ),
+    (
+        "wrong_dtype",
+        lambda path: write_npz(path, drawing=np.array(["a", "b", "c", "d"])),
+        "key 'drawing': expected integers [n], found <U1 [4]",
+    ),
+    (
+        "wrong_rank",
+        lambda path: write_npz(path, images=np.zeros((4, 784), np.uint8)),
+        "key 'images': expected uint8 [n, H, W], found uint8 [4, 784]",
+    ),
+    (
+        "inconsistent_lengths",
+        lambda path: write_npz(path, drawing=np.zeros(3, np.int32)),
+        "key 'drawing': expected one value per image of key 'images' (4), found 3",
+    ),
+    (
+        "declared_size_larger_than_the_data",
+        write_npz_declaring_a_huge_images_array,
+        "key 'images': declares uint8 [1000000, 28, 28] (784000000 bytes of "
+        "data), but its .npy member holds 3136 bytes of data: the file is "
+        "corrupt or truncated",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "write,message",
+    [case[1:] for case in BAD_PACKED_FILES],
+    ids=[case[0] for case in BAD_PACKED_FILES],
+)
+def test_bad_packed_image_files_are_named_with_their_key(tmp_path, write, message):
+    path = tmp_path / "omniglot.npz"
+    write(path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(images_lib.ImageSourceError) as info:
+            images_lib.load_packed_omniglot(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(info.value) == f"{path}: {message}"
+    assert peak < 2**24
+
+
+def test_a_fifo_as_packed_images_is_named_without_opening_it(tmp_path):
+    path = tmp_path / "omniglot.npz"
+    os.mkfifo(path)
+    with pytest.raises(images_lib.ImageSourceError) as info:
+        images_lib.load_packed_omniglot(str(path))
+    assert str(info.value) == (
+        f"--packed_omniglot={path}: expected a file, found a FIFO (named pipe)"
+    )
+
