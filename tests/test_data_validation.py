@@ -67,13 +67,13 @@ HUGE_ARRAYS = [
         "ndarray_called_with_a_huge_shape",
         Reduces(np.ndarray, ((GIB // 2560, 640), np.dtype(np.float32))),
         2,
-        ["declares a float32 array of shape (419430, 640)", "holds no bytes"],
+        ["shape (419430, 640) and dtype float32", "holds no bytes of data"],
     ),
     (
         "reconstruct_with_a_huge_shape",
         Reduces(_RECONSTRUCT, (np.ndarray, (GIB,), b"b")),
         2,
-        ["declares a int8 array of shape (1073741824,)", "holds no bytes"],
+        ["shape (1073741824,) and dtype int8", "holds no bytes of data"],
     ),
     (
         "state_declaring_more_than_its_data",
@@ -100,7 +100,7 @@ HUGE_ARRAYS = [
             (1, (5,), np.dtype(object), False, [1.0, 2.0]),
         ),
         2,
-        ["declares a object array of shape (5,)", "holds 2 of them"],
+        ["shape (5,) and dtype object", "5 Python objects", "holds 2 of them"],
     ),
 ]
 
@@ -118,7 +118,7 @@ def test_an_array_larger_than_its_data_is_refused_before_allocation(
     )
     assert path.stat().st_size < 400
     message, peak = read_error_and_peak(path)
-    assert message.startswith(f"{path}: field 'embeddings': declares a ")
+    assert message.startswith(f"{path}: field 'embeddings': declares an array of ")
     for fragment in fragments:
         assert fragment in message
     assert peak < 2**24  # far below the declared size

@@ -205,7 +205,9 @@ class _PickledArray:
         dtype = _declared_dtype(where, self.dtype)
         count = int(np.prod(shape, dtype=object))
         nbytes = count * dtype.itemsize
-        declared = f"declares a {dtype} array of shape {shape} ({nbytes} bytes)"
+        declared = (
+            f"declares an array of shape {shape} and dtype {dtype} ({nbytes} bytes)"
+        )
         if dtype.hasobject:
             present = len(self.data) if isinstance(self.data, list) else None
             if present != count:
