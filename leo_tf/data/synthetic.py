@@ -381,7 +381,10 @@ def _main(argv, flags_values):
     del argv
     data_path = flags_values.data_path or default_data_path()
     start = time.perf_counter()
-    dataset_dir = ensure_synthetic(data_path)
+    try:
+        dataset_dir = ensure_synthetic(data_path)
+    except embeddings_lib.DataError as error:
+        raise SystemExit(f"leo_tf.data.synthetic: {error}") from error
     print(
         f"synthetic data set: {dataset_dir} " f"({time.perf_counter() - start:.1f} s)"
     )
