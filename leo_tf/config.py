@@ -127,6 +127,12 @@ flags.DEFINE_enum(
     DISTRIBUTIONS,
     "leo_tf: none, mirrored (all local devices) or " "multi_worker (TF_CONFIG).",
 )
+flags.DEFINE_boolean(
+    "allow_split_overlap",
+    False,
+    "leo_tf: accept train, val and test splits that share classes or "
+    "identical examples (refused by default: a leak between the splits).",
+)
 
 FLAGS = flags.FLAGS
 
@@ -168,6 +174,7 @@ class DataConfig:
     dataset_name: str = "miniImageNet"
     embedding_crop: str = "center"
     train_on_val: bool = False
+    allow_split_overlap: bool = False
     num_classes: int = 5
     num_tr_examples_per_class: int = 1
     num_val_examples_per_class: int = 15

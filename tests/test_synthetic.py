@@ -1,5 +1,7 @@
 """Tests for leo_tf.data.synthetic: the built-in default data set."""
 
+import contextlib
+import errno
 import os
 import pathlib
 import pickle
@@ -133,6 +135,84 @@ def test_default_data_path(monkeypatch, tmp_path):
     assert synthetic.default_data_path() == (
         tmp_path / "home" / ".cache" / "leo_tf" / "data"
     )
+
+
+# ---------------------------------------------------------------------------
+# A data path that cannot take the data set.
+
+
+def test_data_path_that_is_a_file_is_named(tmp_path):
+    a_file = tmp_path / "data"
+    a_file.write_text("not a folder")
+    for data_path in (a_file, a_file / "below"):
+        with pytest.raises(DataError) as info:
+            synthetic.ensure_synthetic(data_path)
+        assert str(info.value) == (
+            f"--data_path={data_path}: cannot write the synthetic data set there: "
+            f"{a_file} is a file, not a directory; nothing was written"
+        )
+    assert a_file.read_text() == "not a folder"
+
+
+@contextlib.contextmanager
+def read_only_directory(path):
+    """`path` made a directory nobody can write in, root included."""
+    path.mkdir()
+    if os.geteuid() == 0:
+        # Root ignores permission bits; an immutable directory stops it.
+        if subprocess.run(["chattr", "+i", str(path)]).returncode != 0:
+            pytest.fail("cannot make a read-only directory as root (chattr)")
+        try:
+            yield path
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+
+
+def test_unwritable_data_path_is_named(tmp_path):
+    with read_only_directory(tmp_path / "data") as data_path:
+        with pytest.raises(DataError) as info:
+            synthetic.ensure_synthetic(data_path)
+        reason = "Operation not permitted" if os.geteuid() == 0 else "Permission denied"
+        assert str(info.value) == (
+            f"--data_path={data_path}: cannot write the synthetic data set there: "
+            f"{data_path} is not writable ({reason}); nothing was written"
+        )
+        assert not os.listdir(data_path)
+
+
+def test_disk_full_while_writing_leaves_nothing_and_the_next_call_writes_it(
+    tmp_path, monkeypatch
+):
+    real_dump = pickle.dump
+    calls = []
+
+    def dump_until_the_disk_is_full(contents, file, protocol):
+        calls.append(file.name)
+        if len(calls) == 2:
+            file.write(b"half a pickle")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_dump(contents, file, protocol=protocol)
+
+    monkeypatch.setattr(synthetic.pickle, "dump", dump_until_the_disk_is_full)
+    data_path = tmp_path / "data"
+    with pytest.raises(DataError) as info:
+        synthetic.ensure_synthetic(data_path)
+    assert str(info.value) == (
+        f"--data_path={data_path}: cannot write the synthetic data set there: "
+        "No space left on device (the data set needs 26 MB); nothing was written"
+    )
+    assert len(calls) == 2 and os.listdir(data_path) == []
+
+    monkeypatch.setattr(synthetic.pickle, "dump", real_dump)
+    synthetic.ensure_synthetic(data_path)
+    assert load(data_path, "val").num_classes == 16
+    assert os.listdir(data_path) == ["synthetic"]
 
 
 # ---------------------------------------------------------------------------

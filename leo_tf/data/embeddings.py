@@ -24,8 +24,10 @@ untrusted source cannot run code.
 import dataclasses
 import functools
 import importlib
+import os
 import pathlib
 import pickle
+import stat
 import types
 from typing import Mapping, Sequence
 
@@ -116,65 +118,227 @@ class ClassEmbeddings:
 
 
 @functools.lru_cache(maxsize=None)
-def _allowed_globals() -> Mapping:
-    """(module, name) -> object, for exactly the globals numpy pickles use.
-
-    Measured on pickles of float, int, byte-string, unicode and object arrays,
-    numpy scalars, lists and sets written by Python 2.7 + numpy 1.16
-    (protocols 0-2) and by Python 3.11 + numpy 1.26 and 2.4 (protocols 2-5):
-
-    * `numpy.ndarray`, `numpy.dtype`;
-    * `<core>.multiarray._reconstruct`, `<core>.multiarray.scalar` (all
-      protocols) and `<core>.numeric._frombuffer` (protocol 5), where <core>
-      is `numpy.core` (numpy 1) or `numpy._core` (numpy 2);
-    * `set` (below protocol 4) and `bytes` (empty bytes at protocol 2), under
-      Python 3's module name `builtins` and Python 2's `__builtin__`;
-    * `_codecs.encode`, which Python 3 uses for bytes at protocol 2; it is
-      admitted only for the latin1 codec, see `_RestrictedUnpickler`.
-
-    Both numpy spellings resolve to the installed numpy's own functions, so a
-    numpy 1 pickle loads under numpy 2 without its `numpy.core` deprecation
-    warning, and the other way round.
-    """
+def _numpy_scalar():
+    """numpy's `<core>.multiarray.scalar`, which builds a pickled scalar."""
     major = int(np.__version__.split(".")[0])
     core = "numpy._core" if major >= 2 else "numpy.core"
-    multiarray = importlib.import_module(f"{core}.multiarray")
-    numeric = importlib.import_module(f"{core}.numeric")
-    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    for package in ("numpy.core", "numpy._core"):
-        allowed[(f"{package}.multiarray", "_reconstruct")] = (
-            multiarray._reconstruct
-        )  # pylint: disable=protected-access
-        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{package}.numeric", "_frombuffer")] = (
-            numeric._frombuffer
-        )  # pylint: disable=protected-access
-    for builtins_module in ("builtins", "__builtin__"):
-        allowed[(builtins_module, "set")] = set
-        allowed[(builtins_module, "bytes")] = bytes
-    return types.MappingProxyType(allowed)
+    return importlib.import_module(f"{core}.multiarray").scalar
+
+
+# The globals numpy pickles use, measured on pickles of float, int,
+# byte-string, unicode and object arrays, numpy scalars, lists and sets
+# written by Python 2.7 + numpy 1.16 (protocols 0-2) and by Python 3.11 +
+# numpy 1.26 and 2.4 (protocols 2-5):
+#
+# * `numpy.ndarray`, `numpy.dtype`;
+# * `<core>.multiarray._reconstruct`, `<core>.multiarray.scalar` (all
+#   protocols) and `<core>.numeric._frombuffer` (protocol 5), where <core> is
+#   `numpy.core` (numpy 1) or `numpy._core` (numpy 2); both spellings are
+#   served by the installed numpy, so a numpy 1 pickle loads under numpy 2
+#   and the other way round;
+# * `set` (below protocol 4) and `bytes` (empty bytes at protocol 2), under
+#   Python 3's module name `builtins` and Python 2's `__builtin__`;
+# * `_codecs.encode`, which Python 3 uses for bytes at protocol 2.
+#
+# `_RestrictedUnpickler.find_class` maps each to what builds it here.
+_NUMPY_CORE_PACKAGES = ("numpy.core", "numpy._core")
+_BUILTINS_MODULES = ("builtins", "__builtin__")
+
+
+class _PickledArray:
+    """A numpy array as a pickle declares it, not yet built.
+
+    The unpickler makes one of these wherever numpy would build an array
+    (`numpy.ndarray(...)`, `_reconstruct` + `__setstate__`, `_frombuffer`),
+    so that the declared shape and dtype can be checked against the data the
+    file really holds before anything of that size is allocated: a pickle of a
+    hundred bytes can declare an array of any size. `build` checks and builds.
+    """
+
+    def __init__(self, shape=(0,), dtype="b", data=None, order="C"):
+        self.shape, self.dtype, self.data, self.order = shape, dtype, data, order
+        self.fortran = order == "F"
+        self.buffer = False  # True: `data` is the raw buffer of `_frombuffer`
+
+    @classmethod
+    def reconstruct(cls, subtype, shape, dtype):
+        """numpy's `_reconstruct(ndarray, shape, dtype)`."""
+        if subtype is not cls:
+            raise pickle.UnpicklingError(f"{subtype!r} is not numpy.ndarray")
+        return cls(shape, dtype)
+
+    @classmethod
+    def frombuffer(cls, buffer, dtype, shape, order):
+        """numpy's `_frombuffer`, pickle protocol 5's form of an array."""
+        array = cls(shape, dtype, buffer, order)
+        array.buffer = True
+        return array
+
+    def __setstate__(self, state):
+        """numpy's `ndarray.__setstate__`: `([version,] shape, dtype,
+        is_fortran, rawdata)`, kept as it is until `build`."""
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError(
+                f"malformed numpy array state: expected a tuple ([version,] "
+                f"shape, dtype, is_fortran, data), found {_short_repr(state)}"
+            )
+        self.shape, self.dtype, self.fortran, self.data = state[-4:]
+        self.buffer = False
+
+    def __repr__(self):
+        return f"<numpy array shape={self.shape!r} dtype={self.dtype!r}>"
+
+    def build(self, path, field, file_size) -> np.ndarray:
+        """The array, once its declared size is known to match its data.
+
+        Args:
+            path, field: the file and its field, for messages.
+            file_size: the file's size in bytes, an upper bound on the
+                number of elements (dtypes of 0 bytes hold none).
+
+        Raises:
+            DataError: naming `path` and `field`, when the shape or dtype is
+                malformed or the declared size differs from the data present.
+        """
+        where = f"{path}: field {field!r}"
+        shape = _declared_shape(where, self.shape)
+        dtype = _declared_dtype(where, self.dtype)
+        count = int(np.prod(shape, dtype=object))
+        nbytes = count * dtype.itemsize
+        declared = (
+            f"declares an array of shape {shape} and dtype {dtype} ({nbytes} bytes)"
+        )
+        if dtype.hasobject:
+            present = len(self.data) if isinstance(self.data, list) else None
+            if present != count:
+                raise DataError(
+                    f"{where}: {declared}, {count} Python objects, but the file "
+                    f"holds {'no list' if present is None else present} of "
+                    "them for it: the file is corrupt"
+                )
+        else:
+            present = _data_size(self.data)
+            if present != nbytes:
+                raise DataError(
+                    f"{where}: {declared}, but the file holds "
+                    f"{'no' if present is None else present} bytes of data for "
+                    f"it (the whole file is {file_size} bytes): the file is "
+                    "corrupt or truncated"
+                )
+        if count > file_size:
+            raise DataError(
+                f"{where}: {declared}, {count} elements, more than its file of "
+                f"{file_size} bytes can describe: the file is corrupt"
+            )
+        try:
+            if self.buffer:
+                return np.frombuffer(self.data, dtype).reshape(shape, order=self.order)
+            array = np.ndarray((0,), np.int8)
+            array.__setstate__((1, shape, dtype, bool(self.fortran), self.data))
+            return array
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{where}: malformed numpy array ({e})") from e
+
+
+def _short_repr(value, limit=60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _declared_shape(where, shape) -> tuple:
+    if not isinstance(shape, tuple) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise DataError(
+            f"{where}: malformed numpy array: expected a shape of non-negative "
+            f"integers, found {_short_repr(shape)}"
+        )
+    return shape
+
+
+def _declared_dtype(where, dtype) -> np.dtype:
+    if isinstance(dtype, np.dtype):
+        return dtype
+    try:
+        return np.dtype(dtype.decode("latin1") if isinstance(dtype, bytes) else dtype)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise DataError(
+            f"{where}: malformed numpy array: expected a dtype, found "
+            f"{_short_repr(dtype)}"
+        ) from e
+
+
+def _data_size(data):
+    """Bytes in an array's pickled data: bytes, latin1 text (Python 2) or a
+    buffer; None for anything else."""
+    if isinstance(data, str):
+        return len(data)
+    try:
+        return memoryview(data).nbytes
+    except TypeError:
+        return None
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Builds numpy arrays and builtin values, refuses every other global."""
+    """Builds builtin values, numpy scalars and dtypes, and `_PickledArray`s
+    where numpy arrays are declared; refuses every other global.
 
-    def __init__(self, file, path):
+    Whatever it allocates while loading is bounded by the file's size:
+    arrays wait in `_PickledArray`s, `bytes(n)` is refused, and the bytes
+    made by `_codecs.encode` and numpy scalars together may not exceed
+    `_ALLOWANCE_PER_FILE_BYTE` times the file's size, so references to one
+    big string cannot multiply it.
+    """
+
+    # Each byte of data in a file is decoded at most once (`_codecs.encode`)
+    # and copied at most once (into a numpy scalar).
+    _ALLOWANCE_PER_FILE_BYTE = 2
+
+    def __init__(self, file, path, file_size):
         # latin1 turns Python 2 byte strings into str and keeps numpy's
         # Python 2 array payloads intact.
         super().__init__(file, encoding="latin1")
         self._path = path
+        self._file_size = file_size
+        self._allowance = self._ALLOWANCE_PER_FILE_BYTE * file_size
+        self._globals = self._allowed_globals()
+
+    def _allowed_globals(self) -> dict:
+        """(module, name) -> what builds it, for the globals listed above."""
+        allowed = {
+            ("numpy", "ndarray"): _PickledArray,
+            ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): self._encode_latin1,
+        }
+        for package in _NUMPY_CORE_PACKAGES:
+            allowed[(f"{package}.multiarray", "_reconstruct")] = (
+                _PickledArray.reconstruct
+            )
+            allowed[(f"{package}.multiarray", "scalar")] = self._scalar
+            allowed[(f"{package}.numeric", "_frombuffer")] = _PickledArray.frombuffer
+        for builtins_module in _BUILTINS_MODULES:
+            allowed[(builtins_module, "set")] = set
+            allowed[(builtins_module, "bytes")] = self._empty_bytes
+        return allowed
 
     def find_class(self, module, name):
-        if (module, name) == ("_codecs", "encode"):
-            return self._encode_latin1
         try:
-            return _allowed_globals()[(module, name)]
+            return self._globals[(module, name)]
         except KeyError:
             raise DataError(
                 f"refusing to unpickle {module}.{name} from {self._path}: "
                 "embedding files hold only numpy arrays, lists and "
                 "strings"
             ) from None
+
+    def _take(self, nbytes, what):
+        """Charges `nbytes` about to be allocated for `what` to the file."""
+        if nbytes > self._allowance:
+            raise DataError(
+                f"{self._path}: {what} declares {nbytes} bytes, more than the "
+                f"file's {self._file_size} bytes can hold: the file is corrupt"
+            )
+        self._allowance -= nbytes
 
     def _encode_latin1(self, text, encoding="utf-8", errors="strict"):
         """`_codecs.encode` for the one use Python 3 makes of it: bytes."""
@@ -183,7 +347,24 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 f"refusing to unpickle _codecs.encode with encoding "
                 f"{encoding!r} from {self._path}"
             )
-        return str(text).encode("latin1", errors)
+        text = str(text)
+        self._take(len(text), "a byte string")
+        return text.encode("latin1", errors)
+
+    def _scalar(self, dtype, *data):
+        """numpy's `multiarray.scalar(dtype[, data])`: one numpy value."""
+        if isinstance(dtype, np.dtype):
+            self._take(dtype.itemsize, f"a numpy {dtype} scalar")
+        return _numpy_scalar()(dtype, *data)
+
+    def _empty_bytes(self, *args):
+        """`bytes()`: Python 3 pickles empty bytes so below protocol 3."""
+        if args:
+            raise DataError(
+                f"refusing to unpickle bytes{_short_repr(args)} from "
+                f"{self._path}: only empty bytes are pickled that way"
+            )
+        return b""
 
 
 # ---------------------------------------------------------------------------
@@ -214,14 +395,55 @@ def _describe_missing(path: pathlib.Path) -> str:
     )
 
 
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def not_a_file_problem(path) -> str | None:
+    """What keeps an existing `path` from being read as a file, or None.
+
+    Looks only at `os.stat`, so a FIFO or a device is never opened (opening a
+    FIFO blocks until someone writes to it).
+
+    Returns:
+        None for a regular file (or a link to one); else e.g. "expected a
+        file, found a FIFO (named pipe)" or "expected a file, found a broken
+        symbolic link to 'target'".
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return (
+                "expected a file, found a broken symbolic link to "
+                f"{os.readlink(path)!r}"
+            )
+        return "file not found"
+    except OSError as e:  # a loop of links, a path through a file, ...
+        return f"cannot read the file: {e.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((k for test, k in _FILE_KINDS if test(mode)), "not a regular file")
+    return f"expected a file, found {kind}"
+
+
 def _unpickle(path: pathlib.Path):
-    if not path.is_file():
-        if path.exists():
-            raise DataError(f"{path}: expected a file, found a directory")
+    """The pickled value of `path`, arrays as `_PickledArray`s, and the
+    file's size in bytes."""
+    if not os.path.lexists(path):
         raise DataError(_describe_missing(path))
+    problem = not_a_file_problem(path)
+    if problem:
+        raise DataError(f"{path}: {problem}")
     try:
         with open(path, "rb") as f:
-            return _RestrictedUnpickler(f, path).load()
+            file_size = os.fstat(f.fileno()).st_size
+            return _RestrictedUnpickler(f, path, file_size).load(), file_size
     except DataError:
         raise
     except OSError as e:
@@ -255,9 +477,8 @@ class _Rows:
     image_files: Sequence[str]  # [n]
 
 
-def _read_embeddings_field(path, raw, embedding_dim) -> np.ndarray:
-    """`raw["embeddings"]` checked and cast to float32 `[n, D]`."""
-    value = raw["embeddings"]
+def _read_embeddings_field(path, value, embedding_dim) -> np.ndarray:
+    """The field 'embeddings' checked and cast to float32 `[n, D]`."""
     try:
         array = np.asarray(value)
     except Exception as e:  # pylint: disable=broad-except
@@ -289,16 +510,14 @@ def _read_embeddings_field(path, raw, embedding_dim) -> np.ndarray:
         return array.astype(np.float32, copy=False)
 
 
-def _read_keys_field(path, raw, n) -> list:
-    """`raw["keys"]` checked to be `n` strings or byte strings."""
-    keys = raw["keys"]
+def _read_keys_field(path, keys, n) -> list:
+    """The field 'keys' checked to be `n` strings or byte strings."""
     if isinstance(keys, np.ndarray):
         if keys.ndim != 1:
             raise DataError(
                 f"{path}: field 'keys': expected a 1-D array of {n} strings, "
                 f"found shape {keys.shape}"
             )
-        keys = keys.tolist()
     elif not isinstance(keys, (list, tuple)):
         raise DataError(
             f"{path}: field 'keys': expected an array or list of {n} "
@@ -309,7 +528,7 @@ def _read_keys_field(path, raw, n) -> list:
             f"{path}: field 'keys': expected one key per row of field "
             f"'embeddings' ({n}), found {len(keys)} keys"
         )
-    return keys
+    return keys.tolist() if isinstance(keys, np.ndarray) else keys
 
 
 def _parse_key(path, index, key):
@@ -339,10 +558,18 @@ def _parse_key(path, index, key):
     return text, class_id, image_file
 
 
+def _built(path, raw, field, file_size):
+    """`raw[field]`, an array built only now that its size is checked."""
+    value = raw[field]
+    if isinstance(value, _PickledArray):
+        return value.build(path, field, file_size)
+    return value
+
+
 def _read_rows(path, embedding_dim) -> _Rows:
     """Unpickles one file and validates every field; see `read_embedding_file`."""
     path = pathlib.Path(path)
-    raw = _unpickle(path)
+    raw, file_size = _unpickle(path)
     if not isinstance(raw, dict):
         raise DataError(
             f"{path}: expected a dict with fields 'embeddings' and 'keys' at "
@@ -354,8 +581,10 @@ def _read_rows(path, embedding_dim) -> _Rows:
                 f"{path}: missing field {field!r}: expected fields "
                 f"'embeddings' and 'keys', found {sorted(map(str, raw))}"
             )
-    embeddings = _read_embeddings_field(path, raw, embedding_dim)
-    keys = _read_keys_field(path, raw, len(embeddings))
+    embeddings = _read_embeddings_field(
+        path, _built(path, raw, "embeddings", file_size), embedding_dim
+    )
+    keys = _read_keys_field(path, _built(path, raw, "keys", file_size), len(embeddings))
 
     finite = np.isfinite(embeddings)
     if not finite.all():
@@ -423,6 +652,20 @@ def read_embedding_file(path, embedding_dim: int | None = 640) -> ClassEmbedding
             or malformed field.
     """
     return _group_by_class([_read_rows(path, embedding_dim)])
+
+
+def read_rows(path) -> tuple:
+    """Reads and validates one pickle's rows, without grouping them by class.
+
+    Cheaper than `read_embedding_file` for a large file (no copy of the
+    embeddings), for callers that only need each row and its class; it
+    does not look for duplicate image file names.
+
+    Returns:
+        (class ids str `[n]`, embeddings float32 `[n, D]`), in file order.
+    """
+    rows = _read_rows(path, embedding_dim=None)
+    return np.array(rows.class_ids), rows.embeddings
 
 
 def load_split(
@@ -507,5 +750,6 @@ __all__ = [
     "check_episode_requirements",
     "load_split",
     "read_embedding_file",
+    "read_rows",
     "split_path",
 ]

@@ -5,9 +5,11 @@ class; meta-validation and meta-test episodes use all remaining examples of
 each class, V = min(total_examples_per_class, smallest class) - K.
 """
 
+import os
+
 from absl import logging
 
-from leo_tf.data import embeddings, episodes, synthetic
+from leo_tf.data import embeddings, episodes, split_overlap, synthetic
 
 # The published embeddings are 640-d; other data sets give their own width.
 _EMBEDDING_DIMS = {"miniImageNet": 640, "tieredImageNet": 640, "synthetic": 640}
@@ -22,10 +24,12 @@ def load_classes(data_config, split, embedding_dim=None):
     The built-in synthetic set is generated under data_path on first use.
     embedding_dim: the width D the file must have; by default 640 for the
     published data sets and the synthetic one, any for others.
+    Unless data_config.allow_split_overlap, `check_disjoint_splits` refuses
+    a split that shares classes or examples with another.
     """
     if data_config.dataset_name == "synthetic":
         synthetic.ensure_synthetic(data_config.data_path)
-    return embeddings.load_split(
+    classes = embeddings.load_split(
         data_config.data_path,
         data_config.dataset_name,
         data_config.embedding_crop,
@@ -33,6 +37,46 @@ def load_classes(data_config, split, embedding_dim=None):
         train_on_val=data_config.train_on_val and split == "train",
         embedding_dim=embedding_dim or _EMBEDDING_DIMS.get(data_config.dataset_name),
     )
+    if not data_config.allow_split_overlap:
+        check_disjoint_splits(data_config, split, classes)
+    return classes
+
+
+def check_disjoint_splits(data_config, split, classes):
+    """Refuses `classes`, just read for `split`, if they share a class or an
+    identical example with another split.
+
+    Every pair of splits must be disjoint, except train and val with
+    train_on_val (val is then trained on). The other splits' files are read
+    once per process (see split_overlap); one that does not exist is left
+    to its own loading to report.
+
+    Raises:
+        DataError: naming both files and the shared classes or examples.
+    """
+
+    def path(name):
+        return embeddings.split_path(
+            data_config.data_path,
+            data_config.dataset_name,
+            data_config.embedding_crop,
+            name,
+        )
+
+    if split == "train" and data_config.train_on_val:
+        mine = split_overlap.fingerprint(classes)  # train + val
+    else:
+        mine = split_overlap.file_fingerprint(path(split), classes)
+    for other in embeddings.SPLITS:
+        allowed = data_config.train_on_val and {split, other} == {"train", "val"}
+        if other == split or allowed or not os.path.exists(path(other)):
+            continue
+        theirs = split_overlap.file_fingerprint(path(other))
+        # The later split of the pair (val, test) is named first.
+        if embeddings.SPLITS.index(split) > embeddings.SPLITS.index(other):
+            split_overlap.check_disjoint(split, mine, other, theirs)
+        else:
+            split_overlap.check_disjoint(other, theirs, split, mine)
 
 
 def train_sampler(data_config, classes, seed, stream_offset=0):

@@ -37,6 +37,7 @@ leo_tf.data.synthetic` prints these):
 (Intervals cover episode sampling only, not the draw of the 20 test classes.)
 """
 
+import errno
 import json
 import os
 import pathlib
@@ -64,6 +65,8 @@ STYLE_SCALE = 3.0
 # Written to <data_path>/synthetic/generator.json; bump when the data change.
 GENERATOR_VERSION = 1
 _METADATA_FILE = "generator.json"
+# The three pickles' size on disk, in MB.
+_SIZE_MB = 26
 
 
 def _metadata(seed: int) -> dict:
@@ -193,8 +196,9 @@ def ensure_synthetic(data_path, seed: int = 0) -> pathlib.Path:
     """Writes the synthetic data set under `data_path` unless it is there.
 
     Writing goes to a temporary folder that is renamed into place, so a
-    reader never sees a partial data set and two processes racing here both
-    end up using one complete copy.
+    reader never sees a partial data set, two processes racing here both
+    end up using one complete copy, and a write that fails (disk full,
+    read-only) leaves nothing behind: the next call writes it afresh.
 
     Args:
         data_path: the folder to hold `synthetic/`.
@@ -205,27 +209,51 @@ def ensure_synthetic(data_path, seed: int = 0) -> pathlib.Path:
 
     Raises:
         DataError: `<data_path>/synthetic` exists but is not a complete copy
-            written by this version with this seed.
+            written by this version with this seed, or it cannot be written
+            (the message names --data_path and why).
     """
     data_path = pathlib.Path(data_path)
     dataset_dir = data_path / DATASET_NAME
     if not dataset_dir.exists():
-        data_path.mkdir(parents=True, exist_ok=True)
-        staging = pathlib.Path(
-            tempfile.mkdtemp(prefix=f".{DATASET_NAME}-", dir=data_path)
-        )
         try:
-            write_synthetic(staging, seed=seed)
-            try:
-                os.rename(staging / DATASET_NAME, dataset_dir)
-            except OSError:
-                if not dataset_dir.exists():
-                    raise
-                # Another process renamed its copy into place first.
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            _write_into_place(data_path, dataset_dir, seed)
+        except OSError as e:
+            raise embeddings_lib.DataError(
+                f"--data_path={data_path}: cannot write the synthetic data set "
+                f"there: {_write_failure(data_path, e)}; nothing was written"
+            ) from e
     _check_existing(dataset_dir, seed)
     return dataset_dir
+
+
+def _write_into_place(data_path, dataset_dir, seed) -> None:
+    """Writes the data set into a staging folder and renames it to
+    `dataset_dir`; the staging folder is removed whatever happens."""
+    data_path.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{DATASET_NAME}-", dir=data_path))
+    try:
+        write_synthetic(staging, seed=seed)
+        try:
+            os.rename(staging / DATASET_NAME, dataset_dir)
+        except OSError:
+            if not dataset_dir.exists():
+                raise
+            # Another process renamed its copy into place first.
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_failure(data_path: pathlib.Path, error: OSError) -> str:
+    """Why writing under `data_path` failed, in words."""
+    # Writing starts in the nearest folder that exists (mkdir, then mkdtemp).
+    existing = next(p for p in (data_path, *data_path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{error.strerror} (the data set needs {_SIZE_MB} MB)"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{existing} is not writable ({error.strerror})"
+    return str(error)
 
 
 def fit_lda_projection(
@@ -353,7 +381,10 @@ def _main(argv, flags_values):
     del argv
     data_path = flags_values.data_path or default_data_path()
     start = time.perf_counter()
-    dataset_dir = ensure_synthetic(data_path)
+    try:
+        dataset_dir = ensure_synthetic(data_path)
+    except embeddings_lib.DataError as error:
+        raise SystemExit(f"leo_tf.data.synthetic: {error}") from error
     print(
         f"synthetic data set: {dataset_dir} " f"({time.perf_counter() - start:.1f} s)"
     )

@@ -27,10 +27,14 @@ import dataclasses
 import logging
 import os
 import tempfile
+import zipfile
+import zlib
 from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from leo_tf.data import embeddings as embeddings_lib
 
 # Layouts accepted by `load_image_folder`.
 FOLDER_LAYOUTS = ("class", "group/class")
@@ -155,23 +159,13 @@ def load_packed_omniglot(path: str, image_size: int = 0, channels: int = 0) -> I
         "<alphabet>/<character>", groups "<alphabet>"; rows ordered by class name,
         then drawing (the same order as `load_image_folder` on the original PNGs,
         whose file names sort in drawing order).
+
+    Raises:
+        ImageSourceError: naming the file and the key, for a file that is not
+            a readable .npz of the arrays above (see `read_packed_arrays`).
     """
-    if not os.path.isfile(path):
-        raise ImageSourceError(f"--packed_omniglot: no such file {path!r}")
-    with np.load(path, allow_pickle=False) as data:
-        missing = [k for k in _PACKED_KEYS if k not in data.files]
-        if missing:
-            raise ImageSourceError(
-                f"{path}: missing keys {missing}; expected {list(_PACKED_KEYS)}, "
-                f"found {data.files}"
-            )
-        arrays = {k: data[k] for k in _PACKED_KEYS}
+    arrays = read_packed_arrays(path)
     images = arrays["images"]
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise ImageSourceError(
-            f"{path}: 'images' expected uint8 [n, H, W], found {images.dtype} "
-            f"{images.shape}"
-        )
     alphabets = arrays["alphabet"].astype(str)
     class_names = np.char.add(
         np.char.add(alphabets, "/"), arrays["character"].astype(str)
@@ -180,6 +174,155 @@ def load_packed_omniglot(path: str, image_size: int = 0, channels: int = 0) -> I
     alphabets, class_names = alphabets[order], class_names[order]
     converted = convert_images(images[order][..., None], image_size, channels)
     return ImageSet(converted.numpy(), class_names, alphabets)
+
+
+def read_packed_arrays(path: str) -> dict:
+    """The arrays `_PACKED_KEYS` of a packed Omniglot .npz, validated.
+
+    The file is read as the zip archive of .npy files it is, with the same
+    care as the embedding pickles: each array's header is checked (no
+    Python objects, the dtype and rank `_PACKED_ARRAYS` gives, a declared
+    size that its stored bytes can hold) before its data are read, and all
+    arrays must have one row per image.
+
+    Returns:
+        {key: array} with images uint8 [n, H, W] and the others [n].
+
+    Raises:
+        ImageSourceError: naming the file, and the key where one is at fault.
+    """
+    if not os.path.lexists(path):
+        raise ImageSourceError(f"--packed_omniglot: no such file {path!r}")
+    problem = embeddings_lib.not_a_file_problem(path)
+    if problem:
+        raise ImageSourceError(f"--packed_omniglot={path}: {problem}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {
+                name[: -len(".npy")]: archive.getinfo(name)
+                for name in archive.namelist()
+                if name.endswith(".npy")
+            }
+            missing = [k for k in _PACKED_KEYS if k not in members]
+            if missing:
+                raise ImageSourceError(
+                    f"{path}: missing keys {missing}; expected "
+                    f"{list(_PACKED_KEYS)}, found {sorted(members)}"
+                )
+            arrays = {
+                key: _read_packed_array(path, archive, key, members[key])
+                for key in _PACKED_KEYS
+            }
+    except zipfile.BadZipFile as error:
+        with open(path, "rb") as file:
+            zip_like = file.read(4) == b"PK\x03\x04"
+        found = (
+            f"a damaged or truncated zip archive ({error})"
+            if zip_like
+            else "a file that is not a zip archive"
+        )
+        raise ImageSourceError(
+            f"{path}: expected a .npz file (numpy.savez: a zip archive of .npy "
+            f"arrays), found {found}"
+        ) from error
+    except OSError as error:
+        raise ImageSourceError(f"{path}: cannot read the file: {error}") from error
+    rows = len(arrays["images"])
+    for key, array in arrays.items():
+        if len(array) != rows:
+            raise ImageSourceError(
+                f"{path}: key {key!r}: expected one value per image of key "
+                f"'images' ({rows}), found {len(array)}"
+            )
+    if rows == 0:
+        raise ImageSourceError(f"{path}: key 'images': expected images, found none")
+    return arrays
+
+
+# Each packed array: its rank, what it must hold, and a test of its dtype.
+_PACKED_ARRAYS = {
+    "images": (3, "uint8 [n, H, W]", lambda dtype: dtype == np.uint8),
+    "char_id": (1, "integers [n]", lambda dtype: dtype.kind in "iu"),
+    "drawing": (1, "integers [n]", lambda dtype: dtype.kind in "iu"),
+    "alphabet": (1, "strings [n]", lambda dtype: dtype.kind in "US"),
+    "character": (1, "strings [n]", lambda dtype: dtype.kind in "US"),
+}
+# The most a deflated stream can expand (zlib's "technical details": 1032:1).
+_MAX_DEFLATE_RATIO = 1032
+_NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def _read_packed_array(path, archive, key, member) -> np.ndarray:
+    """One .npy member of the archive; its data are read only once its
+    header is known to describe an array of `_PACKED_ARRAYS[key]` whose size
+    the member holds."""
+    where = f"{path}: key {key!r}"
+    try:
+        with archive.open(member) as file:
+            shape, fortran_order, dtype = _read_npy_header(where, file)
+            _check_packed_header(where, key, shape, dtype)
+            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            stored = member.file_size - file.tell()
+            _check_declared_size(where, member, f"{dtype} {list(shape)}", nbytes, stored)
+            data = file.read(nbytes)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise ImageSourceError(
+            f"{where}: cannot read it ({error}): the file is corrupt or truncated"
+        ) from error
+    if len(data) != nbytes:
+        raise ImageSourceError(
+            f"{where}: expected {nbytes} bytes of data, found {len(data)}: the "
+            "file is truncated"
+        )
+    order = "F" if fortran_order else "C"
+    return np.frombuffer(data, dtype).reshape(shape, order=order)
+
+
+def _read_npy_header(where, file):
+    """(shape, fortran_order, dtype) from the header of a .npy file."""
+    try:
+        version = np.lib.format.read_magic(file)
+        return _NPY_HEADER_READERS[version](file)
+    except (KeyError, ValueError) as error:
+        raise ImageSourceError(
+            f"{where}: expected a .npy array, found a malformed or unsupported "
+            f"header ({error})"
+        ) from error
+
+
+def _check_packed_header(where, key, shape, dtype):
+    rank, expected, dtype_ok = _PACKED_ARRAYS[key]
+    if dtype.hasobject:
+        raise ImageSourceError(
+            f"{where}: expected {expected}, found an array of Python objects "
+            "(dtype object), which only unpickling could read: refused"
+        )
+    if len(shape) != rank or not dtype_ok(dtype):
+        raise ImageSourceError(
+            f"{where}: expected {expected}, found {dtype} {list(shape)}"
+        )
+
+
+def _check_declared_size(where, member, declared, nbytes, stored):
+    """Refuses a member whose header or zip entry declares more data than
+    it holds, before anything of that size is allocated."""
+    expandable = member.compress_size * (
+        _MAX_DEFLATE_RATIO if member.compress_type == zipfile.ZIP_DEFLATED else 1
+    )
+    if member.file_size > expandable:
+        raise ImageSourceError(
+            f"{where}: its zip entry declares {member.file_size} bytes, more "
+            f"than its {member.compress_size} stored bytes can hold: the file "
+            "is corrupt"
+        )
+    if nbytes != stored:
+        raise ImageSourceError(
+            f"{where}: declares {declared} ({nbytes} bytes of data), but its .npy "
+            f"member holds {stored} bytes of data: the file is corrupt or truncated"
+        )
 
 
 def _read_examples(
