@@ -8,7 +8,7 @@ from leo_tf.regression import mlp
 from leo_tf.regression import tasks as tasks_lib
 from leo_tf.regression.config import RegressionConfig
 from leo_tf.regression.maml import MAMLRegressor
-from leo_tf.regression.model import LEORegressor, Noise, draw_noise
+from leo_tf.regression.model import LEORegressor, Noise, clip_per_task, draw_noise
 
 
 def _config(**overrides):
@@ -150,12 +150,23 @@ def test_maml_adaptation_is_plain_gradient_steps_on_the_support_mse():
 
 
 def test_inner_loop_gradients_are_clipped_per_task():
-    model = LEORegressor(_config(inner_gradient_norm_threshold=2.0), dtype="float64")
-    gradient = np.array([[3.0, 4.0], [0.6, 0.8]])  # norms 5 and 1
+    gradient = tf.constant([[3.0, 4.0], [0.6, 0.8]], tf.float64)  # norms 5 and 1
 
-    clipped = model._clipped(tf.constant(gradient)).numpy()
+    np.testing.assert_allclose(
+        clip_per_task(gradient, 2.0), [[1.2, 1.6], [0.6, 0.8]], rtol=1e-12
+    )
+    np.testing.assert_array_equal(clip_per_task(gradient, 0.0), gradient)
 
-    np.testing.assert_allclose(clipped, [[1.2, 1.6], [0.6, 0.8]], rtol=1e-12)
+
+def test_maml_steps_are_clipped_like_leos():
+    config = _config(maml_inner_steps=1, inner_gradient_norm_threshold=1e-3)
+    model = MAMLRegressor(config, seed=2, dtype="float64")
+    batch = _batch()
+
+    adapted = model.adapt(batch.support_x, batch.support_y).numpy()
+
+    moved = np.linalg.norm(adapted - model.initial_parameters.numpy(), axis=1)
+    np.testing.assert_allclose(moved, config.maml_inner_lr * 1e-3, rtol=1e-9)
 
 
 def test_evaluation_takes_the_means_of_both_gaussians():

@@ -45,7 +45,7 @@ class RegressionConfig:
         0.001, "Initial learning rate of the finetuning steps."
     )
     inner_gradient_norm_threshold: float = _field(
-        10.0, "Clip each task's gradient norm in LEO's inner loops to this (0: off)."
+        10.0, "Clip each task's gradient norm in both models' inner loops (0: off)."
     )
     kl_weight: float = _field(0.01, "Weight of LEO's KL term.")
     encoder_penalty_weight: float = _field(1e-6, "Weight of the encoder penalty.")

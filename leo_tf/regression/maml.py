@@ -3,7 +3,8 @@
 One learned initialisation of the regressor's flat parameters `[P]` (Glorot
 kernels, zero biases), adapted to each task by a fixed number of plain
 gradient steps with a fixed learning rate on the mean squared support error,
-as in MAML's regression experiments. The outer loss is the mean squared query
+as in MAML's regression experiments, each task's gradient norm clipped as in
+LEO's inner loops (`model.clip_per_task`). The outer loss is the mean squared query
 error; the adaptation runs on nested GradientTapes, so the outer gradient is
 second order (full MAML, not first-order MAML).
 """
@@ -13,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from leo_tf.regression import mlp
-from leo_tf.regression.model import mean_squared_error
+from leo_tf.regression.model import clip_per_task, mean_squared_error
 
 
 class MAMLRegressor(keras.layers.Layer):
@@ -53,9 +54,11 @@ class MAMLRegressor(keras.layers.Layer):
                 loss = tf.reduce_sum(
                     mean_squared_error(self.predict(parameters, support_x), support_y)
                 )
-            parameters = parameters - self.config.maml_inner_lr * tape.gradient(
-                loss, parameters
+            gradient = clip_per_task(
+                tape.gradient(loss, parameters),
+                self.config.inner_gradient_norm_threshold,
             )
+            parameters = parameters - self.config.maml_inner_lr * gradient
         return parameters
 
     def query_mse(self, batch):

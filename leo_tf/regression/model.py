@@ -93,6 +93,17 @@ def mean_squared_error(predictions, targets):
     return tf.reduce_mean(tf.square(predictions - targets), axis=[1, 2])
 
 
+def clip_per_task(gradient, threshold):
+    """Each task's inner-loop gradient `[B, X]`, its norm clipped to threshold.
+
+    A deep regressor's squared error is a high-degree function of its
+    parameters (and of LEO's code): unclipped, one step on a steep task can
+    overshoot to an infinite loss, and leave the whole meta-batch without a
+    gradient. threshold 0 leaves the gradient as it is.
+    """
+    return tf.clip_by_norm(gradient, threshold, axes=[1]) if threshold else gradient
+
+
 class LEORegressor(keras.layers.Layer):
     """LEO generating the parameters of a 1-H-H-1 regressor from a latent code."""
 
@@ -186,7 +197,9 @@ class LEORegressor(keras.layers.Layer):
                 loss = tf.reduce_sum(
                     self.support_loss(parameters, support_x, support_y)
                 )
-            gradient = self._clipped(tape.gradient(loss, latents))
+            gradient = clip_per_task(
+                tape.gradient(loss, latents), self.config.inner_gradient_norm_threshold
+            )
             latents = latents - self.inner_lr * gradient
         return latents
 
@@ -198,19 +211,12 @@ class LEORegressor(keras.layers.Layer):
                 loss = tf.reduce_sum(
                     self.support_loss(parameters, support_x, support_y)
                 )
-            gradient = self._clipped(tape.gradient(loss, parameters))
+            gradient = clip_per_task(
+                tape.gradient(loss, parameters),
+                self.config.inner_gradient_norm_threshold,
+            )
             parameters = parameters - self.finetuning_lr * gradient
         return parameters
-
-    def _clipped(self, gradient):
-        """Each task's inner-loop gradient [B, X], its norm clipped.
-
-        A deep regressor's squared error is a high-degree function of the code
-        and parameters: unclipped, one step on a steep task could overshoot to
-        an infinite loss and leave the whole meta-batch without a gradient.
-        """
-        threshold = self.config.inner_gradient_norm_threshold
-        return tf.clip_by_norm(gradient, threshold, axes=[1]) if threshold else gradient
 
     def adapt(self, support_x, support_y, noise=None):
         """Encodes, adapts in latent space, decodes, then finetunes.

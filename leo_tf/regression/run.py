@@ -271,13 +271,14 @@ def _write_summaries(writer, step, window, limit):
 
 
 def _validate(writer, step, config, models, predict):
-    """validation/* scalars and the figure on held-out validation tasks."""
+    """validation/* scalars and the figure on held-out validation tasks
+    (100, or num_eval_tasks if fewer)."""
     metrics = evaluate_tasks(
         config,
         models,
         predict,
         tasks_lib.VALIDATION_STREAM,
-        _NUM_VALIDATION_TASKS,
+        min(_NUM_VALIDATION_TASKS, config.num_eval_tasks),
         config.num_eval_query_points,
     )
     png = figure_png(config, models, predict, tasks_lib.VALIDATION_STREAM)
