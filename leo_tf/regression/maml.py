@@ -64,4 +64,5 @@ class MAMLRegressor(keras.layers.Layer):
     def query_mse(self, batch):
         """Mean squared error of the adapted regressors on the queries [B]."""
         parameters = self.adapt(batch.support_x, batch.support_y)
-        return mean_squared_error(self.predict(parameters, batch.query_x), batch.query_y)
+        predictions = self.predict(parameters, batch.query_x)
+        return mean_squared_error(predictions, batch.query_y)

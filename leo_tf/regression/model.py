@@ -27,13 +27,13 @@ import tensorflow_probability as tfp
 
 from leo_tf import layers
 from leo_tf.model import gaussian, kl_estimate, latent_stddev, sample
-from leo_tf.regression import mlp
+from leo_tf.regression import mlp, tasks
 
 tfd = tfp.distributions
 
 # The half-width of the tasks' input range, by which the encoder's inputs are
 # divided (see `LEORegressor.encode`).
-INPUT_SCALE = 5.0
+INPUT_SCALE = tasks.X_RANGE[1]
 
 
 class Noise(NamedTuple):
@@ -44,6 +44,8 @@ class Noise(NamedTuple):
 
 
 class Adaptation(NamedTuple):
+    """What adapting to support sets produces."""
+
     latent_distribution: tfd.Normal  # over [B, L]
     latents: tf.Tensor  # [B, L] sampled (or mean) initial codes
     adapted_latents: tf.Tensor  # [B, L] after the latent steps

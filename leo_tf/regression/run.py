@@ -35,6 +35,7 @@ RESULTS_FILE = "regression_results.json"
 FIGURE_FILE = "regression_figure.png"
 _NUM_VALIDATION_TASKS = 100
 _FIGURE_GRID_POINTS = 200
+_SEED_SPEC = tf.TensorSpec([2], tf.int64)
 
 
 class Models:
@@ -64,15 +65,15 @@ def _adam(config, model):
 
 def stateless_seed(config, stream, index):
     """The [2] seed of the noise of batch `index` of a stream (tasks.*_STREAM)."""
-    return tf.constant([config.seed * 3 + stream, index], tf.int64)
+    return tf.constant(
+        [config.seed * tasks_lib.NUM_STREAMS + stream, index], tf.int64
+    )
 
 
 def _batch_spec(batch_size=None):
+    """TensorSpecs of a tasks.Batch of batch_size tasks (None: any)."""
     spec = tf.TensorSpec([batch_size, None, 1], tf.float32)
     return tasks_lib.Batch(*([spec] * len(tasks_lib.Batch._fields)))
-
-
-_SEED_SPEC = tf.TensorSpec([2], tf.int64)
 
 
 def _update(model, optimizer, config, objective, tape):

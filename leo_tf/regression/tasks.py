@@ -24,6 +24,7 @@ INTERCEPT_RANGE = (-3.0, 3.0)
 
 # Independent streams of batches of one run.
 TRAIN_STREAM, VALIDATION_STREAM, TEST_STREAM = 0, 1, 2
+NUM_STREAMS = 3
 
 
 class Tasks(NamedTuple):
