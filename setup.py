@@ -30,7 +30,9 @@ setuptools.setup(
         "numpy>=1.23,<3",
     ],
     extras_require={
-        "test": ["pytest>=7,<10"],
+        "test": ["pytest>=7,<10", "matplotlib>=3.5,<4"],
+        # The regression figure (python -m leo_tf.regression).
+        "plots": ["matplotlib>=3.5,<4"],
         # The benchmark's PyTorch variant (benchmarks/bench_step.py).
         "bench": ["torch>=2.0"],
     },

@@ -1,0 +1,180 @@
+"""Few-shot regression runs: reproducible resumable training, the evaluation's
+files, the figure, and errors for bad flags and directories."""
+
+import glob
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from leo_tf import checkpoints
+from leo_tf.regression import config as config_lib
+from leo_tf.regression import figure, run
+from tests import run_fixtures
+
+
+def _config(directory, **overrides):
+    """A run of a few seconds: tiny regressor, latent space and batches."""
+    values = dict(
+        checkpoint_path=str(directory),
+        hidden_units=4,
+        num_latents=2,
+        inner_unroll_length=1,
+        finetuning_unroll_length=1,
+        maml_inner_steps=1,
+        metatrain_batch_size=2,
+        num_query_points=3,
+        num_steps_limit=4,
+        checkpoint_steps=2,
+        summary_steps=2,
+        num_eval_tasks=6,
+        num_eval_query_points=5,
+        num_prediction_samples=3,
+        num_figure_tasks=2,
+    )
+    values.update(overrides)
+    return config_lib.RegressionConfig(**values)
+
+
+def _png_size(data):
+    """(width, height) from a PNG's signature and IHDR chunk."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def _variables(prefix):
+    """The checkpoint's variables (not its object graph) by name."""
+    reader = tf.train.load_checkpoint(prefix)
+    return {
+        name: reader.get_tensor(name)
+        for name in reader.get_variable_to_shape_map()
+        if name != "_CHECKPOINTABLE_OBJECT_GRAPH"
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run directory trained for 4 steps in one go."""
+    directory = tmp_path_factory.mktemp("regression") / "run"
+    run.train(_config(directory))
+    return directory
+
+
+def test_training_resumed_from_a_checkpoint_equals_an_uninterrupted_run(
+    trained, tmp_path
+):
+    interrupted = tmp_path / "run"
+    assert run.train(_config(interrupted, num_steps_limit=2)) == 2
+    assert run.train(_config(interrupted)) == 4
+
+    straight = _variables(str(trained / "ckpt-4"))
+    resumed = _variables(str(interrupted / "ckpt-4"))
+    assert straight.keys() == resumed.keys()
+    assert any("optimizer" in name for name in straight)  # Adam's state too
+    for name, value in straight.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+    # Training moved the weights: the comparison is not of initial values.
+    first = _variables(str(interrupted / "ckpt-2"))
+    assert any(
+        not np.array_equal(first[name], value)
+        for name, value in straight.items()
+        if "decoder" in name
+    )
+
+
+def test_evaluation_writes_results_figure_and_summaries(trained):
+    results = run.evaluate(_config(trained))
+
+    saved = json.loads((trained / run.RESULTS_FILE).read_text())
+    assert saved == pytest.approx(results)
+    for name in ("leo_mse", "maml_mse", "leo_nll", "leo_nll_of_mean"):
+        assert np.isfinite(saved[name]) and saved[f"{name}_ci95"] > 0, name
+    assert saved["num_tasks"] == 6 and saved["step"] == 4
+    assert "MSE LEO" in run.result_line(saved)
+    # The figure: 2 panels of 3 x 3 inches at 80 dpi.
+    assert _png_size((trained / run.FIGURE_FILE).read_bytes()) == (480, 240)
+    [events] = glob.glob(str(trained / "events.out.tfevents.*"))
+    accumulator = event_accumulator.EventAccumulator(
+        events, size_guidance={event_accumulator.TENSORS: 0}
+    )
+    accumulator.Reload()
+    tags = accumulator.Tags()["tensors"]
+    for tag in ("train/leo_query_mse", "train/maml_query_mse", "validation/leo_mse"):
+        assert [e.step for e in accumulator.Tensors(tag)] == [2, 4], tag
+    [first, _] = accumulator.Tensors("validation/figure")
+    # An image summary holds width, height and the PNG itself.
+    width, height, png = tf.make_ndarray(first.tensor_proto)
+    assert (int(width), int(height)) == (480, 240) == _png_size(png)
+    assert "validation/figure" in tags
+
+
+def test_figure_is_a_png_of_three_inch_panels():
+    rng = np.random.default_rng(0)
+    grid = np.linspace(-5, 5, 50)
+
+    data = figure.render_png(
+        grid=grid,
+        truth=rng.normal(size=(3, 50)),
+        support_x=rng.uniform(-5, 5, size=(3, 5)),
+        support_y=rng.normal(size=(3, 5)),
+        leo_samples=rng.normal(size=(4, 3, 50)),
+        maml=rng.normal(size=(3, 50)),
+    )
+
+    assert _png_size(data) == (720, 240)
+    decoded = tf.image.decode_png(data, channels=3).numpy()
+    assert decoded.shape == (240, 720, 3) and decoded.std() > 0
+
+
+def test_evaluation_refuses_checkpoints_of_another_regressor(trained):
+    with pytest.raises(config_lib.ConfigError, match=r"--hidden_units=5: .*=4"):
+        run.evaluate(_config(trained, hidden_units=5))
+
+
+def test_evaluation_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoint"):
+        run.evaluate(_config(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(num_shots=0), "--num_shots=0: must be > 0"),
+        (dict(noise_stddev=-0.1), "--noise_stddev=-0.1: must be > 0"),
+        (dict(inner_lr_init=-1.0), "--inner_lr_init=-1.0: must be >= 0"),
+        (dict(num_figure_tasks=7), "--num_figure_tasks=7: must be at most"),
+    ],
+)
+def test_bad_configurations_are_refused_naming_the_flag(overrides, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(_config("unused", **overrides))
+
+
+def test_command_line_reports_a_bad_flag_in_one_line_before_writing(tmp_path):
+    directory = tmp_path / "run"
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "leo_tf.regression",
+            f"--checkpoint_path={directory}",
+            "--metatrain_batch_size=0",
+        ],
+        capture_output=True,
+        text=True,
+        env=run_fixtures.subprocess_env(),
+        cwd=run_fixtures.REPO,
+        timeout=120,
+    )
+
+    assert process.returncode == 1
+    assert process.stderr.strip().splitlines()[-1] == (
+        "leo_tf.regression: error: --metatrain_batch_size=0: must be > 0"
+    )
+    assert not directory.exists()
