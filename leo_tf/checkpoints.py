@@ -60,9 +60,7 @@ RESULTS_FILE = "test_results.json"
 LOCK_FILE = ".lock"
 INDEX_FILE = "checkpoint"
 CHECKPOINT_PREFIX = "ckpt"
-_CHECKPOINT_FILE = re.compile(
-    rf"{CHECKPOINT_PREFIX}-(\d+)\.(index|data-\d+-of-\d+)"
-)
+_CHECKPOINT_FILE = re.compile(rf"{CHECKPOINT_PREFIX}-(\d+)\.(index|data-\d+-of-\d+)")
 
 _SECTIONS = {
     "model": config_lib.ModelConfig,
@@ -453,9 +451,7 @@ def read_metrics(path):
     record = _read_object(path)
     if record is None:
         raise CheckpointError(f"{path}: missing")
-    _require(
-        record, path, "step", lambda v: _is_int(v) and v >= 0, "an integer >= 0"
-    )
+    _require(record, path, "step", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
     _require(
         record,
         path,
@@ -546,7 +542,9 @@ def verify_checkpoint(prefix):
         for name in reader.get_variable_to_shape_map():
             reader.get_tensor(name)
     except (tf.errors.OpError, IndexError, ValueError) as error:
-        data = sorted(pathlib.Path(prefix).parent.glob(f"{pathlib.Path(prefix).name}.data-*"))
+        data = sorted(
+            pathlib.Path(prefix).parent.glob(f"{pathlib.Path(prefix).name}.data-*")
+        )
         named = str(data[0]) if len(data) == 1 else f"{prefix}.data-*"
         raise CheckpointError(f"{named}: damaged ({_reason(error)})") from error
 
@@ -595,7 +593,8 @@ def index_checkpoint(directory, prefix):
     index = directory / INDEX_FILE
     step = _step(prefix)
     names = [
-        pathlib.Path(p).name for p in reversed(checkpoint_prefixes(directory))
+        pathlib.Path(p).name
+        for p in reversed(checkpoint_prefixes(directory))
         if _step(p) <= step
     ]
     try:

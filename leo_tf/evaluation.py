@@ -44,7 +44,7 @@ def _checkpoint_to_evaluate(directory):
             return best, "best"
         except checkpoints.CheckpointError as error:
             logging.warning(
-                "best_checkpoint is damaged (%s): evaluating the latest intact "
+                "best_checkpoint unusable, %s; evaluating the latest intact "
                 "checkpoint instead",
                 error,
             )

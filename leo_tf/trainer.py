@@ -35,6 +35,7 @@ from leo_tf.data import episodes as episodes_lib
 from leo_tf.data import meta_dataset
 from leo_tf.model import LEO
 
+
 def _finite(model):
     return all(np.all(np.isfinite(v.numpy())) for v in model.trainable_variables)
 
@@ -148,7 +149,7 @@ class _Session:
             checkpoints.verify_checkpoint(best[0])
         except checkpoints.CheckpointError as error:
             logging.warning(
-                "best_checkpoint is damaged (%s); the next validated checkpoint "
+                "best_checkpoint unusable, %s; the next validated checkpoint "
                 "replaces it",
                 error,
             )
