@@ -205,7 +205,7 @@ class RunLock:
         """Refuses a live or unverifiable previous holder; logs a takeover."""
         if holder is None:
             return
-        if holder.get("host") != socket.gethostname():
+        if holder.get("host") not in (None, socket.gethostname()):
             raise CheckpointError(
                 f"{self._in_use(holder)}; if that trainer is no longer running, "
                 f"delete {self.path}"
@@ -218,7 +218,7 @@ class RunLock:
                 f"delete {self.path}"
             )
         logging.warning(
-            "%s: taking over the lock of %s, which is no longer running",
+            "%s: taking over the lock (%s), whose holder is no longer running",
             self.path,
             _describe_holder(holder),
         )

@@ -106,7 +106,7 @@ def test_lock_of_a_dead_process_is_taken_over_and_released_at_the_end(
         outcome = trainer.train(_config(data_path, run))
 
     assert outcome["step"] == 20
-    assert f"{run / '.lock'}: taking over the lock of pid {finished.pid}" in (
+    assert f"{run / '.lock'}: taking over the lock (pid {finished.pid} on" in (
         caplog.text
     )
     assert not (run / ".lock").exists()
@@ -337,9 +337,9 @@ def test_malformed_record_is_named_with_its_field_and_changes_nothing(
     [
         (
             "data",
-            {"num_classes": 2, "num_tr_examples_per_class": 5},
-            "num_classes=5, num_tr_examples_per_class=1",
-            "--num_classes=2, --num_tr_examples_per_class=5",
+            {"metatrain_batch_size": 8},
+            "metatrain_batch_size=4",
+            "--metatrain_batch_size=8",
         ),
         (
             "model",
@@ -372,10 +372,10 @@ def test_resume_with_other_task_or_model_flags_is_refused_naming_them(
     assert run_fixtures.snapshot(run) == before
 
 
-def test_flags_that_may_change_on_resume_are_accepted(data_path, run, tmp_path):
+def test_free_flags_may_change_on_resume_and_the_task_may_not(data_path, run, tmp_path):
     moved_data = shutil.copytree(data_path, tmp_path / "moved_data")
     config = _config(data_path, run)
-    config = dataclasses.replace(
+    free = dataclasses.replace(
         config,
         data=dataclasses.replace(
             config.data, data_path=str(moved_data), metatest_batch_size=25
@@ -384,12 +384,25 @@ def test_flags_that_may_change_on_resume_are_accepted(data_path, run, tmp_path):
             config.train, checkpoint_steps=5, summary_steps=2, num_towers=1
         ),
     )
+    assert trainer.train(free)["step"] == 20
+    saved = (run / "config.json").read_text()
+    assert json.loads(saved)["train"]["checkpoint_steps"] == 5
+    assert json.loads(saved)["data"]["data_path"] == str(moved_data)
+    other_task = dataclasses.replace(
+        free,
+        data=dataclasses.replace(free.data, num_classes=2, num_tr_examples_per_class=5),
+    )
 
-    assert trainer.train(config)["step"] == 20
+    with pytest.raises(config_lib.ConfigError) as error:
+        trainer.train(other_task)
 
-    saved = json.loads((run / "config.json").read_text())
-    assert saved["train"]["checkpoint_steps"] == 5
-    assert saved["data"]["data_path"] == str(moved_data)
+    assert str(error.value) == (
+        f"--checkpoint_path={run}: this run was made with num_classes=5, "
+        "num_tr_examples_per_class=1 (its config.json), not --num_classes=2, "
+        "--num_tr_examples_per_class=5; pass the run's values, or use another "
+        "--checkpoint_path"
+    )
+    assert (run / "config.json").read_text() == saved
 
 
 def test_evaluation_refuses_other_unroll_lengths_but_evaluates_another_task(
