@@ -556,13 +556,20 @@ def _reason(error):
 
 
 def latest_intact_checkpoint(directory):
-    """The newest checkpoint in `directory` that reads back whole, or None.
+    """The latest checkpoint in `directory` that reads back whole, or None.
 
-    Damaged newer ones are skipped with a warning naming each; if there are
-    checkpoints but none is intact, CheckpointError names them all.
+    The latest is the one TensorFlow's `checkpoint` index names, else (no
+    index) the highest step; damaged ones are skipped for the next older,
+    with a warning naming each. If there are checkpoints but none is intact,
+    CheckpointError names them all.
     """
+    candidates = checkpoint_prefixes(directory)
+    indexed = tf.train.latest_checkpoint(str(directory))
+    if indexed in candidates:
+        # Newer files than the index names are a save cut short.
+        candidates = candidates[candidates.index(indexed) :]
     damaged = []
-    for prefix in checkpoint_prefixes(directory):
+    for prefix in candidates:
         try:
             verify_checkpoint(prefix)
         except CheckpointError as error:
