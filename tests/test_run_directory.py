@@ -126,6 +126,28 @@ def test_lock_recorded_by_another_host_is_refused(data_path, run, no_training):
     assert run_fixtures.snapshot(run) == before
 
 
+def test_checkpoints_appearing_while_a_trainer_starts_are_not_overwritten(
+    data_path, existing, tmp_path, monkeypatch, no_training
+):
+    run = tmp_path / "new"
+    latest_intact_checkpoint = checkpoints.latest_intact_checkpoint
+
+    def racing(directory):
+        found = latest_intact_checkpoint(directory)  # none yet
+        shutil.copytree(existing, run, symlinks=True)  # another trainer's work
+        return found
+
+    monkeypatch.setattr(checkpoints, "latest_intact_checkpoint", racing)
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        trainer.train(_config(data_path, run))
+
+    assert str(error.value) == (
+        f"--checkpoint_path={run}: another trainer wrote checkpoints there "
+        "while this one was starting; rerun to resume from them"
+    )
+    assert run_fixtures.snapshot(run) == run_fixtures.snapshot(existing)
+
+
 # --- Consistent reads --------------------------------------------------------
 
 
