@@ -675,8 +675,8 @@ def promote_to_best(directory, checkpoint_prefix, metrics):
 
     Keeps the previous best's directory, which a reader may still be reading,
     and removes older ones. Raises CheckpointError naming the path if a write
-    fails (disk full, read-only); no staging directory is left behind and
-    `best_checkpoint` still names a complete checkpoint.
+    fails (disk full, read-only), leaving no staging directory behind and
+    `best_checkpoint` as it was (or, if only syncing failed, complete).
     """
     directory = pathlib.Path(directory)
     root = directory / BEST_ROOT
@@ -704,8 +704,7 @@ def promote_to_best(directory, checkpoint_prefix, metrics):
             shutil.rmtree(target, ignore_errors=True)
         raise CheckpointError(
             f"could not promote {checkpoint_prefix} to {directory / BEST_LINK}: "
-            f"{error}. best_checkpoint still names a complete checkpoint; "
-            "rerun to resume"
+            f"{error}. Nothing half-written is left; rerun to resume"
         ) from error
     crash_point("promote:linked")
     for stale in root.iterdir():
