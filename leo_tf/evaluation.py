@@ -1,10 +1,18 @@
 """Meta-test evaluation of a training directory (--evaluation_mode).
 
-Restores the best checkpoint (else the latest, saying so), averages meta-test
-accuracy over num_metatest_episodes episodes (whole batches of
-metatest_batch_size; the authors' 10000) with a 95% interval of
-1.96 std / sqrt(episodes), computes the nearest-class-mean baseline on the
-same episodes, and writes `test_results.json`.
+Restores the best checkpoint (else, or if it is damaged, the newest intact
+checkpoint, saying so), averages meta-test accuracy over
+num_metatest_episodes episodes (whole batches of metatest_batch_size; the
+authors' 10000) with a 95% interval of 1.96 std / sqrt(episodes), computes
+the nearest-class-mean baseline on the same episodes, and writes
+`test_results.json`.
+
+It takes no lock: it only reads checkpoints, which a running trainer never
+changes in place (best_checkpoint is resolved once, and the directory it
+names outlives the next promotion), and writes test_results.json atomically,
+a file no trainer writes. The flags the weights depend on must match the
+run's (checkpoints.FIXED_FOR_EVALUATION); the task (data set, N, K) may
+differ, and test_results.json records both the evaluated and the trained one.
 """
 
 import pathlib
@@ -17,7 +25,61 @@ from leo_tf import baseline, checkpoints, runtime, steps
 from leo_tf.data import episodes as episodes_lib
 from leo_tf.data import meta_dataset
 from leo_tf.model import LEO
-from leo_tf.trainer import check_compatible
+
+_TASK_FIELDS = ("dataset_name", "num_classes", "num_tr_examples_per_class")
+
+
+def _checkpoint_to_evaluate(directory):
+    """(prefix, "best" or "latest"): best_checkpoint if it reads back whole,
+    else the newest intact checkpoint, saying why."""
+    best = checkpoints.best_checkpoint_prefix(directory)
+    if best is None:
+        logging.warning(
+            "No best_checkpoint in %s: evaluating the latest intact checkpoint",
+            directory,
+        )
+    else:
+        try:
+            checkpoints.verify_checkpoint(best)
+            return best, "best"
+        except checkpoints.CheckpointError as error:
+            logging.warning(
+                "best_checkpoint unusable, %s; evaluating the latest intact "
+                "checkpoint instead",
+                error,
+            )
+    prefix = checkpoints.latest_intact_checkpoint(directory)
+    if prefix is None:
+        raise checkpoints.CheckpointError(
+            f"--checkpoint_path={directory}: no checkpoint to evaluate "
+            "(train first, or point at a training directory)"
+        )
+    logging.warning("Evaluating %s", prefix)
+    return prefix, "latest"
+
+
+def _training_task(directory, config):
+    """The task the run was trained on, from config.json; warns if it is not
+    the one evaluated."""
+    saved = checkpoints.read_config(directory)
+    if saved is None:
+        return None
+    trained = {name: saved["data"][name] for name in _TASK_FIELDS}
+    evaluated = {name: getattr(config.data, name) for name in _TASK_FIELDS}
+    if trained != evaluated:
+        logging.warning(
+            "Evaluating on %s; the run was trained on %s",
+            _describe_task(evaluated),
+            _describe_task(trained),
+        )
+    return trained
+
+
+def _describe_task(task):
+    return (
+        f"{task['num_classes']}-way {task['num_tr_examples_per_class']}-shot "
+        f"episodes of {task['dataset_name']}"
+    )
 
 
 def evaluate(config):
@@ -30,24 +92,13 @@ def evaluate(config):
     directory = pathlib.Path(config.train.checkpoint_path)
     checkpoints.check_usable(directory, for_writing=False)
     checkpoints.check_usable(directory, for_writing=True)
-    prefix = checkpoints.best_checkpoint_prefix(directory)
-    source = "best"
-    if prefix is None:
-        prefix = tf.train.latest_checkpoint(str(directory))
-        source = "latest"
-        if prefix is None:
-            raise checkpoints.CheckpointError(
-                f"--checkpoint_path={directory}: no checkpoint to evaluate "
-                "(train first, or point at a training directory)"
-            )
-        logging.warning(
-            "No best_checkpoint in %s: evaluating the latest checkpoint %s",
-            directory,
-            prefix,
-        )
     test_classes = meta_dataset.load_classes(config.data, "test")
     embedding_dim = test_classes.embedding_dim
-    check_compatible(directory, config, embedding_dim)
+    checkpoints.check_compatible(
+        directory, config, embedding_dim, checkpoints.FIXED_FOR_EVALUATION
+    )
+    training_task = _training_task(directory, config)
+    prefix, source = _checkpoint_to_evaluate(directory)
     sampler = meta_dataset.eval_sampler(
         config.data, test_classes, "test", config.train.seed
     )
@@ -93,8 +144,12 @@ def evaluate(config):
         "baseline": "cosine nearest class mean",
         "baseline_accuracy": baseline_accuracy,
         "baseline_ci95": baseline_ci95,
+        "training_task": training_task,
     }
-    checkpoints.write_json_atomically(directory / checkpoints.RESULTS_FILE, results)
+    try:
+        checkpoints.write_json_atomically(directory / checkpoints.RESULTS_FILE, results)
+    except checkpoints.CheckpointError as error:
+        raise checkpoints.CheckpointError(f"{error}; {result_line(results)}") from error
     return results
 
 

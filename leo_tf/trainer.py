@@ -5,13 +5,16 @@ every checkpoint_steps a checkpoint, a meta-validation estimate (the mean
 accuracy of num_metavalid_batches meta-validation batches, new ones at every
 checkpoint as in the authors' code, or the same ones with
 --fixed_metavalid_batches) and, when it is the best so far, an atomic promotion to `best_checkpoint`. A run restarted
-on the same directory resumes from the latest checkpoint at exactly its step:
-batches and noise are pure functions of (seed, step), so the data "state" is
-the step itself, and each checkpoint records its own validation accuracy, so
-a promotion cut short by preemption is completed on restart.
+on the same directory resumes from the latest intact checkpoint at exactly
+its step: batches and noise are pure functions of (seed, step), so the data
+"state" is the step itself, and each checkpoint records its own validation
+accuracy, so a promotion cut short by preemption is completed on restart.
 
-Everything that can be wrong with flags, data or the directory is checked
-before the first file is written.
+The trainer owns the directory while it runs (checkpoints.RunLock; in a
+multi-worker run the chief). Everything that can be wrong with flags, data,
+the directory or its agreement with the run's config.json is checked before
+the first file is written; a failing write (disk full, read-only) ends in a
+CheckpointError naming the path, and the next run resumes.
 """
 
 import contextlib
@@ -31,32 +34,6 @@ from leo_tf.config import ConfigError
 from leo_tf.data import episodes as episodes_lib
 from leo_tf.data import meta_dataset
 from leo_tf.model import LEO
-
-# Configuration fields a checkpoint's variables depend on: resuming or
-# evaluating with other values cannot work.
-_ARCHITECTURE_FIELDS = ("num_latents",)
-
-
-def check_compatible(directory, config, embedding_dim):
-    """ConfigError if the directory's checkpoints were made for other shapes."""
-    saved = checkpoints.read_json(pathlib.Path(directory) / checkpoints.CONFIG_FILE)
-    if saved is None:
-        return
-    for name in _ARCHITECTURE_FIELDS:
-        value = getattr(config.model, name)
-        if saved["model"][name] != value:
-            raise ConfigError(
-                f"--{name}={value}: the checkpoints in {directory} were made "
-                f"with {name}={saved['model'][name]}; use that value or "
-                "another --checkpoint_path"
-            )
-    if saved["embedding_dim"] != embedding_dim:
-        raise ConfigError(
-            f"--dataset_name={config.data.dataset_name}: its embeddings are "
-            f"{embedding_dim}-d, but the checkpoints in {directory} were made "
-            f"for {saved['embedding_dim']}-d embeddings "
-            f"({saved['data']['dataset_name']}); use another --checkpoint_path"
-        )
 
 
 def _finite(model):
@@ -122,14 +99,17 @@ class _Session:
     a multi-worker run, nothing is written under the directory.
     """
 
-    def __init__(self, config, strategy=None):
+    def __init__(self, config, strategy, lock):
         self.config = config
         self.strategy = strategy
         self.chief = distribution.is_chief(strategy)
         self.directory = pathlib.Path(config.train.checkpoint_path)
+        self.lock = lock
         if self.chief or self.directory.exists():
             # Other workers only read, and the chief may not have made it yet.
             checkpoints.check_usable(self.directory, for_writing=self.chief)
+        if self.chief and self.directory.exists():
+            lock.acquire()  # before reading the directory's state
         train_classes = meta_dataset.load_classes(config.data, "train")
         self.embedding_dim = train_classes.embedding_dim
         val_classes = meta_dataset.load_classes(
@@ -149,12 +129,32 @@ class _Session:
         self.val_sampler = meta_dataset.eval_sampler(
             config.data, val_classes, "val", seed
         )
-        check_compatible(self.directory, config, self.embedding_dim)
+        checkpoints.check_compatible(
+            self.directory, config, self.embedding_dim, checkpoints.FIXED_ON_RESUME
+        )
+        self.best_record = self._intact_best_record() if self.chief else None
         self._build()
-        self.latest = tf.train.latest_checkpoint(str(self.directory))
+        self.latest = checkpoints.latest_intact_checkpoint(self.directory)
         if self.latest:
             self.checkpoint.restore(self.latest).assert_consumed()
             logging.info("Resuming from %s at step %d", self.latest, self.step.numpy())
+
+    def _intact_best_record(self):
+        """metrics.json of best_checkpoint, or None if there is none or it is
+        damaged (then the next validated checkpoint replaces it)."""
+        best = checkpoints.best_checkpoint(self.directory)
+        if best is None:
+            return None
+        try:
+            checkpoints.verify_checkpoint(best[0])
+        except checkpoints.CheckpointError as error:
+            logging.warning(
+                "best_checkpoint unusable, %s; the next validated checkpoint "
+                "replaces it",
+                error,
+            )
+            return None
+        return best[1]
 
     def _build(self):
         with self.strategy.scope() if self.strategy else contextlib.nullcontext():
@@ -188,8 +188,23 @@ class _Session:
             # Multi-worker checkpointing: every worker saves, only the chief's
             # files are kept.
             return pathlib.Path(tempfile.mkdtemp(prefix="leo_tf_worker_"))
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise checkpoints.CheckpointError(
+                f"--checkpoint_path={self.directory}: cannot be created ({error})"
+            ) from error
+        if not self.lock.held:
+            self.lock.acquire()
+            if checkpoints.checkpoint_prefixes(self.directory):
+                raise checkpoints.CheckpointError(
+                    f"--checkpoint_path={self.directory}: another trainer wrote "
+                    "checkpoints there while this one was starting; rerun to "
+                    "resume from them"
+                )
         checkpoints.remove_stale_temporaries(self.directory)
+        if self.latest:
+            checkpoints.index_checkpoint(self.directory, self.latest)
         checkpoints.write_json_atomically(
             self.directory / checkpoints.CONFIG_FILE,
             {**self.config.to_dict(), "embedding_dim": self.embedding_dim},
@@ -226,11 +241,12 @@ class _Session:
                 config.train.num_towers, config.data.metavalid_batch_size
             ),
         )
-        self.writer = (
-            tf.summary.create_file_writer(str(self.directory))
-            if self.chief
-            else tf.summary.create_noop_writer()
-        )
+        with self._writing_summaries():
+            self.writer = (
+                tf.summary.create_file_writer(str(self.directory))
+                if self.chief
+                else tf.summary.create_noop_writer()
+            )
         first_step = int(self.step.numpy())
         limit = config.train.num_steps_limit
         if first_step >= limit:
@@ -266,7 +282,8 @@ class _Session:
                 if step == first_step + 1:
                     log.restart_clock(step)  # steps/s without the tracing time
                 if step % config.train.summary_steps == 0 or step == limit:
-                    log.write(step)
+                    with self._writing_summaries():
+                        log.write(step)
                 if step % config.train.checkpoint_steps == 0 or step == limit:
                     outcome = self._checkpoint_and_validate()
                 if stop.signal:
@@ -277,13 +294,27 @@ class _Session:
                     self._save()
                     outcome = {"stopped_by": stop.signal}
                     break
-        self.writer.flush()
+        with self._writing_summaries():
+            self.writer.flush()
         logging.info(
             "Step %d: weights digest %s",
             self.step.numpy(),
             distribution.weights_digest(self.model),
         )
         return {"step": int(self.step.numpy()), **outcome}
+
+    @contextlib.contextmanager
+    def _writing_summaries(self):
+        """Turns a failure to write TensorBoard summaries (disk full,
+        read-only) into a CheckpointError naming the directory."""
+        try:
+            yield
+        except (OSError, tf.errors.OpError) as error:
+            raise checkpoints.CheckpointError(
+                f"could not write TensorBoard summaries to {self.directory}: "
+                f"{error}. The checkpoints ({self.manager.latest_checkpoint}) "
+                "and best_checkpoint are intact; rerun to resume from them."
+            ) from error
 
     def _save(self):
         """Saves a checkpoint unless the weights are non-finite; its prefix."""
@@ -323,10 +354,10 @@ class _Session:
             0 if self.config.train.fixed_metavalid_batches else step * num_batches,
         )
         self.validation_accuracy.assign(accuracy)
-        with self.writer.as_default(step=step):
+        with self._writing_summaries(), self.writer.as_default(step=step):
             tf.summary.scalar("validation/accuracy", accuracy)
             tf.summary.scalar("validation/loss", loss)
-        self.writer.flush()
+            self.writer.flush()
         prefix = self._save()
         checkpoints.crash_point("save:done")
         is_best, best = self._beats_best(accuracy)
@@ -341,15 +372,17 @@ class _Session:
             ),
         )
         if is_best and prefix:
-            checkpoints.promote_to_best(
-                self.directory, prefix, _best_record(self.config, step, accuracy)
-            )
+            self._promote(prefix, _best_record(self.config, step, accuracy))
         return {"metavalid_accuracy": accuracy, "is_best": is_best}
 
     def _beats_best(self, accuracy):
         """(whether accuracy beats best_checkpoint's record, the record or None)."""
-        best = checkpoints.best_metrics(self.directory)
+        best = self.best_record
         return best is None or accuracy > best["metavalid_accuracy"], best
+
+    def _promote(self, prefix, record):
+        checkpoints.promote_to_best(self.directory, prefix, record)
+        self.best_record = record
 
     def _promote_if_better(self, prefix):
         """Promotes the restored latest checkpoint if its recorded validation
@@ -358,8 +391,9 @@ class _Session:
         if math.isnan(accuracy):
             return
         if self._beats_best(accuracy)[0]:
-            record = _best_record(self.config, int(self.step.numpy()), accuracy)
-            checkpoints.promote_to_best(self.directory, prefix, record)
+            self._promote(
+                prefix, _best_record(self.config, int(self.step.numpy()), accuracy)
+            )
             logging.info(
                 "Promoted %s (accuracy %.4f) to best_checkpoint", prefix, accuracy
             )
@@ -371,4 +405,5 @@ def train(config, strategy=None):
     Raises ConfigError, DataError or CheckpointError, naming the flag, file or
     directory, before anything is written when the inputs are unusable.
     """
-    return _Session(config, strategy).run()
+    with checkpoints.RunLock(config.train.checkpoint_path) as lock:
+        return _Session(config, strategy, lock).run()

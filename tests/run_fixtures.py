@@ -1,6 +1,7 @@
-"""RunConfigs for short in-process runs on the toy data of data_fixtures, and
-the environment of runs in a child process."""
+"""RunConfigs for short in-process runs on the toy data of data_fixtures, the
+environment of runs in a child process, and snapshots of run directories."""
 
+import hashlib
 import os
 import pathlib
 
@@ -36,3 +37,17 @@ def toy_run_config(data_path, directory, **train):
         ),
         train=config_lib.TrainConfig(**defaults),
     )
+
+
+def snapshot(directory):
+    """{relative path: (content hash or link target or "dir", mtime)} of
+    everything under `directory`, to check that nothing there changed."""
+    state = {}
+    for path in sorted(pathlib.Path(directory).rglob("*")):
+        stat = path.lstat()
+        if path.is_file() and not path.is_symlink():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            digest = os.readlink(path) if path.is_symlink() else "dir"
+        state[str(path.relative_to(directory))] = (digest, stat.st_mtime_ns)
+    return state

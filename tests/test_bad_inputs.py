@@ -2,9 +2,7 @@
 training step, leaving every file under --checkpoint_path as it was."""
 
 import dataclasses
-import hashlib
 import os
-import pathlib
 import pickle
 import shutil
 import subprocess
@@ -299,17 +297,7 @@ def existing(tmp_path_factory):
     return data, root / "run"
 
 
-def _snapshot(directory):
-    """{relative path: (kind, content hash, mtime)} of everything under it."""
-    state = {}
-    for path in sorted(pathlib.Path(directory).rglob("*")):
-        stat = path.lstat()
-        if path.is_file() and not path.is_symlink():
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            digest = os.readlink(path) if path.is_symlink() else "dir"
-        state[str(path.relative_to(directory))] = (digest, stat.st_mtime_ns)
-    return state
+_snapshot = run_fixtures.snapshot
 
 
 def _config(data, run, overrides):

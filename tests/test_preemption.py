@@ -199,6 +199,7 @@ def test_sigterm_and_sigint_checkpoint_and_exit_cleanly(tmp_path, signal_number)
     assert prefix is not None
     step = int(_value(tf.train.load_checkpoint(prefix), "step"))
     assert step >= 3 and prefix.endswith(f"ckpt-{step}")
+    assert not (directory / ".lock").exists()  # released on the way out
     if signal_number != signal.SIGTERM:
         return  # resuming from a signal's checkpoint is checked once
 

@@ -164,7 +164,10 @@ def test_evaluation_mode_writes_results_and_prints_them_last(trained):
     assert results["num_classes"] == 5
     assert results["num_tr_examples_per_class"] == 1
     assert results["step"] == best["step"]
-    assert results["checkpoint"].endswith(f"best_checkpoint/ckpt-{best['step']}")
+    step = best["step"]
+    assert results["checkpoint"] == str(
+        directory / ".best" / f"step-{step}" / f"ckpt-{step}"
+    )
     assert 0.2 < results["accuracy"] <= 1.0
     assert 0 < results["ci95"] < 0.02
     last_line = process.stdout.strip().splitlines()[-1]

@@ -1,0 +1,559 @@
+"""The run directory as a database: one writer, intact checkpoints, valid
+records, no silent change of task on resume, and failing writes that leave
+nothing half-written."""
+
+import dataclasses
+import errno
+import json
+import logging
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+
+import pytest
+import tensorflow as tf
+
+from leo_tf import checkpoints, evaluation, steps, trainer
+from leo_tf import config as config_lib
+from tests import data_fixtures, run_fixtures
+
+DATA_FILE = "ckpt-{}.data-00000-of-00001"
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    return data_fixtures.write_toy_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def existing(data_path, tmp_path_factory):
+    """A 20-step run: ckpt-10, ckpt-20, a best checkpoint and config.json."""
+    directory = tmp_path_factory.mktemp("existing") / "run"
+    trainer.train(run_fixtures.toy_run_config(data_path, directory))
+    return directory
+
+
+@pytest.fixture
+def run(existing, tmp_path):
+    """A private copy of the existing run."""
+    shutil.copytree(existing, tmp_path / "run", symlinks=True)
+    return tmp_path / "run"
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def compile_train_step(*args, **kwargs):
+        raise AssertionError("a training step was compiled")
+
+    monkeypatch.setattr(steps, "compile_train_step", compile_train_step)
+
+
+def _config(data_path, run, section=None, **values):
+    """toy_run_config (20 steps, all reached), with `section` fields changed."""
+    config = run_fixtures.toy_run_config(data_path, run, num_metatest_episodes=50)
+    if section:
+        changed = dataclasses.replace(getattr(config, section), **values)
+        config = dataclasses.replace(config, **{section: changed})
+    return config
+
+
+def _truncate(path):
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+
+
+def _best_step(run):
+    return checkpoints.best_metrics(run)["step"]
+
+
+def _enospc(path):
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+# --- Ownership ---------------------------------------------------------------
+
+
+def test_second_trainer_is_refused_naming_the_holder_and_writes_nothing(
+    data_path, run, no_training
+):
+    lock = checkpoints.RunLock(run)
+    lock.acquire()
+    before = run_fixtures.snapshot(run)
+    try:
+        with pytest.raises(checkpoints.CheckpointError) as error:
+            trainer.train(_config(data_path, run, "train", num_steps_limit=30))
+    finally:
+        after = run_fixtures.snapshot(run)
+        lock.release()
+    message = str(error.value)
+    assert f"--checkpoint_path={run}: in use by another trainer" in message
+    assert f"pid {os.getpid()} on host {socket.gethostname()}" in message
+    assert after == before
+    assert not (run / ".lock").exists()
+
+
+def test_lock_of_a_dead_process_is_taken_over_and_released_at_the_end(
+    data_path, run, caplog
+):
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    holder = {"pid": finished.pid, "host": socket.gethostname(), "command": "x"}
+    (run / ".lock").write_text(json.dumps(holder))
+
+    with caplog.at_level(logging.WARNING):
+        outcome = trainer.train(_config(data_path, run))
+
+    assert outcome["step"] == 20
+    assert f"{run / '.lock'}: taking over the lock (pid {finished.pid} on" in (
+        caplog.text
+    )
+    assert not (run / ".lock").exists()
+
+
+def test_lock_recorded_by_another_host_is_refused(data_path, run, no_training):
+    holder = {"pid": 4242, "host": "elsewhere", "started": "t", "command": "x"}
+    (run / ".lock").write_text(json.dumps(holder))
+    before = run_fixtures.snapshot(run)
+
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        trainer.train(_config(data_path, run))
+
+    message = str(error.value)
+    assert "in use by another trainer (pid 4242 on host elsewhere" in message
+    assert f"if that trainer is no longer running, delete {run / '.lock'}" in message
+    assert run_fixtures.snapshot(run) == before
+
+
+def test_checkpoints_appearing_while_a_trainer_starts_are_not_overwritten(
+    data_path, existing, tmp_path, monkeypatch, no_training
+):
+    run = tmp_path / "new"
+    latest_intact_checkpoint = checkpoints.latest_intact_checkpoint
+
+    def racing(directory):
+        found = latest_intact_checkpoint(directory)  # none yet
+        shutil.copytree(existing, run, symlinks=True)  # another trainer's work
+        return found
+
+    monkeypatch.setattr(checkpoints, "latest_intact_checkpoint", racing)
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        trainer.train(_config(data_path, run))
+
+    assert str(error.value) == (
+        f"--checkpoint_path={run}: another trainer wrote checkpoints there "
+        "while this one was starting; rerun to resume from them"
+    )
+    assert run_fixtures.snapshot(run) == run_fixtures.snapshot(existing)
+
+
+# --- Consistent reads --------------------------------------------------------
+
+
+def test_reader_of_the_best_checkpoint_survives_the_next_promotion(run):
+    prefix, metrics = checkpoints.best_checkpoint(run)
+    best = metrics["step"]
+    other = 30 - best  # the other of steps 10 and 20
+    assert pathlib.Path(prefix) == run / ".best" / f"step-{best}" / f"ckpt-{best}"
+
+    checkpoints.promote_to_best(run, run / f"ckpt-{other}", {"step": other})
+
+    assert checkpoints.best_checkpoint_prefix(run).endswith(
+        f"step-{other}/ckpt-{other}"
+    )
+    checkpoints.verify_checkpoint(prefix)  # the reader's prefix still reads back
+    step = tf.train.load_checkpoint(prefix).get_tensor(
+        "step/.ATTRIBUTES/VARIABLE_VALUE"
+    )
+    assert step == best
+    # One promotion later the oldest copy goes, the previous one stays.
+    checkpoints.promote_to_best(run, run / f"ckpt-{best}", {"step": best})
+    assert sorted(p.name for p in (run / ".best").iterdir()) == ["step-10", "step-20"]
+
+
+# --- Integrity ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "damage,named,reason",
+    [
+        ("truncated_data", DATA_FILE.format(20), "Read less bytes than requested"),
+        ("garbage_index", "ckpt-20.index", "not an sstable (bad magic number)"),
+    ],
+)
+def test_resume_skips_a_damaged_latest_checkpoint_naming_it(
+    data_path, run, caplog, damage, named, reason
+):
+    if damage == "truncated_data":
+        _truncate(run / DATA_FILE.format(20))
+    else:
+        (run / "ckpt-20.index").write_bytes(b"not a table" * 20)
+
+    with caplog.at_level(logging.INFO):
+        outcome = trainer.train(_config(data_path, run, "train", num_steps_limit=10))
+
+    assert outcome["step"] == 10
+    assert (
+        f"Skipping checkpoint {run / 'ckpt-20'}: {run / named}: damaged ({reason})"
+        in (caplog.text)
+    )
+    assert f"Resuming from {run / 'ckpt-10'} at step 10" in caplog.text
+    assert tf.train.latest_checkpoint(str(run)) == str(run / "ckpt-10")
+
+
+def test_no_intact_checkpoint_is_refused_naming_each(data_path, run, no_training):
+    _truncate(run / DATA_FILE.format(20))
+    (run / "ckpt-10.index").write_bytes(b"\0" * 100)
+    before = run_fixtures.snapshot(run)
+
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        trainer.train(_config(data_path, run, "train", num_steps_limit=30))
+
+    message = str(error.value)
+    assert f"--checkpoint_path={run}: no intact checkpoint" in message
+    assert f"{run / DATA_FILE.format(20)}: damaged" in message
+    assert f"{run / 'ckpt-10.index'}: damaged" in message
+    assert run_fixtures.snapshot(run) == before
+
+
+def test_missing_checkpoint_index_is_rebuilt_not_a_restart_from_step_0(
+    data_path, run, caplog
+):
+    (run / "checkpoint").unlink()
+
+    with caplog.at_level(logging.INFO):
+        outcome = trainer.train(_config(data_path, run))
+
+    assert outcome["step"] == 20
+    assert f"Resuming from {run / 'ckpt-20'} at step 20" in caplog.text
+    assert f"{run / 'checkpoint'}: missing or unreadable; rebuilt" in caplog.text
+    state = tf.train.get_checkpoint_state(str(run))
+    assert state.model_checkpoint_path == str(run / "ckpt-20")
+    assert list(state.all_model_checkpoint_paths) == [
+        str(run / "ckpt-10"),
+        str(run / "ckpt-20"),
+    ]
+
+
+def test_resume_replaces_a_damaged_best_checkpoint(data_path, run, caplog):
+    best = _best_step(run)
+    _truncate(run / ".best" / f"step-{best}" / DATA_FILE.format(best))
+
+    with caplog.at_level(logging.WARNING):
+        trainer.train(_config(data_path, run))
+
+    assert f"best_checkpoint unusable, {run}/.best/step-{best}/" in caplog.text
+    checkpoints.verify_checkpoint(checkpoints.best_checkpoint_prefix(run))
+    assert _best_step(run) == 20  # the restored latest, validated when saved
+
+
+def test_evaluation_falls_back_from_a_damaged_best_to_the_latest_intact(
+    data_path, run, caplog
+):
+    best = _best_step(run)
+    _truncate(run / ".best" / f"step-{best}" / DATA_FILE.format(best))
+
+    with caplog.at_level(logging.WARNING):
+        results = evaluation.evaluate(_config(data_path, run))
+
+    assert f"best_checkpoint unusable, {run}/.best/step-{best}/" in caplog.text
+    assert "(Read less bytes than requested); evaluating the latest intact" in (
+        caplog.text
+    )
+    assert results["checkpoint_source"] == "latest"
+    assert results["checkpoint"] == str(run / "ckpt-20")
+    assert results["step"] == 20
+
+
+# --- JSON records ------------------------------------------------------------
+
+
+def _rewrite(name, change):
+    """A case that replaces the JSON record `name` with change(record)."""
+
+    def setup(run):
+        path = run / name
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+    return setup
+
+
+def _without(section, key):
+    def change(record):
+        del record[section][key]
+        return record
+
+    return change
+
+
+def _with(key, value):
+    return lambda record: {**record, key: value}
+
+
+# (id, setup, fragments of the CheckpointError)
+BAD_RECORDS = [
+    ("config_empty", _rewrite("config.json", lambda r: {}), ["config.json: no model"]),
+    (
+        "config_array",
+        _rewrite("config.json", lambda r: [r]),
+        ["config.json: expected a JSON object, found an array"],
+    ),
+    (
+        "config_missing_model_key",
+        _rewrite("config.json", _without("model", "num_latents")),
+        ["config.json: no model.num_latents (expected an integer)"],
+    ),
+    (
+        "config_string_number",
+        _rewrite(
+            "config.json", lambda r: {**r, "data": {**r["data"], "num_classes": "5"}}
+        ),
+        ['config.json: data.num_classes is "5", expected an integer'],
+    ),
+    (
+        "config_no_embedding_dim",
+        _rewrite("config.json", lambda r: {**r, "embedding_dim": None}),
+        ["config.json: embedding_dim is null, expected a positive integer"],
+    ),
+    (
+        "metrics_string_accuracy",
+        _rewrite("best_checkpoint/metrics.json", _with("metavalid_accuracy", "0.5")),
+        ['metrics.json: metavalid_accuracy is "0.5", expected a number in [0, 1]'],
+    ),
+    (
+        "metrics_empty",
+        _rewrite("best_checkpoint/metrics.json", lambda r: {}),
+        ["metrics.json: no step (expected an integer >= 0)"],
+    ),
+    (
+        "metrics_string",
+        _rewrite("best_checkpoint/metrics.json", lambda r: "best"),
+        ["metrics.json: expected a JSON object, found a string"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "case,setup,fragments", BAD_RECORDS, ids=[case[0] for case in BAD_RECORDS]
+)
+def test_malformed_record_is_named_with_its_field_and_changes_nothing(
+    data_path, run, no_training, case, setup, fragments
+):
+    setup(run)
+    before = run_fixtures.snapshot(run)
+
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        trainer.train(_config(data_path, run, "train", num_steps_limit=30))
+
+    for fragment in fragments:
+        assert fragment in str(error.value), case
+    assert run_fixtures.snapshot(run) == before
+
+
+# --- Compatibility -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "section,values,made_with,not_with",
+    [
+        (
+            "data",
+            {"metatrain_batch_size": 8},
+            "metatrain_batch_size=4",
+            "--metatrain_batch_size=8",
+        ),
+        (
+            "model",
+            {"inner_unroll_length": 3},
+            "inner_unroll_length=5",
+            "--inner_unroll_length=3",
+        ),
+        ("model", {"dropout_rate": 0.5}, "dropout_rate=0.2", "--dropout_rate=0.5"),
+        ("optimizer", {"outer_lr": 0.01}, "outer_lr=0.001", "--outer_lr=0.01"),
+        (
+            "train",
+            {"seed": 3, "num_steps_limit": 40, "checkpoint_steps": 5},
+            "seed=0",
+            "--seed=3",
+        ),
+    ],
+)
+def test_resume_with_other_task_or_model_flags_is_refused_naming_them(
+    data_path, run, no_training, section, values, made_with, not_with
+):
+    before = run_fixtures.snapshot(run)
+
+    with pytest.raises(config_lib.ConfigError) as error:
+        trainer.train(_config(data_path, run, section, **values))
+
+    message = str(error.value)
+    assert f"--checkpoint_path={run}: this run was made with {made_with} " in message
+    assert f"(its config.json), not {not_with}; pass the run's values" in message
+    assert "num_steps_limit" not in message and "checkpoint_steps" not in message
+    assert run_fixtures.snapshot(run) == before
+
+
+def test_free_flags_may_change_on_resume_and_the_task_may_not(data_path, run, tmp_path):
+    moved_data = shutil.copytree(data_path, tmp_path / "moved_data")
+    config = _config(data_path, run)
+    free = dataclasses.replace(
+        config,
+        data=dataclasses.replace(
+            config.data, data_path=str(moved_data), metatest_batch_size=25
+        ),
+        train=dataclasses.replace(
+            config.train, checkpoint_steps=5, summary_steps=2, num_towers=1
+        ),
+    )
+    assert trainer.train(free)["step"] == 20
+    saved = (run / "config.json").read_text()
+    assert json.loads(saved)["train"]["checkpoint_steps"] == 5
+    assert json.loads(saved)["data"]["data_path"] == str(moved_data)
+    other_task = dataclasses.replace(
+        free,
+        data=dataclasses.replace(free.data, num_classes=2, num_tr_examples_per_class=5),
+    )
+
+    with pytest.raises(config_lib.ConfigError) as error:
+        trainer.train(other_task)
+
+    assert str(error.value) == (
+        f"--checkpoint_path={run}: this run was made with num_classes=5, "
+        "num_tr_examples_per_class=1 (its config.json), not --num_classes=2, "
+        "--num_tr_examples_per_class=5; pass the run's values, or use another "
+        "--checkpoint_path"
+    )
+    assert (run / "config.json").read_text() == saved
+
+
+def test_evaluation_refuses_other_unroll_lengths_but_evaluates_another_task(
+    data_path, run
+):
+    with pytest.raises(config_lib.ConfigError, match="--finetuning_unroll_length=2"):
+        evaluation.evaluate(
+            _config(data_path, run, "model", finetuning_unroll_length=2)
+        )
+
+    results = evaluation.evaluate(
+        _config(data_path, run, "data", num_classes=2, num_tr_examples_per_class=5)
+    )
+
+    assert (results["num_classes"], results["num_tr_examples_per_class"]) == (2, 5)
+    assert results["training_task"] == {
+        "dataset_name": "toy",
+        "num_classes": 5,
+        "num_tr_examples_per_class": 1,
+    }
+
+
+# --- Failing writes ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("failing", ["shutil.copy2", "os.symlink"])
+def test_disk_full_during_promotion_leaves_nothing_half_written_and_rerun_promotes(
+    data_path, run, monkeypatch, failing
+):
+    (run / "best_checkpoint").unlink()  # so the restored ckpt-20 is promoted
+    shutil.rmtree(run / ".best")
+    module, name = failing.split(".")
+    holders = []
+
+    def full(*args, **kwargs):
+        holders.append(json.loads((run / ".lock").read_text())["pid"])
+        raise _enospc(args[1])
+
+    monkeypatch.setattr(getattr(checkpoints, module), name, full)
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        trainer.train(_config(data_path, run))
+    monkeypatch.undo()
+
+    assert str(error.value).startswith(
+        f"could not promote {run / 'ckpt-20'} to {run / 'best_checkpoint'}: "
+        "[Errno 28] No space left on device: "
+    )
+    assert holders == [os.getpid()]  # the trainer held the lock when writing
+    assert list((run / ".best").iterdir()) == []
+    assert not (run / "best_checkpoint").is_symlink()
+    assert [p.name for p in run.glob(".*")] == [".best"]  # no lock, no temporaries
+
+    trainer.train(_config(data_path, run))
+    assert _best_step(run) == 20
+
+
+def test_disk_full_while_writing_summaries_is_one_error_and_rerun_resumes(
+    data_path, run, monkeypatch, caplog
+):
+    create_file_writer = tf.summary.create_file_writer
+
+    def full_writer(logdir, **kwargs):
+        writer = create_file_writer(logdir, **kwargs)
+
+        def flush():
+            raise _enospc(pathlib.Path(logdir) / "events.out.tfevents")
+
+        writer.flush = flush
+        return writer
+
+    monkeypatch.setattr(tf.summary, "create_file_writer", full_writer)
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        trainer.train(_config(data_path, run, "train", num_steps_limit=30))
+    monkeypatch.undo()
+
+    message = str(error.value)
+    assert message.startswith(
+        f"could not write TensorBoard summaries to {run}: [Errno 28] No space left"
+    )
+    assert f"The checkpoints ({run / 'ckpt-20'}) and best_checkpoint are intact" in (
+        message
+    )
+    assert not (run / ".lock").exists()
+    with caplog.at_level(logging.INFO):
+        assert trainer.train(_config(data_path, run))["step"] == 20
+    assert f"Resuming from {run / 'ckpt-20'} at step 20" in caplog.text
+
+
+def _failing_replace(monkeypatch, file_name):
+    """Makes os.replace onto `file_name` fail as on a full disk."""
+    replace = os.replace
+
+    def failing(source, destination):
+        if pathlib.Path(destination).name == file_name:
+            raise _enospc(destination)
+        return replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", failing)
+
+
+def test_disk_full_writing_config_json_changes_nothing(
+    data_path, run, monkeypatch, no_training
+):
+    before = run_fixtures.snapshot(run)
+    _failing_replace(monkeypatch, "config.json")
+
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        trainer.train(_config(data_path, run, "train", num_steps_limit=30))
+
+    assert str(error.value) == (
+        f"could not write {run / 'config.json'}: [Errno 28] No space left on "
+        f"device: '{run / 'config.json'}'"
+    )
+    assert run_fixtures.snapshot(run) == before
+
+
+def test_disk_full_writing_test_results_names_the_file_and_keeps_the_figures(
+    data_path, run, monkeypatch
+):
+    _failing_replace(monkeypatch, "test_results.json")
+
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        evaluation.evaluate(_config(data_path, run))
+
+    message = str(error.value)
+    assert message.startswith(
+        f"could not write {run / 'test_results.json'}: [Errno 28] No space left"
+    )
+    assert (
+        "; Meta-test accuracy " in message and "(95% interval, 50 episodes" in message
+    )
+    assert not list(run.glob("*test_results.json*"))
