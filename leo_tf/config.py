@@ -13,12 +13,15 @@ import os
 
 from absl import flags
 
-from leo_tf import paths
-from leo_tf.noise import MIN_DROPOUT_RATE
+from leo_tf import cli, paths
 
 KNOWN_DATASETS = ("miniImageNet", "tieredImageNet", "synthetic")
 EMBEDDING_CROPS = ("center", "multiview")
 DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
+# Dropout decisions compare 16-bit random integers with the rate (see
+# noise.keep_mask), so the smallest non-zero rate they resolve is 2^-16.
+DROPOUT_LEVELS = 2**16
+MIN_DROPOUT_RATE = 1 / DROPOUT_LEVELS
 
 # --- The authors' config.py -------------------------------------------------
 flags.DEFINE_string(
@@ -364,6 +367,12 @@ def validate(config):
             train.summary_steps,
             "must be at least 1 when training",
         )
+    _require(
+        0 <= train.seed <= cli.MAX_SEED,
+        "seed",
+        train.seed,
+        cli.SEED_RULE,
+    )
     _require(
         train.num_towers >= 0,
         "num_towers",
