@@ -92,20 +92,29 @@ def test_unparsable_flag_is_one_line(capsys):
     assert err.startswith("leo_tf.test: error: flag --seed=abc: invalid literal")
 
 
-@pytest.mark.parametrize("seed", [-1, 2**31 - 2, 2**70])
-def test_train_refuses_a_seed_out_of_range_in_one_line(capsys, tmp_path, seed):
-    data = data_fixtures.write_toy_dataset(tmp_path / "data")
+def _entry_point(monkeypatch, module, *args):
+    """The exit status of `module.run()`, the console entry point, with args."""
+    monkeypatch.setattr(sys, "argv", [module.__name__, *args])
     with pytest.raises(SystemExit) as exit_info:
-        train.run(
-            [
-                "leo_tf.train",
-                f"--data_path={data}",
-                "--dataset_name=toy",
-                f"--checkpoint_path={tmp_path / 'run'}",
-                f"--seed={seed}",
-            ]
-        )
-    assert exit_info.value.code == 1
+        module.run()
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize("seed", [-1, 2**31 - 2, 2**70])
+def test_train_refuses_a_seed_out_of_range_in_one_line(
+    capsys, monkeypatch, tmp_path, seed
+):
+    data = data_fixtures.write_toy_dataset(tmp_path / "data")
+    status = _entry_point(
+        monkeypatch,
+        train,
+        f"--data_path={data}",
+        "--dataset_name=toy",
+        f"--checkpoint_path={tmp_path / 'run'}",
+        "--num_steps_limit=1",
+        f"--seed={seed}",
+    )
+    assert status == 1
     assert capsys.readouterr().err == (
         f"leo_tf.train: error: --seed={seed}: must be an integer in "
         "[0, 2147483645]\n"
@@ -113,21 +122,14 @@ def test_train_refuses_a_seed_out_of_range_in_one_line(capsys, tmp_path, seed):
     assert not (tmp_path / "run").exists()
 
 
-def test_export_of_a_file_is_one_line(capsys, tmp_path):
-    source = tmp_path / "not_a_run"
-    source.write_text("")
-    with pytest.raises(SystemExit) as exit_info:
-        export.run(
-            [
-                "leo_tf.export",
-                f"--checkpoint_path={source}",
-                f"--export_dir={tmp_path / 'export'}",
-            ]
-        )
-    assert exit_info.value.code == 1
+def test_export_flag_that_does_not_parse_is_one_line(capsys, monkeypatch, tmp_path):
+    status = _entry_point(
+        monkeypatch, export, f"--export_dir={tmp_path / 'export'}", "--overwrite=maybe"
+    )
+    assert status == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err.startswith(f"leo_tf.export: error: --checkpoint_path={source}: ")
+    assert err.startswith("leo_tf.export: error: flag --overwrite=maybe: ")
     assert not (tmp_path / "export").exists()
 
 
