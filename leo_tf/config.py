@@ -22,6 +22,7 @@ DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
 # noise.keep_mask), so the smallest non-zero rate they resolve is 2^-16.
 DROPOUT_LEVELS = 2**16
 MIN_DROPOUT_RATE = 1 / DROPOUT_LEVELS
+_MAX_COUNT = 2**63 - 1  # steps and batches are int64 in TensorFlow
 
 # --- The authors' config.py -------------------------------------------------
 flags.DEFINE_string(
@@ -366,6 +367,13 @@ def validate(config):
             "summary_steps",
             train.summary_steps,
             "must be at least 1 when training",
+        )
+    for name in ("num_steps_limit", "num_metatest_episodes"):
+        _require(
+            getattr(train, name) <= _MAX_COUNT,
+            name,
+            getattr(train, name),
+            f"must be at most {_MAX_COUNT} (steps and batches are counted in int64)",
         )
     _require(
         0 <= train.seed <= cli.MAX_SEED,

@@ -84,6 +84,16 @@ def test_seed_outside_what_the_initialisers_take_is_refused(tmp_path, seed):
         _config(tmp_path, f"--seed={seed}")
 
 
+@pytest.mark.parametrize("flag", ["num_steps_limit", "num_metatest_episodes"])
+def test_count_beyond_int64_is_refused(tmp_path, flag):
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=rf"^--{flag}={2**63}: must be at most {2**63 - 1} ",
+    ):
+        _config(tmp_path, f"--{flag}={2**63}")
+    _config(tmp_path, f"--{flag}={2**63 - 1}")
+
+
 def test_largest_seed_is_accepted(tmp_path):
     assert _config(tmp_path, "--seed=2147483645").train.seed == 2**31 - 3
 
