@@ -20,7 +20,7 @@ as often as it is alive at once (float32, 4 bytes an element):
 * the embedding files twice (the loaded arrays, the normalised copy);
 * a fixed 1 GiB for the interpreter, TensorFlow and the compiled steps.
 
-Measured peaks (BUILD.md, "Memory estimate") are 0.6-0.95 of the estimate.
+Measured peaks (BUILD.md, "Memory estimate") are 0.58-0.85 of the estimate.
 """
 
 import dataclasses
