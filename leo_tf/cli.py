@@ -69,12 +69,8 @@ def _guarded(prog, main):
         except KeyboardInterrupt:
             _exit(prog, None, _INTERRUPTED)
         except Exception as error:  # pylint: disable=broad-except
-            _exit(
-                prog,
-                f"{type(error).__name__}: {summary(error)} "
-                "(rerun with --debug for the traceback)",
-                1,
-            )
+            hint = "" if _debug() else " (rerun with --debug for the traceback)"
+            _exit(prog, f"{type(error).__name__}: {summary(error)}{hint}", 1)
 
     return guarded
 
@@ -82,12 +78,16 @@ def _guarded(prog, main):
 def _exit(prog, message, status):
     """Flushes the log, prints the traceback with --debug, then the line."""
     logging.flush()
-    if flags.FLAGS.is_parsed() and flags.FLAGS.debug and sys.exc_info()[0]:
+    if _debug() and sys.exc_info()[0]:
         traceback.print_exc()
     if message is not None:
         print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
     sys.stdout.flush()
     sys.exit(status)
+
+
+def _debug():
+    return flags.FLAGS.is_parsed() and flags.FLAGS.debug
 
 
 def summary(error):

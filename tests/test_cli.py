@@ -72,7 +72,7 @@ def test_debug_prints_the_traceback_before_the_line(capsys):
     assert _run(_raising(RuntimeError("boom")), "--debug") == 1
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err
-    assert _last_line(err).startswith("leo_tf.test: error: RuntimeError: boom")
+    assert _last_line(err) == "leo_tf.test: error: RuntimeError: boom"
 
 
 def test_expected_failure_prints_its_message(capsys):
