@@ -26,6 +26,7 @@ Measured peaks (BUILD.md, "Memory estimate") are 0.58-0.85 of the estimate.
 import dataclasses
 import math
 import os
+import re
 import resource
 
 from leo_tf.config import ConfigError
@@ -34,6 +35,10 @@ from leo_tf.data import embeddings, episodes, meta_dataset
 INT32_MAX = 2**31 - 1
 _BYTES_PER_ELEMENT = 4
 _BASE_BYTES = 2**30
+# Address space a run maps beyond its resident memory after the check (thread
+# stacks, allocator arenas): its peak address space exceeded its peak resident
+# memory by 1.9-2.0 GiB, 0.8 GiB of it mapped by the time of the check.
+_LATER_UNRESIDENT_BYTES = 5 * 2**28  # 1.25 GiB
 _CGROUP_LIMITS = (
     "/sys/fs/cgroup/memory.max",  # cgroup v2
     "/sys/fs/cgroup/memory/memory.limit_in_bytes",  # cgroup v1
@@ -221,8 +226,34 @@ def available_memory():
             limits.append((int(text), f"the cgroup limit {path}"))
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
-        limits.append((soft, "the address-space limit RLIMIT_AS (ulimit -v)"))
+        limits.append(
+            (
+                soft - _mapped_not_resident() - _LATER_UNRESIDENT_BYTES,
+                "the address-space limit RLIMIT_AS (ulimit -v), less the "
+                "address space mapped but not resident",
+            )
+        )
     return min(limits)
+
+
+def _mapped_not_resident():
+    """Bytes of this process's address space that are mapped but not resident.
+
+    RLIMIT_AS bounds the address space, which is larger than the resident
+    memory the estimate bounds: after the imports TensorFlow has mapped
+    ~0.8 GiB it does not touch, and maps _LATER_UNRESIDENT_BYTES more while
+    the run builds its steps and threads.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as stream:
+            status = dict(
+                re.findall(r"^(VmSize|VmRSS):\s+(\d+) kB", stream.read(), re.M)
+            )
+    except OSError:
+        return 0
+    if len(status) < 2:
+        return 0
+    return max(0, int(status["VmSize"]) - int(status["VmRSS"])) * 1024
 
 
 def _gib(num_bytes):

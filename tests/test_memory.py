@@ -2,6 +2,7 @@
 
 import dataclasses
 import gc
+import mmap
 import os
 import resource
 import time
@@ -101,11 +102,23 @@ def test_available_memory_is_the_least_limit(tmp_path, monkeypatch):
         2**20,
         f"the cgroup limit {limit_file}",
     )
-    monkeypatch.setattr(resource, "getrlimit", lambda kind: (2**19, 2**19))
+    limit_file.write_text(f"{3 * GIB}\n")
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (4 * GIB, 4 * GIB))
+    monkeypatch.setattr(memory, "_mapped_not_resident", lambda: GIB // 2)
     assert memory.available_memory() == (
-        2**19,
-        "the address-space limit RLIMIT_AS (ulimit -v)",
+        4 * GIB - GIB // 2 - 5 * GIB // 4,
+        "the address-space limit RLIMIT_AS (ulimit -v), less the address space "
+        "mapped but not resident",
     )
+
+
+def test_mapped_but_not_resident_memory_is_counted(tmp_path):
+    # A 64 MiB mapping never touched adds to the address space only.
+    before = memory._mapped_not_resident()
+    with open(tmp_path / "sparse", "wb+") as stream:
+        stream.truncate(64 * 2**20)
+        with mmap.mmap(stream.fileno(), 64 * 2**20):
+            assert memory._mapped_not_resident() - before >= 60 * 2**20
 
 
 def test_evaluation_shapes_and_files_come_from_the_data(tmp_path):
