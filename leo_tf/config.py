@@ -13,12 +13,16 @@ import os
 
 from absl import flags
 
-from leo_tf import paths
-from leo_tf.noise import MIN_DROPOUT_RATE
+from leo_tf import cli, paths
 
 KNOWN_DATASETS = ("miniImageNet", "tieredImageNet", "synthetic")
 EMBEDDING_CROPS = ("center", "multiview")
 DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
+# Dropout decisions compare 16-bit random integers with the rate (see
+# noise.keep_mask), so the smallest non-zero rate they resolve is 2^-16.
+DROPOUT_LEVELS = 2**16
+MIN_DROPOUT_RATE = 1 / DROPOUT_LEVELS
+_MAX_COUNT = 2**63 - 1  # steps and batches are int64 in TensorFlow
 
 # --- The authors' config.py -------------------------------------------------
 flags.DEFINE_string(
@@ -368,6 +372,19 @@ def validate(config):
             train.summary_steps,
             "must be at least 1 when training",
         )
+    for name in ("num_steps_limit", "num_metatest_episodes"):
+        _require(
+            getattr(train, name) <= _MAX_COUNT,
+            name,
+            getattr(train, name),
+            f"must be at most {_MAX_COUNT} (steps and batches are counted in int64)",
+        )
+    _require(
+        0 <= train.seed <= cli.MAX_SEED,
+        "seed",
+        train.seed,
+        cli.SEED_RULE,
+    )
     _require(
         train.num_towers >= 0,
         "num_towers",

@@ -29,12 +29,10 @@ leo_tf/embedding/pipeline.py; they are kept out of leo_tf/config.py so the
 training command does not carry them.
 """
 
-import sys
-
-from absl import app
 from absl import flags
 from absl import logging
 
+from leo_tf import cli
 from leo_tf.embedding import backbones
 from leo_tf.embedding import images
 from leo_tf.embedding import pipeline
@@ -223,17 +221,23 @@ def config_from_flags() -> pipeline.EmbedConfig:
     )
 
 
+def check_seeds():
+    """Raises cli.Failure for a seed flag outside the range every consumer
+    takes (see cli.MAX_SEED)."""
+    for name in ("seed", "split_seed"):
+        value = FLAGS[name].value
+        if not 0 <= value <= cli.MAX_SEED:
+            raise cli.Failure(f"--{name}={value}: {cli.SEED_RULE}")
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
+        raise cli.Failure(f"unexpected arguments: {' '.join(argv[1:])}")
+    check_seeds()
+    with cli.reported(ValueError):
         config = config_from_flags()
-    except ValueError as error:
-        raise app.UsageError(str(error)) from error
-    try:
+    with cli.reported(images.ImageSourceError, splits.SplitError):
         result = pipeline.run(config)
-    except (images.ImageSourceError, splits.SplitError) as error:
-        sys.exit(f"leo_tf.embed: {error}")
     print(f"class split: {result.split_rule}")
     for split, summary in result.splits.items():
         print(
@@ -250,10 +254,10 @@ def main(argv):
     logging.info("class names per id: %s", result.classes_path)
 
 
-def run():
+def run(argv=None):
     """Console entry point."""
     flags.mark_flag_as_required("data_path")
-    app.run(main)
+    cli.run("leo_tf.embed", main, argv)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ import json
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from leo_tf import cli
 from leo_tf import config as config_lib
 
 # --checkpoint_path is the training flag of leo_tf.config: the directory to
@@ -234,27 +234,25 @@ def export(checkpoint_path, export_dir, which="best", overwrite=False):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise cli.Failure(f"unexpected arguments: {' '.join(argv[1:])}")
     values = flags.FLAGS
     if not values.export_dir:
-        sys.exit("leo_tf.export: error: --export_dir is required")
+        raise cli.Failure("--export_dir is required")
     from leo_tf import checkpoints  # pylint: disable=g-import-not-at-top
 
-    try:
+    with cli.reported(ExportError, checkpoints.CheckpointError):
         path = export(
             values.checkpoint_path,
             values.export_dir,
             values.checkpoint,
             values.overwrite,
         )
-    except (ExportError, checkpoints.CheckpointError) as error:
-        sys.exit(f"leo_tf.export: error: {error}")
     print(f"SavedModel written to {path}")
 
 
-def run():
+def run(argv=None):
     """Console entry point `leo-export`."""
-    app.run(main)
+    cli.run("leo_tf.export", main, argv)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,11 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+# The resolution of a dropout decision, and the smallest non-zero rate it
+# resolves (defined with the flags, which are checked before TensorFlow loads).
+from leo_tf.config import DROPOUT_LEVELS, MIN_DROPOUT_RATE
+
 _ALGORITHM = "philox"
-_DROPOUT_LEVELS = 2**16  # resolution of a dropout decision
-MIN_DROPOUT_RATE = 1 / _DROPOUT_LEVELS  # smallest non-zero rate it resolves
 
 
 class EpisodeNoise(NamedTuple):
@@ -152,7 +154,7 @@ def keep_mask(shape, seed, rate, dtype=tf.float32):
         alg=_ALGORITHM,
     )
     draws = tf.reshape(tf.bitcast(words, tf.uint16), [-1])[:size]  # 0 .. 2^16 - 1
-    threshold = min(round(rate * _DROPOUT_LEVELS), _DROPOUT_LEVELS - 1)
+    threshold = min(round(rate * DROPOUT_LEVELS), DROPOUT_LEVELS - 1)
     # One select instead of cast-to-float then scale: the same values
     # (1.0 * scale == scale), one pass less over the mask, and no bool-to-float
     # cast, which is slow on CPU.

@@ -5,53 +5,55 @@ Meta-trains (and, with --evaluate_after_training, then evaluates), or with
 Flags: see `leo_tf/config.py` or `--helpfull`.
 """
 
-import sys
-
-from absl import app, logging
-
+from leo_tf import cli
 from leo_tf import config as config_lib
 
-
-def _fail(error):
-    logging.flush()
-    sys.exit(f"leo_tf.train: error: {error}")
+PROG = "leo_tf.train"
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        config = config_lib.from_flags()
-    except config_lib.ConfigError as error:
-        _fail(error)  # before TensorFlow is even imported
+        raise cli.Failure(f"unexpected arguments: {' '.join(argv[1:])}")
+    with cli.reported(config_lib.ConfigError):
+        config = config_lib.from_flags()  # before TensorFlow is even imported
     # Imported here so that flag errors are reported at once.
     # pylint: disable=g-import-not-at-top
-    from leo_tf import checkpoints, distribution, evaluation, runtime, trainer
+    from leo_tf import checkpoints, memory, runtime
     from leo_tf.data.embeddings import DataError
 
     # pylint: enable=g-import-not-at-top
-    runtime.configure_threads()
-    try:
-        if config.train.evaluation_mode:
-            results = evaluation.evaluate(config)
-        else:
-            strategy = distribution.make_strategy(config.train.distribution)
-            outcome = trainer.train(config, strategy)
-            if (
-                not config.train.evaluate_after_training
-                or "stopped_by" in outcome
-                or not distribution.is_chief(strategy)
-            ):
-                return
-            results = evaluation.evaluate(config)
-    except (config_lib.ConfigError, DataError, checkpoints.CheckpointError) as error:
-        _fail(error)
-    print(evaluation.result_line(results), flush=True)
+    with cli.reported(config_lib.ConfigError, DataError, checkpoints.CheckpointError):
+        memory.check_run(config)
+        runtime.configure_threads()
+        results = _run(config)
+    if results is not None:
+        from leo_tf import evaluation  # pylint: disable=g-import-not-at-top
+
+        print(evaluation.result_line(results), flush=True)
 
 
-def run():
+def _run(config):
+    """Trains and/or evaluates; the meta-test results, or None if not tested."""
+    # pylint: disable=g-import-not-at-top
+    from leo_tf import distribution, evaluation, trainer
+
+    # pylint: enable=g-import-not-at-top
+    if config.train.evaluation_mode:
+        return evaluation.evaluate(config)
+    strategy = distribution.make_strategy(config.train.distribution)
+    outcome = trainer.train(config, strategy)
+    if (
+        not config.train.evaluate_after_training
+        or "stopped_by" in outcome
+        or not distribution.is_chief(strategy)
+    ):
+        return None
+    return evaluation.evaluate(config)
+
+
+def run(argv=None):
     """Console entry point `leo-train`."""
-    app.run(main)
+    cli.run(PROG, main, argv)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,30 @@ def test_defaults_become_typed_configs(tmp_path):
     assert config.data.data_path == str(tmp_path)
 
 
+@pytest.mark.parametrize("seed", [-1, 2**31 - 2, 2**70])
+def test_seed_outside_what_the_initialisers_take_is_refused(tmp_path, seed):
+    # Keras reduces initialiser seeds modulo 2^31 - 2; NumPy's take no sign.
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=rf"^--seed={seed}: must be an integer in \[0, 2147483645\]$",
+    ):
+        _config(tmp_path, f"--seed={seed}")
+
+
+@pytest.mark.parametrize("flag", ["num_steps_limit", "num_metatest_episodes"])
+def test_count_beyond_int64_is_refused(tmp_path, flag):
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=rf"^--{flag}={2**63}: must be at most {2**63 - 1} ",
+    ):
+        _config(tmp_path, f"--{flag}={2**63}")
+    _config(tmp_path, f"--{flag}={2**63 - 1}")
+
+
+def test_largest_seed_is_accepted(tmp_path):
+    assert _config(tmp_path, "--seed=2147483645").train.seed == 2**31 - 3
+
+
 def test_data_path_defaults_to_the_user_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     FLAGS.unparse_flags()

@@ -642,7 +642,7 @@ def test_cli_bad_inputs_fail_with_one_message_and_write_nothing(tmp_path):
     )
     assert completed.returncode == 1
     assert completed.stderr.strip().splitlines()[-1] == (
-        f"leo_tf.embed: --packed_omniglot: no such file {str(missing)!r}"
+        f"leo_tf.embed: error: --packed_omniglot: no such file {str(missing)!r}"
     )
     assert "Traceback" not in completed.stderr
     assert not os.listdir(tmp_path)

@@ -423,6 +423,7 @@ class _Prefetcher:
                 self._condition.notify_all()
                 if self._failed:
                     return
+            episodes = None  # else held while idle, possibly GBs
 
     def get(self, step: int) -> Episodes:
         with self._condition:

@@ -1,0 +1,108 @@
+"""What the command-line programs share: one error line, never a traceback.
+
+`run(prog, main)` is `absl.app.run(main)` where every way of failing ends in
+one line on stderr and a non-zero exit status:
+
+* a flag that does not parse, or a `Failure` (an expected error: the
+  message names the flag or file): `<prog>: error: <message>`, exit 1;
+* any other exception: `<prog>: error: <Type>: <first line of its message>
+  (rerun with --debug for the traceback)`, exit 1;
+* Ctrl-C: exit 130, quietly.
+
+With --debug, the traceback is printed before that line. No TensorFlow is
+imported here, so flag errors are reported before it loads.
+"""
+
+import contextlib
+import sys
+import traceback
+
+from absl import app, flags, logging
+
+# Seeds reach Keras' weight initialisers, which reduce them modulo 2^31 - 2:
+# larger seeds would repeat the initial weights of smaller ones.
+MAX_SEED = 2**31 - 3
+SEED_RULE = f"must be an integer in [0, {MAX_SEED}]"
+
+flags.DEFINE_boolean(
+    "debug", False, "Print the full traceback of an error before its one line."
+)
+
+_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+class Failure(Exception):
+    """An expected error; its message, naming the flag or file, is the line."""
+
+
+@contextlib.contextmanager
+def reported(*errors):
+    """Turns the exceptions of classes `errors` raised inside into `Failure`."""
+    try:
+        yield
+    except errors as error:
+        raise Failure(str(error)) from error
+
+
+def run(prog, main, argv=None):
+    """Runs `main` as absl.app.run does, ending any failure in one line."""
+    app.run(
+        _guarded(prog, main),
+        argv=argv,
+        flags_parser=lambda args: _parse_flags(prog, args),
+    )
+
+
+def _parse_flags(prog, args):
+    try:
+        return flags.FLAGS(args)
+    except flags.Error as error:
+        _exit(prog, f"{error} (see --helpfull)", 1)
+
+
+def _guarded(prog, main):
+    def guarded(argv):
+        try:
+            return main(argv)
+        except (Failure, app.UsageError) as error:
+            _exit(prog, str(error), 1)
+        except KeyboardInterrupt:
+            _exit(prog, None, _INTERRUPTED)
+        except Exception as error:  # pylint: disable=broad-except
+            hint = "" if _debug() else " (rerun with --debug for the traceback)"
+            _exit(prog, f"{type(error).__name__}: {summary(error)}{hint}", 1)
+
+    return guarded
+
+
+def _exit(prog, message, status):
+    """Flushes the log, prints the traceback with --debug, then the line."""
+    logging.flush()
+    if _debug() and sys.exc_info()[0]:
+        traceback.print_exc()
+    if message is not None:
+        print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.exit(status)
+
+
+def _debug():
+    return flags.FLAGS.is_parsed() and flags.FLAGS.debug
+
+
+def summary(error):
+    """The first line of an exception's message that says what went wrong.
+
+    TensorFlow's graph execution errors start with "Graph execution error:"
+    and the Python stack of the failing op ("Detected at node ... defined
+    at", then indented "File ..." lines) before the op's own message.
+    """
+    for line in str(error).splitlines():
+        text = line.strip()
+        if (
+            text
+            and line == line.lstrip()
+            and not text.startswith(("Graph execution error", "Detected at node"))
+        ):
+            return text
+    return str(error).strip() or "(no message)"

@@ -1,0 +1,167 @@
+"""Every way a command can fail ends in one line `leo_tf.<prog>: error: ...`."""
+
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+from absl import flags
+from absl.testing import flagsaver
+
+from leo_tf import cli, export, train
+from tests import data_fixtures, run_fixtures
+
+FLAGS = flags.FLAGS
+# A TensorFlow error from a compiled function, as TensorFlow words it.
+GRAPH_ERROR = (
+    "Graph execution error:\n\nDetected at node GatherV2 defined at (most recent "
+    'call last):\n  File "<string>", line 8, in <module>\n\n  File "<string>", '
+    "line 5, in f\n\nindices[0] = 5 is not in [0, 2)\n\t [[{{node GatherV2}}]] "
+    "[Op:__inference_f_12]"
+)
+
+
+@pytest.fixture(autouse=True)
+def _restore_flags():
+    with flagsaver.flagsaver():
+        FLAGS.unparse_flags()
+        yield
+    FLAGS.unparse_flags()
+
+
+def _run(main, *args):
+    """cli.run's exit status for `main` called with flags `args`."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run("leo_tf.test", main, ["leo_tf.test", *args])
+    return exit_info.value.code
+
+
+def _raising(error):
+    def main(argv):
+        del argv
+        raise error
+
+    return main
+
+
+def _last_line(text):
+    return text.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "error,line",
+    [
+        (RuntimeError("boom\nsecond line"), "RuntimeError: boom"),
+        (OSError(28, "No space left on device"), "OSError: [Errno 28] No space"),
+        (MemoryError(), "MemoryError: (no message)"),
+        (
+            tf.errors.InvalidArgumentError(None, None, GRAPH_ERROR),
+            "InvalidArgumentError: indices[0] = 5 is not in [0, 2)",
+        ),
+    ],
+)
+def test_unexpected_error_is_one_line_naming_its_type(capsys, error, line):
+    assert _run(_raising(error)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"leo_tf.test: error: {line}")
+    assert err.rstrip().endswith("(rerun with --debug for the traceback)")
+
+
+def test_debug_prints_the_traceback_before_the_line(capsys):
+    assert _run(_raising(RuntimeError("boom")), "--debug") == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert _last_line(err) == "leo_tf.test: error: RuntimeError: boom"
+
+
+def test_expected_failure_prints_its_message(capsys):
+    assert _run(_raising(cli.Failure("--x=1: must be 2"))) == 1
+    assert capsys.readouterr().err == "leo_tf.test: error: --x=1: must be 2\n"
+
+
+def test_interrupt_exits_130_quietly(capsys):
+    assert _run(_raising(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err == ""
+
+
+def test_unparsable_flag_is_one_line(capsys):
+    assert _run(_raising(AssertionError("not reached")), "--seed=abc") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("leo_tf.test: error: flag --seed=abc: invalid literal")
+
+
+def _entry_point(monkeypatch, module, *args):
+    """The exit status of `module.run()`, the console entry point, with args."""
+    monkeypatch.setattr(sys, "argv", [module.__name__, *args])
+    with pytest.raises(SystemExit) as exit_info:
+        module.run()
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize("seed", [-1, 2**31 - 2, 2**70])
+def test_train_refuses_a_seed_out_of_range_in_one_line(
+    capsys, monkeypatch, tmp_path, seed
+):
+    data = data_fixtures.write_toy_dataset(tmp_path / "data")
+    status = _entry_point(
+        monkeypatch,
+        train,
+        f"--data_path={data}",
+        "--dataset_name=toy",
+        f"--checkpoint_path={tmp_path / 'run'}",
+        "--num_steps_limit=1",
+        f"--seed={seed}",
+    )
+    assert status == 1
+    assert capsys.readouterr().err == (
+        f"leo_tf.train: error: --seed={seed}: must be an integer in "
+        "[0, 2147483645]\n"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_flag_that_does_not_parse_is_one_line(capsys, monkeypatch, tmp_path):
+    status = _entry_point(
+        monkeypatch, export, f"--export_dir={tmp_path / 'export'}", "--overwrite=maybe"
+    )
+    assert status == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("leo_tf.export: error: flag --overwrite=maybe: ")
+    assert not (tmp_path / "export").exists()
+
+
+def test_embed_refuses_a_seed_out_of_range_in_one_line(tmp_path):
+    """A child process: leo_tf.embed's flags clash with the training flags."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "leo_tf.embed", f"--data_path={tmp_path}", "--seed=-1"],
+        env=run_fixtures.subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    assert _last_line(completed.stderr) == (
+        "leo_tf.embed: error: --seed=-1: must be an integer in [0, 2147483645]"
+    )
+    assert not list(tmp_path.iterdir())
+
+
+def test_flags_are_checked_before_tensorflow_is_imported():
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, leo_tf.config; print('tensorflow' in sys.modules)",
+        ],
+        env=run_fixtures.subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert completed.stdout.strip() == "False"

@@ -1,0 +1,214 @@
+"""Runs whose tensors overflow int32 or memory are refused before they start."""
+
+import dataclasses
+import gc
+import mmap
+import os
+import resource
+import time
+import weakref
+
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+from leo_tf import config as config_lib
+from leo_tf import memory, steps, train
+from leo_tf.data import episodes as episodes_lib
+from leo_tf.data import meta_dataset
+from tests import data_fixtures, run_fixtures
+
+FLAGS = flags.FLAGS
+GIB = 2**30
+PLENTY = (2**60, "a test's plenty")
+
+
+def _config(tmp_path, evaluation_mode=False, **data):
+    config = run_fixtures.toy_run_config(
+        tmp_path / "data", tmp_path / "run", evaluation_mode=evaluation_mode
+    )
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, **data))
+
+
+def _validation(batch_size, num_val):
+    return memory.EvalShape(
+        "meta-validation", "metavalid_batch_size", batch_size, num_val
+    )
+
+
+def test_tensor_over_the_int32_limit_is_refused_naming_it_and_its_flags(tmp_path):
+    config = _config(tmp_path, metatrain_batch_size=10_000_000)
+    with pytest.raises(config_lib.ConfigError) as raised:
+        memory.check_fits(config, 16, [_validation(20, 23)], 0, PLENTY)
+    assert str(raised.value) == (
+        "--metatrain_batch_size=10000000: the meta-training query batch "
+        "[10000000, 5, 15, 16] would have 12,000,000,000 elements, more than "
+        "TensorFlow's int32 limit of 2,147,483,647; lower "
+        "--metatrain_batch_size, --num_val_examples_per_class or --num_classes"
+    )
+
+
+def test_int32_limit_is_exact(tmp_path):
+    # A 2-way evaluation batch of b x 2 x 64 x 16 = b * 2^11 elements.
+    config = _config(tmp_path, num_classes=2, metavalid_batch_size=2**20)
+    with pytest.raises(config_lib.ConfigError, match="2,147,483,648 elements"):
+        memory.check_fits(config, 16, [_validation(2**20, 64)], 0, PLENTY)
+    memory.check_fits(config, 16, [_validation(2**20 - 1, 64)], 0, PLENTY)
+
+
+def test_estimate_counts_every_tensor_times_its_copies(tmp_path):
+    # --evaluation_mode, D = 16, L = 8, S = 5, 50 x 5-way 1-shot, V = 23.
+    config = _config(tmp_path, evaluation_mode=True)
+    weights = 12 * (16 * 8) + 36 * (16 * 16) + 12 * (8 * 32)
+    query = 5 * (50 * 5 * 23 * 16)
+    support = 5 * (50 * 5 * 1 * 16)
+    latents = (5 + 3) * (50 * 5 * 1 * 8)
+    pairs = 3 * (50 * 5 * 5 * 16)
+    logits = 4 * (50 * 5 * 23 * 5)
+    test = memory.EvalShape("meta-test", "metatest_batch_size", 50, 23)
+    tensors = memory.run_tensors(config, 16, [test])
+    assert memory.estimated_peak_bytes(tensors, 1000) == (
+        GIB + 2 * 1000 + 4 * (weights + query + support + latents + pairs + logits)
+    )
+
+
+def test_run_that_needs_more_memory_than_available_is_refused(tmp_path):
+    # 200 episodes x 5 classes x 599 queries x 640-d, 5 copies: 7.1 GiB.
+    config = _config(tmp_path, metavalid_batch_size=200)
+    limit = (4 * GIB, "a 4 GiB test limit")
+    with pytest.raises(config_lib.ConfigError) as raised:
+        memory.check_fits(config, 640, [_validation(200, 599)], 0, limit)
+    message = str(raised.value)
+    assert message.startswith("--metavalid_batch_size=200: the run needs about ")
+    assert (
+        "GiB of memory at its peak (7.1 GiB for the meta-validation query batch "
+        "[200, 5, 599, 640]), more than the 4.0 GiB available (a 4 GiB test "
+        "limit); lower --metavalid_batch_size or --num_classes"
+    ) in message
+    memory.check_fits(config, 640, [_validation(200, 599)], 0, (16 * GIB, "more"))
+
+
+def test_available_memory_is_the_least_limit(tmp_path, monkeypatch):
+    limit_file = tmp_path / "memory.max"
+    limit_file.write_text("max\n")
+    monkeypatch.setattr(memory, "_CGROUP_LIMITS", (str(limit_file),))
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(
+        resource, "getrlimit", lambda kind: (resource.RLIM_INFINITY,) * 2
+    )
+    assert memory.available_memory() == (physical, "physical memory")
+    limit_file.write_text("1048576\n")
+    assert memory.available_memory() == (
+        2**20,
+        f"the cgroup limit {limit_file}",
+    )
+    limit_file.write_text(f"{3 * GIB}\n")
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (4 * GIB, 4 * GIB))
+    monkeypatch.setattr(memory, "_mapped_not_resident", lambda: GIB // 2)
+    assert memory.available_memory() == (
+        4 * GIB - GIB // 2 - 5 * GIB // 4,
+        "the address-space limit RLIMIT_AS (ulimit -v), less the address space "
+        "mapped but not resident",
+    )
+
+
+def test_mapped_but_not_resident_memory_is_counted(tmp_path):
+    # A 64 MiB mapping never touched adds to the address space only.
+    before = memory._mapped_not_resident()
+    with open(tmp_path / "sparse", "wb+") as stream:
+        stream.truncate(64 * 2**20)
+        with mmap.mmap(stream.fileno(), 64 * 2**20):
+            assert memory._mapped_not_resident() - before >= 60 * 2**20
+
+
+def test_evaluation_shapes_and_files_come_from_the_data(tmp_path):
+    data_fixtures.write_toy_dataset(tmp_path / "data")  # 24 examples a class
+    config = _config(tmp_path)
+    config = dataclasses.replace(
+        config,
+        train=dataclasses.replace(config.train, evaluate_after_training=True),
+    )
+    assert memory.run_evaluations(config) == (
+        16,
+        [
+            memory.EvalShape("meta-validation", "metavalid_batch_size", 20, 23),
+            memory.EvalShape("meta-test", "metatest_batch_size", 50, 23),
+        ],
+    )
+    files = tmp_path / "data" / "toy" / "center"
+    assert memory.files_read(config) == sum(
+        (files / f"{split}_embeddings.pkl").stat().st_size
+        for split in ("train", "val", "test")
+    )
+
+
+def test_train_refuses_a_run_too_big_before_tensorflow_works(
+    tmp_path, monkeypatch, capsys
+):
+    data = data_fixtures.write_toy_dataset(tmp_path / "data")
+    monkeypatch.setattr(memory, "available_memory", lambda: (GIB, "a test limit"))
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("a step was compiled")
+
+    monkeypatch.setattr(steps, "compile_train_step", no_step)
+    monkeypatch.setattr(steps, "compile_eval_step", no_step)
+    with flagsaver.flagsaver():
+        FLAGS.unparse_flags()
+        with pytest.raises(SystemExit) as exit_info:
+            train.run(
+                [
+                    "leo_tf.train",
+                    f"--data_path={data}",
+                    "--dataset_name=toy",
+                    f"--checkpoint_path={tmp_path / 'run'}",
+                    "--metatest_batch_size=100000",
+                    "--evaluate_after_training",
+                ]
+            )
+    FLAGS.unparse_flags()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(
+        "leo_tf.train: error: --metatest_batch_size=100000: the run needs about "
+    )
+    assert "more than the 1.0 GiB available (a test limit)" in err
+    assert not (tmp_path / "run").exists()
+
+
+def _buffer(array):
+    """The array that owns `array`'s memory."""
+    while array.base is not None:
+        array = array.base
+    return array
+
+
+def test_finished_episode_dataset_keeps_no_batch_alive(tmp_path):
+    # Validations start a new dataset each; a batch kept by a finished one
+    # would add a batch of memory per validation.
+    data_fixtures.write_toy_dataset(tmp_path / "data")
+    config = _config(tmp_path)
+    classes = meta_dataset.load_classes(config.data, "val")
+    sampler = meta_dataset.eval_sampler(config.data, classes, "val", 0)
+    sampled = []
+    sample = sampler.sample
+
+    def recorded_sample(step):
+        episodes = sample(step)
+        sampled.append(weakref.ref(_buffer(episodes.val_input)))
+        return episodes
+
+    sampler.sample = recorded_sample
+
+    def drain():
+        for _ in episodes_lib.make_dataset(sampler, 0, 3, prefetch=1):
+            pass
+
+    drain()
+    assert len(sampled) == 3
+    deadline = time.monotonic() + 10  # the prefetcher lets go within 30 s
+    while any(ref() is not None for ref in sampled) and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.1)
+    assert [ref() is None for ref in sampled] == [True] * 3
