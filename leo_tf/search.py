@@ -71,16 +71,15 @@ import json
 import math
 import os
 import pathlib
-import sys
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 from tensorboard.plugins.hparams import api as hp
 
-from leo_tf import checkpoints, evaluation, progress, runtime, trainer
+from leo_tf import checkpoints, cli, evaluation, progress, runtime, trainer
 from leo_tf import config as config_lib
 from leo_tf.data.embeddings import DataError
 
@@ -106,6 +105,8 @@ TRIAL_FLAGFILE = "trial.cfg"
 # TensorBoard: the search's objective, written in each trial's directory.
 OBJECTIVE_TAG = "search/best_metavalid_accuracy"
 _HPARAMS_SUFFIX = ".hparams"
+
+PROG = "leo_tf.search"
 
 flags.DEFINE_string("search_dir", None, "Directory of the search's trials and results.")
 flags.DEFINE_integer("num_trials", 20, "Trials to run (a rerun skips finished ones).")
@@ -679,11 +680,6 @@ def run_search(base_args, space, search_dir, num_trials, seed, log=print):
 # --- Command line -------------------------------------------------------------------
 
 
-def _fail(error):
-    logging.flush()
-    sys.exit(f"leo_tf.search: error: {error}")
-
-
 def _base_args():
     """The parsed leo_tf.train flags of this command, as arguments."""
     values = flags.FLAGS
@@ -696,10 +692,12 @@ def _base_args():
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise cli.Failure(f"unexpected arguments: {' '.join(argv[1:])}")
     values = flags.FLAGS
     runtime.configure_threads()
-    try:
+    with cli.reported(
+        SearchError, config_lib.ConfigError, DataError, checkpoints.CheckpointError
+    ):
         if not values.search_dir:
             raise SearchError("--search_dir is required")
         space = parse_space(values.space or DEFAULT_SPACE)
@@ -723,18 +721,11 @@ def main(argv):
         if values.evaluate_best:
             results = evaluation.evaluate(trial_config(best_flagfile))
             print(evaluation.result_line(results), flush=True)
-    except (
-        SearchError,
-        config_lib.ConfigError,
-        DataError,
-        checkpoints.CheckpointError,
-    ) as error:
-        _fail(error)
 
 
-def run():
+def run(argv=None):
     """Console entry point `leo-search`."""
-    app.run(main)
+    cli.run(PROG, main, argv)
 
 
 if __name__ == "__main__":

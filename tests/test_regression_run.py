@@ -10,9 +10,11 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 from tensorboard.backend.event_processing import event_accumulator
 
 from leo_tf import checkpoints
+from leo_tf.regression import __main__ as regression_main
 from leo_tf.regression import config as config_lib
 from leo_tf.regression import figure, run
 from tests import run_fixtures
@@ -149,11 +151,28 @@ def test_evaluation_without_a_checkpoint_says_so(tmp_path):
         (dict(noise_stddev=-0.1), "--noise_stddev=-0.1: must be > 0"),
         (dict(inner_lr_init=-1.0), "--inner_lr_init=-1.0: must be >= 0"),
         (dict(num_figure_tasks=7), "--num_figure_tasks=7: must be at most"),
+        (dict(seed=-1), r"--seed=-1: must be an integer in \[0, 2147483645\]"),
+        (dict(seed=2**70), r"--seed=1180591620717411303424: must be an integer"),
     ],
 )
 def test_bad_configurations_are_refused_naming_the_flag(overrides, message):
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.validate(_config("unused", **overrides))
+
+
+@pytest.mark.parametrize(
+    "flagfile",
+    sorted(run_fixtures.REPO.glob("flags/regression_*.cfg")),
+    ids=lambda path: path.name,
+)
+def test_regression_flagfiles_parse_and_validate(flagfile):
+    values = flags.FlagValues()
+    regression_main.define_flags(values)
+    values(["prog", f"--flagfile={flagfile}"])
+    config = regression_main.config_from_flags(values)
+    assert flagfile.read_text().startswith("#"), "it says what it reproduces"
+    assert config.num_shots == int(flagfile.stem.split("_")[1].removesuffix("shot"))
+    assert config.noise_stddev == 0.3  # the paper's observation noise
 
 
 def test_command_line_reports_a_bad_flag_in_one_line_before_writing(tmp_path):

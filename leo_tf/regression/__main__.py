@@ -8,11 +8,13 @@ Flags: the fields of `leo_tf.regression.config.RegressionConfig`.
 """
 
 import dataclasses
-import sys
 
-from absl import app, flags, logging
+from absl import flags
 
+from leo_tf import cli
 from leo_tf.regression import config as config_lib
+
+PROG = "leo_tf.regression"
 
 _DEFINE = {
     bool: flags.DEFINE_boolean,
@@ -45,33 +47,24 @@ def config_from_flags(flag_values=flags.FLAGS):
     return config
 
 
-def _fail(error):
-    logging.flush()
-    sys.exit(f"leo_tf.regression: error: {error}")
-
-
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        config = config_from_flags()
-    except config_lib.ConfigError as error:
-        _fail(error)  # before TensorFlow is even imported
+        raise cli.Failure(f"unexpected arguments: {' '.join(argv[1:])}")
+    with cli.reported(config_lib.ConfigError):
+        config = config_from_flags()  # before TensorFlow is even imported
     # pylint: disable=g-import-not-at-top
     from leo_tf import checkpoints, runtime
     from leo_tf.regression import run
 
     # pylint: enable=g-import-not-at-top
     runtime.configure_threads()
-    try:
+    with cli.reported(config_lib.ConfigError, checkpoints.CheckpointError):
         if not config.evaluation_mode:
             run.train(config)
         results = run.evaluate(config)
-    except (config_lib.ConfigError, checkpoints.CheckpointError) as error:
-        _fail(error)
     print(run.result_line(results), flush=True)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(PROG, main)

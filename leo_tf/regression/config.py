@@ -8,6 +8,8 @@ trained, with one line per problem naming the flag. No TensorFlow here.
 
 import dataclasses
 
+from leo_tf import cli
+
 
 class ConfigError(ValueError):
     """A flag's value cannot work; the message names the flag."""
@@ -124,6 +126,8 @@ _EVAL_BATCH_LIMIT = 100  # held-out tasks per evaluation batch
 
 def validate(config):
     """Raises ConfigError, naming the flag, for the first value that cannot work."""
+    if not 0 <= config.seed <= cli.MAX_SEED:
+        raise ConfigError(f"--seed={config.seed}: {cli.SEED_RULE}")
     for name in _POSITIVE:
         value = getattr(config, name)
         if not value > 0:
