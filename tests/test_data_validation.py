@@ -193,7 +193,6 @@ def test_a_broken_symbolic_link_names_its_target(tmp_path):
     )
 
 
-
 # ---------------------------------------------------------------------------
 # Splits that share classes or examples.
 
@@ -381,4 +380,3 @@ def test_a_fifo_as_packed_images_is_named_without_opening_it(tmp_path):
     assert str(info.value) == (
         f"--packed_omniglot={path}: expected a file, found a FIFO (named pipe)"
     )
-

@@ -100,9 +100,7 @@ def check_disjoint(name: str, split: Fingerprint, other_name: str, other: Finger
     """
     where = f"{split.source}: split {name!r}"
     against = f"split {other_name!r} ({other.source})"
-    remedy = (
-        "a leak between the splits; pass --allow_split_overlap to use them anyway"
-    )
+    remedy = "a leak between the splits; pass --allow_split_overlap to use them anyway"
     shared = np.intersect1d(split.class_ids, other.class_ids).tolist()
     if shared:
         shown = ", ".join(map(repr, shared[:5]))

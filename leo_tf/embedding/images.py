@@ -266,7 +266,9 @@ def _read_packed_array(path, archive, key, member) -> np.ndarray:
             _check_packed_header(where, key, shape, dtype)
             nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
             stored = member.file_size - file.tell()
-            _check_declared_size(where, member, f"{dtype} {list(shape)}", nbytes, stored)
+            _check_declared_size(
+                where, member, f"{dtype} {list(shape)}", nbytes, stored
+            )
             data = file.read(nbytes)
     except (zipfile.BadZipFile, zlib.error, EOFError) as error:
         raise ImageSourceError(

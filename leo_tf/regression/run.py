@@ -65,9 +65,7 @@ def _adam(config, model):
 
 def stateless_seed(config, stream, index):
     """The [2] seed of the noise of batch `index` of a stream (tasks.*_STREAM)."""
-    return tf.constant(
-        [config.seed * tasks_lib.NUM_STREAMS + stream, index], tf.int64
-    )
+    return tf.constant([config.seed * tasks_lib.NUM_STREAMS + stream, index], tf.int64)
 
 
 def _batch_spec(batch_size=None):
