@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-# The resolution of a dropout decision, and the smallest non-zero rate it
-# resolves (defined with the flags, which are checked before TensorFlow loads).
-from leo_tf.config import DROPOUT_LEVELS, MIN_DROPOUT_RATE
+# The resolution of a dropout decision and the smallest non-zero rate it
+# resolves are defined with the flags, which are checked before TensorFlow loads.
+from leo_tf.config import DROPOUT_LEVELS
 
 _ALGORITHM = "philox"
 

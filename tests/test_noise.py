@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from leo_tf import noise as noise_lib
+from leo_tf.config import MIN_DROPOUT_RATE
 
 
 def _normal_cdf(x):
@@ -78,7 +79,7 @@ def test_keep_mask_drop_probability_and_edge_rates():
     # Rate 0 keeps everything; the smallest rate drops one level in 2^16; a
     # rate within 2^-17 of 1 still keeps one level.
     assert np.all(noise_lib.keep_mask([1000], [1, 1], 0.0).numpy() == 1.0)
-    rare = noise_lib.keep_mask([2_000_000], [2, 1], noise_lib.MIN_DROPOUT_RATE)
+    rare = noise_lib.keep_mask([2_000_000], [2, 1], MIN_DROPOUT_RATE)
     assert 0 < np.sum(rare.numpy() == 0) < 2_000_000 / 65536 * 2
     almost_all = noise_lib.keep_mask([2_000_000], [3, 1], 1 - 2**-18).numpy()
     assert 0 < np.sum(almost_all > 0) < 2_000_000 / 65536 * 2

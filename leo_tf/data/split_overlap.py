@@ -16,7 +16,6 @@ bytes is salted per process: fingerprints are only compared within one.
 
 import dataclasses
 import os
-from typing import Mapping
 
 import numpy as np
 
