@@ -51,7 +51,9 @@ flags.DEFINE_string(
     "Which checkpoint: best (best_checkpoint/), latest, or a checkpoint prefix "
     "such as runs/x/ckpt-5000.",
 )
-flags.DEFINE_boolean("overwrite", False, "Replace a previous SavedModel in --export_dir.")
+flags.DEFINE_boolean(
+    "overwrite", False, "Replace a previous SavedModel in --export_dir."
+)
 
 METADATA_ASSET = "leo_metadata.json"
 SAVED_MODEL_FILE = "saved_model.pb"
