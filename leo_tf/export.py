@@ -226,7 +226,12 @@ def check_replaceable(export_dir, overwrite):
     target = _resolved(export_dir)
     if not target.exists():
         return
-    entries = sorted(target.iterdir())
+    try:
+        entries = sorted(target.iterdir())
+    except OSError as error:
+        raise ExportError(
+            f"--export_dir={export_dir}: cannot be read ({_one_line(error)})"
+        ) from error
     if not entries:
         return
     if (target / SAVED_MODEL_FILE).is_file():
