@@ -9,18 +9,32 @@ and classifies queries in one call:
     query:   float32 [M, D]
     -> logits, probabilities: float32 [M, N]
 
-N, K and M are dynamic; D is fixed. Inside: L2-normalisation, the encoder,
-the relation network, the latent means, the latent inner loop and the
-finetuning loop with the learned learning rates; no dropout, no sampling.
-A `metadata` signature (no inputs) and the asset `leo_metadata.json` tell a
-consumer D, the unroll lengths, the training flags and the checkpoint step.
-The SavedModel loads with `tf.saved_model.load` in a process without leo_tf.
+N, K and M are any sizes; D must be the trained embedding width, and a wrong
+D is refused with an error naming the input and the expected D. Inside: a
+rescaling and L2-normalisation of every row (the outputs do not depend on
+the scale of the inputs, however extreme), the encoder, the relation
+network, the latent means, the latent inner loop and the finetuning loop
+with the learned learning rates; no dropout, no sampling. A `metadata`
+signature (no inputs) and the asset `leo_metadata.json` tell a consumer D,
+the unroll lengths, the training flags and the checkpoint step. The
+SavedModel loads with `tf.saved_model.load` in a process without leo_tf.
+
+An export never touches its sources: an --export_dir that is, contains or
+lies inside the run directory, the exported checkpoint's directory or the
+run's data is refused, and so is one that holds anything but a previous
+SavedModel (which --overwrite replaces). The SavedModel is written to a
+hidden staging directory beside --export_dir and renamed into place; the
+staging and retired directories of killed exports are removed by the next.
 """
 
+import contextlib
+import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
+import stat
 import tempfile
 
 from absl import flags, logging
@@ -38,9 +52,16 @@ flags.DEFINE_string(
     "Which checkpoint: best (best_checkpoint/), latest, or a checkpoint prefix "
     "such as runs/x/ckpt-5000.",
 )
-flags.DEFINE_boolean("overwrite", False, "Replace an existing non-empty --export_dir.")
+flags.DEFINE_boolean(
+    "overwrite", False, "Replace a previous SavedModel in --export_dir."
+)
 
 METADATA_ASSET = "leo_metadata.json"
+SAVED_MODEL_FILE = "saved_model.pb"
+# A trainer promoting a new best removes the previous best's files; an
+# export that was reading them resolves the checkpoint again.
+RESTORE_ATTEMPTS = 3
+_LISTED_ENTRIES = 3
 
 
 class ExportError(ValueError):
@@ -48,7 +69,11 @@ class ExportError(ValueError):
 
 
 def resolve_checkpoint(checkpoint_path, which):
-    """The checkpoint prefix to export and a word for where it came from."""
+    """The checkpoint prefix to export, its directory's symlinks resolved.
+
+    Resolved, the best checkpoint is `.best/step-N/ckpt-N`: a promotion can
+    remove those files (see restore_model) but not swap them for others.
+    """
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
     from leo_tf import checkpoints  # pylint: disable=g-import-not-at-top
@@ -60,15 +85,238 @@ def resolve_checkpoint(checkpoint_path, which):
                 f"--checkpoint_path={checkpoint_path}: no best_checkpoint "
                 "(pass --checkpoint=latest to export the latest checkpoint)"
             )
-        return prefix
-    if which == "latest":
+    elif which == "latest":
         prefix = tf.train.latest_checkpoint(str(checkpoint_path))
         if prefix is None:
             raise ExportError(f"--checkpoint_path={checkpoint_path}: no checkpoint")
-        return prefix
-    if not tf.io.gfile.exists(f"{which}.index"):
+    elif not tf.io.gfile.exists(f"{which}.index"):
         raise ExportError(f"--checkpoint={which}: no such checkpoint ({which}.index)")
-    return which
+    else:
+        prefix = which
+    prefix = pathlib.Path(prefix)
+    return str(prefix.parent.resolve() / prefix.name)
+
+
+def restore_model(model, checkpoint_path, which):
+    """Restores `model` from checkpoint `which`; returns (prefix, step).
+
+    The best or latest checkpoint is resolved again if its files vanish
+    while they are read (a trainer promoted a new best or pruned old
+    checkpoints meanwhile), up to RESTORE_ATTEMPTS times.
+    """
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    attempts = RESTORE_ATTEMPTS if which in ("best", "latest") else 1
+    for _ in range(attempts):
+        prefix = resolve_checkpoint(checkpoint_path, which)
+        step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        try:
+            tf.train.Checkpoint(model=model, step=step).restore(
+                prefix
+            ).expect_partial().assert_existing_objects_matched()
+        except tf.errors.NotFoundError:
+            logging.warning("%s vanished while being read; resolving again", prefix)
+            continue
+        except tf.errors.OpError as error:
+            raise ExportError(
+                f"--checkpoint={which}: cannot read {prefix}: {_one_line(error)}"
+            ) from error
+        return prefix, int(step.numpy())
+    if attempts == 1:
+        raise ExportError(f"--checkpoint={which}: files of {prefix} are missing")
+    raise ExportError(
+        f"--checkpoint_path={checkpoint_path}: the {which} checkpoint was "
+        f"replaced while being read, {attempts} times in a row (last {prefix}); "
+        "try again"
+    )
+
+
+def _one_line(error):
+    """The first line of an OSError's or a TensorFlow error's message."""
+    message = getattr(error, "message", None) or str(error)
+    return message.strip().splitlines()[0] if message.strip() else repr(error)
+
+
+def _source_paths(checkpoint_path, which, config):
+    """(description, path) of each source an export must leave untouched."""
+    sources = [(f"the checkpoint path {checkpoint_path}", checkpoint_path)]
+    if which not in ("best", "latest"):
+        sources.append(
+            (f"the directory of --checkpoint={which}", pathlib.Path(which).parent)
+        )
+    data_path = config["data"].get("data_path")
+    if isinstance(data_path, str) and data_path:
+        sources.append(
+            (
+                f"the run's data path {data_path} (data.data_path in "
+                f"{checkpoint_path / 'config.json'})",
+                pathlib.Path(data_path),
+            )
+        )
+    return sources
+
+
+def _resolved(path):
+    """`path` absolute, with every symbolic link in it resolved."""
+    return pathlib.Path(os.path.realpath(path))
+
+
+def check_sources(export_dir, sources):
+    """Raises ExportError if `export_dir` is, contains or is inside a source.
+
+    Args:
+      export_dir: the --export_dir flag's value (a Path).
+      sources: (description, directory) pairs.
+    """
+    target = _resolved(export_dir)
+    for description, path in sources:
+        source = _resolved(path)
+        if target == source:
+            relation = "is"
+        elif target in source.parents:
+            relation = "contains"
+        elif source in target.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise ExportError(
+            f"--export_dir={export_dir}: {relation} {description}; an export "
+            "must not touch its sources, choose a directory outside it"
+        )
+
+
+def check_writable(export_dir):
+    """Raises ExportError unless `export_dir` is or can be made a directory."""
+    target = _resolved(export_dir)
+    if target.exists() and not target.is_dir():
+        raise ExportError(
+            f"--export_dir={export_dir}: is {_kind(target)}, not a directory"
+        )
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(
+            f"--export_dir={export_dir}: cannot be created, {parent} is "
+            f"{_kind(parent)}, not a directory"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(
+            f"--export_dir={export_dir}: cannot be written, {parent} is not " "writable"
+        )
+
+
+def _kind(path):
+    """'a regular file', 'a FIFO', ... for a path that is not a directory."""
+    mode = os.stat(path).st_mode
+    for test, kind in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def check_replaceable(export_dir, overwrite):
+    """Raises ExportError unless `export_dir` is new, empty, or a SavedModel
+    that --overwrite allows to replace."""
+    target = _resolved(export_dir)
+    if not target.exists():
+        return
+    try:
+        entries = sorted(target.iterdir())
+    except OSError as error:
+        raise ExportError(
+            f"--export_dir={export_dir}: cannot be read ({_one_line(error)})"
+        ) from error
+    if not entries:
+        return
+    if (target / SAVED_MODEL_FILE).is_file():
+        if overwrite:
+            return
+        raise ExportError(
+            f"--export_dir={export_dir}: holds a previous SavedModel "
+            "(pass --overwrite to replace it)"
+        )
+    listed = ", ".join(
+        entry.name + ("/" if entry.is_dir() else "")
+        for entry in entries[:_LISTED_ENTRIES]
+    )
+    if len(entries) > _LISTED_ENTRIES:
+        listed += f" and {len(entries) - _LISTED_ENTRIES} more"
+    raise ExportError(
+        f"--export_dir={export_dir}: not empty and not a SavedModel (holds "
+        f"{listed}); --overwrite replaces only a previous SavedModel"
+    )
+
+
+def _alive(pid):
+    """Whether process `pid` runs on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def remove_leftovers(export_dir):
+    """Removes what killed exports left beside `export_dir`.
+
+    Their staging directories `.NAME.tmp-PID-XXXXXXXX` and retired previous
+    exports `.NAME.old-PID` carry the writer's pid; those of a live process,
+    such as a concurrent export, are left alone. A retired SavedModel is
+    moved back instead if `export_dir` is missing (its exporter was killed
+    between its two renames).
+    """
+    target = _resolved(export_dir)
+    if not target.parent.is_dir():
+        return
+    name = re.escape(target.name)
+    # Staging names without a pid were made by earlier versions.
+    staging = re.compile(rf"\.{name}\.tmp-(?:(\d+)-)?[a-z0-9_]{{8}}")
+    retired = re.compile(rf"\.{name}\.old-(\d+)")
+    for path in sorted(target.parent.iterdir()):
+        if _left_by_dead_writer(path.name, staging):
+            _remove(path)
+        elif _left_by_dead_writer(path.name, retired):
+            if os.path.lexists(target) or not (path / SAVED_MODEL_FILE).is_file():
+                _remove(path)
+                continue
+            try:
+                os.replace(path, target)
+            except OSError as error:
+                logging.warning("Cannot restore %s: %s", target, error)
+            else:
+                logging.warning("Restored %s from %s", target, path.name)
+
+
+def _left_by_dead_writer(name, pattern):
+    """Whether `name` matches `pattern` and its pid (group 1, if any) is not
+    a process running here."""
+    match = pattern.fullmatch(name)
+    if match is None:
+        return False
+    return match.group(1) is None or not _alive(int(match.group(1)))
+
+
+def _remove(path):
+    """Deletes the file or directory tree `path`, as far as it can."""
+    logging.info("Removing %s, left by a killed export", path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def build_serving_module(model, metadata, asset_path):
@@ -89,16 +337,20 @@ def build_serving_module(model, metadata, asset_path):
             self.model = model
             self.metadata_asset = tf.saved_model.Asset(str(asset_path))
 
+        # D is dynamic in the signature so that a wrong D reaches the check
+        # naming it: a signature's caller is not held to the signature's shapes.
         @tf.function(
             input_signature=[
-                tf.TensorSpec([None, None, dim], tf.float32, name="support"),
-                tf.TensorSpec([None, dim], tf.float32, name="query"),
+                tf.TensorSpec([None, None, None], tf.float32, name="support"),
+                tf.TensorSpec([None, None], tf.float32, name="query"),
             ]
         )
         def serve(self, support, query):
             """support [N, K, D], query [M, D] -> logits, probabilities [M, N]."""
             shape = tf.shape(support)
             checks = [
+                _assert_width(support, dim, "support"),
+                _assert_width(query, dim, "query"),
                 tf.debugging.assert_positive(
                     shape[0], message="support: N (classes) must be at least 1"
                 ),
@@ -114,8 +366,10 @@ def build_serving_module(model, metadata, asset_path):
                 ),
             ]
             with tf.control_dependencies(checks):
-                support = tf.math.l2_normalize(support, axis=-1)
-                query = tf.math.l2_normalize(query, axis=-1)
+                support = tf.ensure_shape(support, [None, None, dim])
+                query = tf.ensure_shape(query, [None, dim])
+            support = tf.math.l2_normalize(scaled_by_power_of_two(support), axis=-1)
+            query = tf.math.l2_normalize(scaled_by_power_of_two(query), axis=-1)
             labels = tf.broadcast_to(
                 tf.range(shape[0])[:, None, None], [shape[0], shape[1], 1]
             )
@@ -144,6 +398,47 @@ def build_serving_module(model, metadata, asset_path):
     return LEOServing()
 
 
+def _assert_width(embeddings, dim, name):
+    """An op failing with 'NAME: expected embeddings of D=dim, got d' unless
+    the last axis of `embeddings` [..., d] has `dim` entries."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    width = tf.shape(embeddings)[-1]
+    return tf.debugging.Assert(
+        tf.equal(width, dim),
+        [tf.strings.format(f"{name}: expected embeddings of D={dim}, got {{}}", width)],
+    )
+
+
+def scaled_by_power_of_two(x):
+    """Each row of `x` [..., D] float32 times a power of two, exactly.
+
+    The row's largest |entry| becomes at most 2^24 (at least 2^23 unless all
+    are subnormal); a zero row stays zero; entries under 2^-126 of the row's
+    largest become zero. Done on the bits: float arithmetic overflows for
+    rows near the float32 maximum and TensorFlow's CPU kernels flush
+    subnormal inputs (|x| < 1.2e-38) to zero. Finite inputs only.
+    """
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    bits = tf.bitcast(x, tf.int32)
+    biased_exponent = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 23), 0xFF)
+    fraction = tf.bitwise.bitwise_and(bits, 0x7FFFFF)
+    # |x| = significand * 2^(exponent - 150); subnormals have biased exponent 0.
+    significand = tf.where(
+        biased_exponent > 0, tf.bitwise.bitwise_or(fraction, 0x800000), fraction
+    )
+    exponent = tf.maximum(biased_exponent, 1)
+    shift = exponent - tf.reduce_max(exponent, axis=-1, keepdims=True)  # <= 0
+    power = tf.where(
+        shift >= -126,
+        tf.bitcast(tf.bitwise.left_shift(shift + 127, 23), tf.float32),
+        0.0,
+    )  # 2^shift
+    magnitude = tf.cast(significand, tf.float32) * power
+    return tf.where(bits < 0, -magnitude, magnitude)
+
+
 def _save(module, directory):
     """Writes `module` as a SavedModel with its two signatures."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -158,77 +453,103 @@ def _save(module, directory):
     )
 
 
-def export(checkpoint_path, export_dir, which="best", overwrite=False):
-    """Writes the SavedModel; returns the export directory (a Path).
+def write_saved_model(model, metadata, export_dir):
+    """Writes the SavedModel to `export_dir` via a staging directory beside it.
 
-    The SavedModel is written to a temporary sibling directory and renamed
-    into place, so an interrupted export leaves nothing half-written.
+    If a write fails (disk full, read-only) raises ExportError, leaving no
+    staging directory and a previous export as it was.
     """
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-    from leo_tf import checkpoints  # pylint: disable=g-import-not-at-top
-    from leo_tf.model import LEO  # pylint: disable=g-import-not-at-top
-
-    checkpoint_path = pathlib.Path(checkpoint_path)
-    export_dir = pathlib.Path(export_dir)
-    if export_dir.exists() and (not export_dir.is_dir() or any(export_dir.iterdir())):
-        if not overwrite:
-            raise ExportError(
-                f"--export_dir={export_dir}: exists and is not empty "
-                "(pass --overwrite to replace it)"
-            )
-    if not checkpoint_path.is_dir():
-        raise ExportError(f"--checkpoint_path={checkpoint_path}: not a directory")
-    config = checkpoints.read_json(checkpoint_path / checkpoints.CONFIG_FILE)
-    if config is None:
-        raise ExportError(
-            f"--checkpoint_path={checkpoint_path}: no {checkpoints.CONFIG_FILE} "
-            "(not a leo_tf training directory)"
-        )
-    prefix = resolve_checkpoint(checkpoint_path, which)
-
-    model = LEO(config_lib.ModelConfig(**config["model"]), config["embedding_dim"])
-    step = tf.Variable(0, dtype=tf.int64, trainable=False)
-    tf.train.Checkpoint(model=model, step=step).restore(
-        prefix
-    ).expect_partial().assert_existing_objects_matched()
-    metadata = {
-        "embedding_dim": config["embedding_dim"],
-        "inner_unroll_length": config["model"]["inner_unroll_length"],
-        "finetuning_unroll_length": config["model"]["finetuning_unroll_length"],
-        "num_latents": config["model"]["num_latents"],
-        "checkpoint": str(prefix),
-        "checkpoint_step": int(step.numpy()),
-        "training_config": config,
-        "inputs": {"support": "float32 [N, K, D]", "query": "float32 [M, D]"},
-        "outputs": {"logits": "float32 [M, N]", "probabilities": "float32 [M, N]"},
-    }
-    export_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(
-        tempfile.mkdtemp(prefix=f".{export_dir.name}.tmp-", dir=export_dir.parent)
-    )
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private
+    target = _resolved(export_dir)
+    staging = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = pathlib.Path(
+            tempfile.mkdtemp(
+                prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent
+            )
+        )
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private
         with tempfile.TemporaryDirectory() as scratch:
             module = build_serving_module(
                 model, metadata, pathlib.Path(scratch) / METADATA_ASSET
             )
             _save(module, staging)
-        if export_dir.exists():
-            retired = export_dir.with_name(f".{export_dir.name}.old-{os.getpid()}")
-            os.replace(export_dir, retired)
-            os.replace(staging, export_dir)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, export_dir)
+        _move_into_place(staging, target)
+    except (OSError, tf.errors.OpError) as error:
+        raise ExportError(
+            f"--export_dir={export_dir}: cannot write the SavedModel: "
+            f"{_one_line(error)}"
+        ) from error
     finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    logging.info(
-        "Exported %s (step %d) to %s", prefix, metadata["checkpoint_step"], export_dir
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(staging, target):
+    """Renames `staging` to `target`, replacing a previous export there."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, retired)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        os.replace(retired, target)
+        raise
+    shutil.rmtree(retired)
+
+
+def export(checkpoint_path, export_dir, which="best", overwrite=False):
+    """Writes the SavedModel; returns the export directory (a Path).
+
+    Every refusal (a source in the way, a non-directory, a directory holding
+    something other than a previous SavedModel) comes before anything is
+    written, except the removal of leftovers of killed exports.
+    """
+    from leo_tf import checkpoints  # pylint: disable=g-import-not-at-top
+    from leo_tf.model import LEO  # pylint: disable=g-import-not-at-top
+
+    checkpoint_path = pathlib.Path(checkpoint_path)
+    export_dir = pathlib.Path(export_dir)
+    if not checkpoint_path.is_dir():
+        raise ExportError(f"--checkpoint_path={checkpoint_path}: not a directory")
+    config = checkpoints.read_config(checkpoint_path)  # validated
+    if config is None:
+        raise ExportError(
+            f"--checkpoint_path={checkpoint_path}: no {checkpoints.CONFIG_FILE} "
+            "(not a leo_tf training directory)"
+        )
+    check_sources(export_dir, _source_paths(checkpoint_path, which, config))
+    check_writable(export_dir)
+    remove_leftovers(export_dir)
+    check_replaceable(export_dir, overwrite)
+
+    model_config = config_lib.ModelConfig(
+        **{
+            field.name: config["model"][field.name]
+            for field in dataclasses.fields(config_lib.ModelConfig)
+        }
     )
+    model = LEO(model_config, config["embedding_dim"])
+    prefix, step = restore_model(model, checkpoint_path, which)
+    metadata = {
+        "embedding_dim": config["embedding_dim"],
+        "inner_unroll_length": config["model"]["inner_unroll_length"],
+        "finetuning_unroll_length": config["model"]["finetuning_unroll_length"],
+        "num_latents": config["model"]["num_latents"],
+        "checkpoint": prefix,
+        "checkpoint_step": step,
+        "training_config": config,
+        "inputs": {"support": "float32 [N, K, D]", "query": "float32 [M, D]"},
+        "outputs": {"logits": "float32 [M, N]", "probabilities": "float32 [M, N]"},
+    }
+    write_saved_model(model, metadata, export_dir)
+    logging.info("Exported %s (step %d) to %s", prefix, step, export_dir)
     return export_dir
 
 

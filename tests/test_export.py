@@ -1,9 +1,13 @@
 """SavedModel export: same logits out of process, metadata, errors, atomicity."""
 
 import dataclasses
+import errno
 import json
 import os
 import pathlib
+import re
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -12,13 +16,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from leo_tf import checkpoints, evaluation, trainer
 from leo_tf import export as export_lib
-from leo_tf import evaluation, trainer
 from leo_tf.data import meta_dataset
 from leo_tf.model import LEO
 from tests import data_fixtures, run_fixtures
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 DIM = 16
 
 
@@ -31,6 +34,12 @@ def trained(tmp_path_factory):
     trainer.train(config)
     export_dir = export_lib.export(config.train.checkpoint_path, root / "exported")
     return config, export_dir
+
+
+@pytest.fixture(scope="module")
+def loaded(trained):
+    """The exported SavedModel, loaded."""
+    return tf.saved_model.load(str(trained[1]))
 
 
 def _restored_model(config):
@@ -184,10 +193,9 @@ def test_saved_model_cli_shows_the_promised_signature(trained):
     )
     assert process.returncode == 0, process.stderr
     text = " ".join(process.stdout.split())
-    assert (
-        f"inputs['support'] tensor_info: dtype: DT_FLOAT shape: (-1, -1, {DIM})" in text
-    )
-    assert f"inputs['query'] tensor_info: dtype: DT_FLOAT shape: (-1, {DIM})" in text
+    # D is dynamic in the signature; the serving function checks it.
+    assert "inputs['support'] tensor_info: dtype: DT_FLOAT shape: (-1, -1, -1)" in text
+    assert "inputs['query'] tensor_info: dtype: DT_FLOAT shape: (-1, -1)" in text
     assert "outputs['logits'] tensor_info: dtype: DT_FLOAT shape: (-1, -1)" in text
     assert (
         "outputs['probabilities'] tensor_info: dtype: DT_FLOAT shape: (-1, -1)" in text
@@ -197,7 +205,14 @@ def test_saved_model_cli_shows_the_promised_signature(trained):
 @pytest.mark.parametrize(
     "support_shape,query_shape,corrupt,message",
     [
-        ((5, 1, DIM + 1), (3, DIM + 1), None, "shape"),
+        (
+            (5, 1, DIM + 1),
+            (3, DIM),
+            None,
+            "support: expected embeddings of D=16, got 17",
+        ),
+        ((5, 1, DIM), (3, DIM - 1), None, "query: expected embeddings of D=16, got 15"),
+        ((5, 1, DIM), (3, 2, DIM), None, "query [3,2,16] is not compatible"),
         ((0, 1, DIM), (3, DIM), None, "support: N (classes) must be at least 1"),
         ((5, 0, DIM), (3, DIM), None, "support: K (examples per class) must be"),
         ((5, 1, DIM), (3, DIM), "support", "support: contains NaN or Inf"),
@@ -205,10 +220,9 @@ def test_saved_model_cli_shows_the_promised_signature(trained):
     ],
 )
 def test_bad_inputs_raise_errors_naming_the_problem(
-    trained, support_shape, query_shape, corrupt, message
+    loaded, support_shape, query_shape, corrupt, message
 ):
-    _, export_dir = trained
-    serving = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    serving = loaded.signatures["serving_default"]
     inputs = {
         "support": np.ones(support_shape, np.float32),
         "query": np.ones(query_shape, np.float32),
@@ -222,52 +236,91 @@ def test_bad_inputs_raise_errors_naming_the_problem(
     assert message in str(error.value)
 
 
-def test_existing_export_dir_is_refused_without_overwrite(trained, tmp_path):
-    config, _ = trained
-    target = tmp_path / "exported"
-    target.mkdir()
-    (target / "keep.txt").write_text("mine")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+def test_cli_refuses_what_overwrite_must_not_replace(trained, tmp_path):
+    config, export_dir = trained
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    previous = tmp_path / "previous"
+    shutil.copytree(export_dir, previous)
     command = [
         sys.executable,
         "-m",
         "leo_tf.export",
         f"--checkpoint_path={config.train.checkpoint_path}",
-        f"--export_dir={target}",
     ]
-    refused = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert refused.returncode != 0
-    assert f"--export_dir={target}: exists and is not empty" in refused.stderr
-    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    for target, flags, message in [
+        (
+            foreign,
+            ["--overwrite"],
+            "not empty and not a SavedModel (holds keep.txt); --overwrite "
+            "replaces only a previous SavedModel",
+        ),
+        (previous, [], "holds a previous SavedModel (pass --overwrite to replace it)"),
+    ]:
+        before = _tree(target)
+        refused = subprocess.run(
+            command + [f"--export_dir={target}"] + flags,
+            env=run_fixtures.subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert refused.returncode != 0
+        assert f"--export_dir={target}: {message}" in refused.stderr
+        assert _tree(target) == before
 
-    replaced = subprocess.run(
-        command + ["--overwrite"], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert replaced.returncode == 0, replaced.stderr
-    assert (target / "saved_model.pb").exists()
-    assert not (target / "keep.txt").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["exported"]  # no leftovers
+    export_lib.export(config.train.checkpoint_path, previous, overwrite=True)
+    assert (previous / "saved_model.pb").read_bytes() != before["saved_model.pb"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "previous"]
 
 
-def test_failed_export_leaves_nothing_half_written(trained, tmp_path, monkeypatch):
+def _tree(directory):
+    """{relative path: bytes, or None for a directory} under `directory`."""
+    directory = pathlib.Path(directory)
+    return {
+        str(path.relative_to(directory)): None if path.is_dir() else path.read_bytes()
+        for path in sorted(directory.rglob("*"))
+    }
+
+
+def test_disk_full_leaves_nothing_half_written(trained, tmp_path, monkeypatch):
     config, _ = trained
     previous = tmp_path / "exported"
     export_lib.export(config.train.checkpoint_path, previous)
-    before = sorted(p.relative_to(previous) for p in previous.rglob("*"))
+    before = _tree(previous)
 
-    def failing_save(module, directory):
+    def failing_save(module, directory, **kwargs):
         (pathlib.Path(directory) / "saved_model.pb").write_text("partial")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(export_lib, "_save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(tf.saved_model, "save", failing_save)
+    for target, overwrite in [(previous, True), (tmp_path / "fresh", False)]:
+        with pytest.raises(export_lib.ExportError) as error:
+            export_lib.export(config.train.checkpoint_path, target, overwrite=overwrite)
+        assert str(error.value) == (
+            f"--export_dir={target}: cannot write the SavedModel: "
+            "[Errno 28] No space left on device"
+        )
+    monkeypatch.undo()
+
+    # The disk fills (or turns read-only) as the new export is renamed in.
+    real_replace = os.replace
+
+    def failing_rename(source, destination):
+        if ".tmp-" in pathlib.Path(source).name:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", failing_rename)
+    with pytest.raises(
+        export_lib.ExportError,
+        match=r"cannot write the SavedModel: \[Errno 30\] Read-only file system",
+    ):
         export_lib.export(config.train.checkpoint_path, previous, overwrite=True)
-    with pytest.raises(OSError, match="disk full"):
-        export_lib.export(config.train.checkpoint_path, tmp_path / "fresh")
+    monkeypatch.undo()
 
-    assert sorted(p.relative_to(previous) for p in previous.rglob("*")) == before
+    assert _tree(previous) == before
     # The previous export still serves, with the trained model's logits.
     rng = np.random.default_rng(0)
     support = rng.standard_normal((3, 2, DIM)).astype(np.float32)
@@ -290,3 +343,276 @@ def test_export_errors_name_the_flag(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(export_lib.ExportError, match="no config.json"):
         export_lib.export(tmp_path / "empty", tmp_path / "out")
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    """A copy of the trained run and its data under tmp_path/src, its
+    config.json naming the copied data."""
+    config, _ = trained
+    source = tmp_path / "src"
+    run = source / "run"
+    shutil.copytree(config.train.checkpoint_path, run, symlinks=True)
+    shutil.copytree(config.data.data_path, source / "data")
+    saved = json.loads((run / "config.json").read_text())
+    saved["data"]["data_path"] = str(source / "data")
+    (run / "config.json").write_text(json.dumps(saved))
+    return run
+
+
+@pytest.mark.parametrize(
+    "export_dir,relation,source",
+    [
+        ("src/run", "is", "the checkpoint path"),
+        ("src", "contains", "the checkpoint path"),
+        (".", "contains", "the checkpoint path"),
+        ("src/run/exported", "lies inside", "the checkpoint path"),
+        ("src/run/.best", "lies inside", "the checkpoint path"),
+        ("link-to-run", "is", "the checkpoint path"),
+        ("link-to-run/../run", "is", "the checkpoint path"),
+        ("src/data", "is", "the run's data path"),
+        ("src/data/toy/center", "lies inside", "the run's data path"),
+    ],
+)
+def test_export_never_touches_its_sources(
+    run_copy, tmp_path, monkeypatch, export_dir, relation, source
+):
+    (tmp_path / "link-to-run").symlink_to(run_copy)
+    monkeypatch.chdir(tmp_path)  # export_dir and --checkpoint_path relative
+    before = _tree(tmp_path / "src")
+    with pytest.raises(export_lib.ExportError) as error:
+        export_lib.export("src/run", export_dir, overwrite=True)
+    assert str(error.value).startswith(
+        f"--export_dir={pathlib.Path(export_dir)}: {relation} {source} "
+    )
+    assert str(error.value).endswith(
+        "; an export must not touch its sources, choose a directory outside it"
+    )
+    assert _tree(tmp_path / "src") == before
+
+
+def test_export_dir_of_an_explicit_checkpoint_is_refused(run_copy, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for path in run_copy.glob("ckpt-10.*"):
+        shutil.copy(path, elsewhere)
+    before = _tree(elsewhere)
+    prefix = elsewhere / "ckpt-10"
+    with pytest.raises(export_lib.ExportError) as error:
+        export_lib.export(run_copy, elsewhere, which=str(prefix), overwrite=True)
+    assert str(error.value).startswith(
+        f"--export_dir={elsewhere}: is the directory of --checkpoint={prefix};"
+    )
+    assert _tree(elsewhere) == before
+
+
+@pytest.mark.parametrize("kind", ["a regular file", "a socket"])
+def test_export_dir_that_is_not_a_directory_is_refused(trained, tmp_path, kind):
+    config, _ = trained
+    target = tmp_path / "model"
+    if kind == "a socket":  # not a FIFO: removing one might block on opening it
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(target))
+        listener.close()
+    else:
+        target.write_text("notes")
+    with pytest.raises(export_lib.ExportError) as error:
+        export_lib.export(config.train.checkpoint_path, target, overwrite=True)
+    assert str(error.value) == f"--export_dir={target}: is {kind}, not a directory"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no .model.old-*
+    if kind == "a regular file":
+        assert target.read_text() == "notes"
+
+
+def test_overwrite_replaces_only_a_previous_saved_model(trained, tmp_path):
+    config, _ = trained
+    target = tmp_path / "model"
+    (target / "sub").mkdir(parents=True)
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (target / name).write_text(name)
+    before = _tree(target)
+    with pytest.raises(export_lib.ExportError) as error:
+        export_lib.export(config.train.checkpoint_path, target, overwrite=True)
+    assert str(error.value) == (
+        f"--export_dir={target}: not empty and not a SavedModel (holds a.txt, "
+        "b.txt, c.txt and 1 more); --overwrite replaces only a previous SavedModel"
+    )
+    assert _tree(target) == before
+
+
+def _dead_pid():
+    """The pid of a process that has exited."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_leftovers_of_killed_exports_are_removed(trained, tmp_path):
+    config, export_dir = trained
+    shutil.copytree(export_dir, tmp_path / "model")
+    dead, live = _dead_pid(), os.getppid()
+    for name in [
+        ".model.tmp-k3x_9a0b",  # made before staging names carried a pid
+        f".model.tmp-{dead}-k3x_9a0b",
+        f".model.old-{dead}",
+        f".model.tmp-{live}-k3x_9a0b",  # a concurrent export's
+        f".model.old-{live}",
+        ".model.tmp-mine",  # not a name an export makes
+        ".other.tmp-k3x_9a0b",
+    ]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "variables").mkdir()
+    (tmp_path / f".model.old-{dead}" / "saved_model.pb").write_text("older")
+    export_lib.export(config.train.checkpoint_path, tmp_path / "model", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [
+            f".model.old-{live}",
+            ".model.tmp-mine",
+            f".model.tmp-{live}-k3x_9a0b",
+            "model",
+            ".other.tmp-k3x_9a0b",
+        ]
+    )
+    assert (tmp_path / "model" / "saved_model.pb").exists()
+
+
+def test_previous_export_retired_by_a_killed_export_is_restored(trained, tmp_path):
+    config, export_dir = trained
+    retired = tmp_path / f".model.old-{_dead_pid()}"
+    shutil.copytree(export_dir, retired)
+    before = _tree(retired)
+    with pytest.raises(
+        export_lib.ExportError, match="model: holds a previous SavedModel"
+    ):
+        export_lib.export(config.train.checkpoint_path, tmp_path / "model")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert _tree(tmp_path / "model") == before
+
+
+def _promoting(monkeypatch, run, steps):
+    """Makes every resolution of the best checkpoint promote the next of
+    `steps` (as a trainer might, meanwhile) before the export reads it."""
+    resolve = checkpoints.best_checkpoint_prefix
+    pending = list(steps)
+
+    def racing(directory):
+        prefix = resolve(directory)
+        if pending:
+            step = pending.pop(0)
+            checkpoints.promote_to_best(run, run / f"ckpt-{step}", {"step": step})
+        return prefix
+
+    monkeypatch.setattr(checkpoints, "best_checkpoint_prefix", racing)
+
+
+def test_export_reads_a_best_checkpoint_promoted_while_restoring(
+    run_copy, tmp_path, monkeypatch
+):
+    _promoting(monkeypatch, run_copy, [10])
+    export_lib.export(run_copy, tmp_path / "model")
+    metadata = json.loads(
+        (tmp_path / "model" / "assets" / "leo_metadata.json").read_text()
+    )
+    assert metadata["checkpoint_step"] == 10
+    assert metadata["checkpoint"] == str(run_copy.resolve() / ".best/step-10/ckpt-10")
+
+
+def test_export_gives_up_on_a_best_checkpoint_that_keeps_changing(
+    run_copy, tmp_path, monkeypatch
+):
+    _promoting(monkeypatch, run_copy, [10, 20, 10])
+    with pytest.raises(export_lib.ExportError) as error:
+        export_lib.export(run_copy, tmp_path / "model")
+    assert re.fullmatch(
+        f"--checkpoint_path={run_copy}: the best checkpoint was replaced while "
+        rf"being read, 3 times in a row \(last {run_copy.resolve()}/\.best/"
+        r"step-\d+/ckpt-20\); try again",
+        str(error.value),
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_unreadable_checkpoint_is_named(run_copy, tmp_path):
+    (run_copy / "ckpt-10.index").write_bytes(b"garbage" * 10)
+    with pytest.raises(
+        export_lib.ExportError,
+        match=r"--checkpoint=.*/ckpt-10: cannot read .*/ckpt-10: .*",
+    ):
+        export_lib.export(run_copy, tmp_path / "model", which=str(run_copy / "ckpt-10"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda saved: [], r"config.json: expected a JSON object, found an array"),
+        (
+            lambda saved: {**saved, "model": {}},
+            r"config.json: no model\.\w+ \(expected",
+        ),
+    ],
+)
+def test_malformed_config_json_is_named_before_anything_is_written(
+    run_copy, tmp_path, edit, message
+):
+    path = run_copy / "config.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(checkpoints.CheckpointError, match=message):
+        export_lib.export(run_copy, tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_config_json_without_a_data_path_still_exports(run_copy, tmp_path):
+    path = run_copy / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["data"]["data_path"]
+    path.write_text(json.dumps(saved))
+    exported = export_lib.export(run_copy, tmp_path / "model")
+    assert (exported / "saved_model.pb").is_file()
+
+
+@pytest.mark.parametrize("name", ["support", "query"])
+def test_wrong_width_is_named_by_the_serve_function_too(loaded, name):
+    inputs = {
+        "support": np.ones((5, 1, DIM), np.float32),
+        "query": np.ones((3, DIM), np.float32),
+    }
+    inputs[name] = np.ones(inputs[name].shape[:-1] + (DIM + 1,), np.float32)
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        loaded.serve(**inputs)
+    assert f"{name}: expected embeddings of D=16, got 17" in error.value.message
+
+
+def test_outputs_do_not_depend_on_the_scale_of_the_inputs(loaded):
+    serving = loaded.signatures["serving_default"]
+    rng = np.random.default_rng(1)
+    support = rng.standard_normal((5, 2, DIM)).astype(np.float32)
+    query = rng.standard_normal((6, DIM)).astype(np.float32)
+    query[2] = 0.0  # a zero row stays zero at every scale
+    expected = serving(support=support, query=query)["probabilities"].numpy()
+    assert np.all(np.isfinite(expected))
+    for scale in [1e20, 1e30, 1e-25, 1e-38]:
+        scaled = serving(
+            support=support * np.float32(scale), query=query * np.float32(scale)
+        )["probabilities"].numpy()
+        np.testing.assert_allclose(scaled, expected, rtol=0, atol=1e-6, err_msg=scale)
+
+
+def test_rows_are_rescaled_exactly_by_powers_of_two():
+    x = np.array(
+        [
+            [3e38, -1e30, 2.5, 0.0],  # near the float32 maximum
+            [1e-40, -3e-42, 1e-45, 0.0],  # subnormal only
+            [1.0, 1e-39, -1e-30, 7.0],  # entries 2^-126 below the largest -> 0
+            [0.0, 0.0, 0.0, 0.0],
+        ],
+        np.float32,
+    )
+    # 2^(149 - e), e the binary exponent of the row's largest |entry| (a
+    # subnormal's taken as -126): the largest lands in [2^23, 2^24).
+    largest = np.abs(x.astype(np.float64)).max(-1, keepdims=True)
+    exponent = np.maximum(np.frexp(largest)[1] - 1, -126)
+    expected = x.astype(np.float64) * 2.0 ** (23 - exponent)
+    expected[2, 1] = 0.0
+    got = export_lib.scaled_by_power_of_two(tf.constant(x)).numpy()
+    np.testing.assert_array_equal(got, expected.astype(np.float32))
