@@ -14,7 +14,19 @@ D is refused with an error naming the input and the expected D. Inside: a
 rescaling and L2-normalisation of every row (the outputs do not depend on
 the scale of the inputs, however extreme), the encoder, the relation
 network, the latent means, the latent inner loop and the finetuning loop
-with the learned learning rates; no dropout, no sampling. A `metadata`
+with the learned learning rates; no dropout, no sampling.
+
+The `sampled` signature expresses LEO's uncertainty about the task: it adapts
+S times with the latent codes and classifier weights sampled from their
+Gaussians, as in meta-training but without dropout, and summarises the S
+answers (see leo_tf/uncertainty.py):
+
+    support: float32 [N, K, D], query: float32 [M, D],
+    num_samples: int32 S >= 1, seed: int64
+    -> mean_probabilities, probability_stddev: float32 [M, N],
+       predictive_entropy: float32 [M]
+
+The same seed gives the same answer. A `metadata`
 signature (no inputs) and the asset `leo_metadata.json` tell a consumer D,
 the unroll lengths, the training flags and the checkpoint step. The
 SavedModel loads with `tf.saved_model.load` in a process without leo_tf.
@@ -326,6 +338,8 @@ def build_serving_module(model, metadata, asset_path):
     """
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+    from leo_tf import uncertainty  # pylint: disable=g-import-not-at-top
+
     dim = model.embedding_dim
     asset_path.write_text(json.dumps(metadata, indent=2, sort_keys=True))
 
@@ -347,29 +361,8 @@ def build_serving_module(model, metadata, asset_path):
         )
         def serve(self, support, query):
             """support [N, K, D], query [M, D] -> logits, probabilities [M, N]."""
+            support, query = _prepared_task(support, query, dim)
             shape = tf.shape(support)
-            checks = [
-                _assert_width(support, dim, "support"),
-                _assert_width(query, dim, "query"),
-                tf.debugging.assert_positive(
-                    shape[0], message="support: N (classes) must be at least 1"
-                ),
-                tf.debugging.assert_positive(
-                    shape[1],
-                    message="support: K (examples per class) must be at least 1",
-                ),
-                tf.debugging.assert_all_finite(
-                    support, message="support: contains NaN or Inf"
-                ),
-                tf.debugging.assert_all_finite(
-                    query, message="query: contains NaN or Inf"
-                ),
-            ]
-            with tf.control_dependencies(checks):
-                support = tf.ensure_shape(support, [None, None, dim])
-                query = tf.ensure_shape(query, [None, dim])
-            support = tf.math.l2_normalize(scaled_by_power_of_two(support), axis=-1)
-            query = tf.math.l2_normalize(scaled_by_power_of_two(query), axis=-1)
             labels = tf.broadcast_to(
                 tf.range(shape[0])[:, None, None], [shape[0], shape[1], 1]
             )
@@ -377,6 +370,35 @@ def build_serving_module(model, metadata, asset_path):
             class_weights = adaptation.class_weights  # [1, N, D]
             logits = self.model.predict(query[None, None], class_weights)[0, 0]
             return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
+
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, None, None], tf.float32, name="support"),
+                tf.TensorSpec([None, None], tf.float32, name="query"),
+                tf.TensorSpec([], tf.int32, name="num_samples"),
+                tf.TensorSpec([], tf.int64, name="seed"),
+            ]
+        )
+        def serve_sampled(self, support, query, num_samples, seed):
+            """S stochastic adaptations, summarised (see leo_tf.uncertainty).
+
+            support [N, K, D], query [M, D], num_samples S, seed ->
+            mean_probabilities, probability_stddev [M, N],
+            predictive_entropy [M]; a pure function of the inputs.
+            """
+            check = tf.debugging.assert_positive(
+                num_samples, message="num_samples: must be at least 1"
+            )
+            with tf.control_dependencies([check]):
+                support, query = _prepared_task(support, query, dim)
+            latent_noise, weight_noise = uncertainty.draw_adaptation_noise(
+                self.model, tf.shape(support), num_samples, seed
+            )
+            return uncertainty.summarise(
+                uncertainty.sampled_probabilities(
+                    self.model, support, query, latent_noise, weight_noise
+                )
+            )
 
         @tf.function(input_signature=[])
         def metadata(self):
@@ -396,6 +418,35 @@ def build_serving_module(model, metadata, asset_path):
             }
 
     return LEOServing()
+
+
+def _prepared_task(support, query, dim):
+    """Checked and L2-normalised support [N, K, D] and query [M, D].
+
+    Fails naming the input for a wrong D, no classes or examples, or a NaN
+    or Inf; rows are normalised whatever their scale.
+    """
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    shape = tf.shape(support)
+    checks = [
+        _assert_width(support, dim, "support"),
+        _assert_width(query, dim, "query"),
+        tf.debugging.assert_positive(
+            shape[0], message="support: N (classes) must be at least 1"
+        ),
+        tf.debugging.assert_positive(
+            shape[1], message="support: K (examples per class) must be at least 1"
+        ),
+        tf.debugging.assert_all_finite(support, message="support: contains NaN or Inf"),
+        tf.debugging.assert_all_finite(query, message="query: contains NaN or Inf"),
+    ]
+    with tf.control_dependencies(checks):
+        support = tf.ensure_shape(support, [None, None, dim])
+        query = tf.ensure_shape(query, [None, dim])
+    support = tf.math.l2_normalize(scaled_by_power_of_two(support), axis=-1)
+    query = tf.math.l2_normalize(scaled_by_power_of_two(query), axis=-1)
+    return support, query
 
 
 def _assert_width(embeddings, dim, name):
@@ -448,6 +499,7 @@ def _save(module, directory):
         str(directory),
         signatures={
             "serving_default": module.serve.get_concrete_function(),
+            "sampled": module.serve_sampled.get_concrete_function(),
             "metadata": module.metadata.get_concrete_function(),
         },
     )

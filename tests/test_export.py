@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from leo_tf import checkpoints, evaluation, trainer
+from leo_tf import checkpoints, evaluation, trainer, uncertainty
 from leo_tf import export as export_lib
 from leo_tf.data import meta_dataset
 from leo_tf.model import LEO
@@ -616,3 +616,67 @@ def test_rows_are_rescaled_exactly_by_powers_of_two():
     expected[2, 1] = 0.0
     got = export_lib.scaled_by_power_of_two(tf.constant(x)).numpy()
     np.testing.assert_array_equal(got, expected.astype(np.float32))
+
+
+def _random_task(seed, classes=4, shots=2, queries=6):
+    rng = np.random.default_rng(seed)
+    support = rng.normal(size=(classes, shots, DIM)).astype(np.float32)
+    query = rng.normal(size=(queries, DIM)).astype(np.float32)
+    return tf.constant(support), tf.constant(query)
+
+
+def _sampled(loaded, support, query, num_samples, seed):
+    return loaded.signatures["sampled"](
+        support=support,
+        query=query,
+        num_samples=tf.constant(num_samples, tf.int32),
+        seed=tf.constant(seed, tf.int64),
+    )
+
+
+def test_sampled_signature_is_a_pure_function_of_its_seed(loaded):
+    support, query = _random_task(0)
+    first = _sampled(loaded, support, query, 8, 3)
+    again = _sampled(loaded, support, query, 8, 3)
+    other = _sampled(loaded, support, query, 8, 4)
+    for name in ("mean_probabilities", "probability_stddev", "predictive_entropy"):
+        np.testing.assert_array_equal(first[name], again[name])
+    assert not np.array_equal(first["mean_probabilities"], other["mean_probabilities"])
+    mean = first["mean_probabilities"].numpy()
+    assert mean.shape == (6, 4) and first["predictive_entropy"].shape == (6,)
+    np.testing.assert_allclose(mean.sum(-1), 1.0, rtol=1e-5)
+    assert (first["probability_stddev"].numpy() > 0).any()  # the samples differ
+    entropy = -(mean * np.log(mean)).sum(-1)
+    np.testing.assert_allclose(first["predictive_entropy"], entropy, rtol=1e-4)
+
+
+def test_sampled_signature_with_zero_noise_is_the_deterministic_answer(trained, loaded):
+    """The served sampling equals leo_tf.uncertainty on the restored model with
+    the same noise; with that noise zero, every sample is serving_default's."""
+    config, _ = trained
+    model = _restored_model(config)
+    support, query = _random_task(1)
+    unit_support = tf.math.l2_normalize(support, axis=-1)
+    unit_query = tf.math.l2_normalize(query, axis=-1)
+    noise = uncertainty.draw_adaptation_noise(model, support.shape, 5, 9)
+    in_process = uncertainty.summarise(
+        uncertainty.sampled_probabilities(model, unit_support, unit_query, *noise)
+    )
+    served = _sampled(loaded, support, query, 5, 9)
+    np.testing.assert_allclose(
+        served["mean_probabilities"], in_process["mean_probabilities"], atol=1e-5
+    )
+    zero = [tf.zeros_like(x) for x in noise]
+    deterministic = loaded.signatures["serving_default"](support=support, query=query)
+    for sample in uncertainty.sampled_probabilities(
+        model, unit_support, unit_query, *zero
+    ):
+        np.testing.assert_allclose(
+            sample, deterministic["probabilities"], rtol=1e-4, atol=1e-6
+        )
+
+
+def test_sampled_signature_refuses_fewer_than_one_sample(loaded):
+    support, query = _random_task(2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="num_samples: must be"):
+        _sampled(loaded, support, query, 0, 1)
