@@ -211,7 +211,7 @@ class RunLock:
                 f"delete {self.path}"
             )
         pid = holder.get("pid")
-        if pid != os.getpid() and _alive(pid):
+        if pid != os.getpid() and process_alive(pid):
             # Alive without its flock: a file system without working locks.
             raise CheckpointError(
                 f"{self._in_use(holder)}; if pid {pid} is not that trainer, "
@@ -261,12 +261,13 @@ def _same_file(descriptor, path):
     return (opened.st_dev, opened.st_ino) == (on_disk.st_dev, on_disk.st_ino)
 
 
-def _alive(pid):
+def process_alive(pid):
+    """Whether process `pid` (an int from a record) runs on this machine."""
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -329,12 +330,12 @@ def write_json_atomically(path, payload):
     """
     text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
     try:
-        _write_text_atomically(path, text)
+        write_text_atomically(path, text)
     except OSError as error:
         raise CheckpointError(f"could not write {path}: {error}") from error
 
 
-def _write_text_atomically(path, text):
+def write_text_atomically(path, text):
     """Writes `text` to `path` via a temporary file, fsync and a rename.
 
     On failure removes the temporary file and raises the OSError.
@@ -605,7 +606,7 @@ def index_checkpoint(directory, prefix):
         if _step(p) <= step
     ]
     try:
-        _write_text_atomically(index, _checkpoint_index(names))
+        write_text_atomically(index, _checkpoint_index(names))
     except OSError as error:
         raise CheckpointError(f"could not write {index}: {error}") from error
     logging.warning(
@@ -721,8 +722,8 @@ def _stage(root, staging, checkpoint_prefix, metrics):
     name = pathlib.Path(checkpoint_prefix).name
     for source in pathlib.Path(checkpoint_prefix).parent.glob(f"{name}.*"):
         shutil.copy2(source, staging / source.name)
-    _write_text_atomically(staging / INDEX_FILE, _checkpoint_index([name]))
-    _write_text_atomically(
+    write_text_atomically(staging / INDEX_FILE, _checkpoint_index([name]))
+    write_text_atomically(
         staging / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True) + "\n"
     )
     _fsync_directory(staging)

@@ -266,21 +266,6 @@ def check_replaceable(export_dir, overwrite):
     )
 
 
-def _alive(pid):
-    """Whether process `pid` runs on this machine."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OverflowError:
-        return False
-    return True
-
-
 def remove_leftovers(export_dir):
     """Removes what killed exports left beside `export_dir`.
 
@@ -318,7 +303,9 @@ def _left_by_dead_writer(name, pattern):
     match = pattern.fullmatch(name)
     if match is None:
         return False
-    return match.group(1) is None or not _alive(int(match.group(1)))
+    from leo_tf import checkpoints  # pylint: disable=g-import-not-at-top
+
+    return match.group(1) is None or not checkpoints.process_alive(int(match.group(1)))
 
 
 def _remove(path):

@@ -318,16 +318,6 @@ def _flag_lines(text):
     return [line for line in text.splitlines() if line and not line.startswith("#")]
 
 
-def _write_text_atomically(path, text):
-    path = pathlib.Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
-
-
 def _check_same_trial(path, lines):
     """SearchError unless the flagfile at `path`, if any, holds `lines`."""
     if not path.exists():
@@ -368,7 +358,7 @@ def read_results(search_dir):
 
 def _write_results(search_dir, results):
     lines = [json.dumps(results[trial], sort_keys=True) for trial in sorted(results)]
-    _write_text_atomically(
+    checkpoints.write_text_atomically(
         pathlib.Path(search_dir) / RESULTS_FILE, "\n".join(lines) + "\n"
     )
 
@@ -555,7 +545,7 @@ def _write_best(search_dir, results):
         f"meta-validation accuracy {best['metavalid_accuracy']:.4f} at step "
         f"{best['best_step']}.\n"
     )
-    _write_text_atomically(
+    checkpoints.write_text_atomically(
         pathlib.Path(search_dir) / BEST_FLAGFILE,
         header + source.read_text(encoding="utf-8"),
     )
@@ -628,7 +618,7 @@ def _start_trial(trial, draws, directory, lines, header):
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / TRIAL_FLAGFILE
     if not path.exists():
-        _write_text_atomically(path, header + "\n".join(lines) + "\n")
+        checkpoints.write_text_atomically(path, header + "\n".join(lines) + "\n")
 
 
 def run_search(base_args, space, search_dir, num_trials, seed, log=print):

@@ -115,9 +115,7 @@ def summarise(probabilities):
     """
     mean = tf.reduce_mean(probabilities, axis=0)
     stddev = tf.math.reduce_std(probabilities, axis=0)
-    entropy = -tf.reduce_sum(
-        tf.math.multiply_no_nan(tf.math.log(mean), mean), axis=-1
-    )
+    entropy = -tf.reduce_sum(tf.math.multiply_no_nan(tf.math.log(mean), mean), axis=-1)
     return {
         "mean_probabilities": mean,
         "probability_stddev": stddev,

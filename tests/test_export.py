@@ -489,44 +489,63 @@ def test_previous_export_retired_by_a_killed_export_is_restored(trained, tmp_pat
     assert _tree(tmp_path / "model") == before
 
 
-def _promoting(monkeypatch, run, steps):
-    """Makes every resolution of the best checkpoint promote the next of
-    `steps` (as a trainer might, meanwhile) before the export reads it."""
+def _promoting(monkeypatch, run, promotions):
+    """Makes the i-th resolution of the best checkpoint run the i-th list of
+    `promotions` (pairs: checkpoint step, best record's step), as a trainer
+    might meanwhile, before the export reads what it resolved."""
     resolve = checkpoints.best_checkpoint_prefix
-    pending = list(steps)
+    pending = list(promotions)
 
     def racing(directory):
         prefix = resolve(directory)
-        if pending:
-            step = pending.pop(0)
-            checkpoints.promote_to_best(run, run / f"ckpt-{step}", {"step": step})
+        for step, record_step in pending.pop(0) if pending else []:
+            checkpoints.promote_to_best(
+                run, run / f"ckpt-{step}", {"step": record_step}
+            )
         return prefix
 
     monkeypatch.setattr(checkpoints, "best_checkpoint_prefix", racing)
 
 
-def test_export_reads_a_best_checkpoint_promoted_while_restoring(
+def _exported_metadata(export_dir):
+    return json.loads((export_dir / "assets" / "leo_metadata.json").read_text())
+
+
+def test_export_reads_the_best_checkpoint_it_resolved_through_a_promotion(
     run_copy, tmp_path, monkeypatch
 ):
-    _promoting(monkeypatch, run_copy, [10])
+    resolved = checkpoints.best_checkpoint_prefix(run_copy)
+    _promoting(monkeypatch, run_copy, [[(10, 11)]])
     export_lib.export(run_copy, tmp_path / "model")
-    metadata = json.loads(
-        (tmp_path / "model" / "assets" / "leo_metadata.json").read_text()
-    )
+    # A promotion keeps the previous best readable: the export reads it.
+    assert _exported_metadata(tmp_path / "model")["checkpoint"] == resolved
+
+
+def test_export_resolves_again_when_the_best_checkpoint_vanishes(
+    run_copy, tmp_path, monkeypatch
+):
+    # Two promotions while the export reads: the second removes what it resolved.
+    _promoting(monkeypatch, run_copy, [[(10, 11), (10, 12)]])
+    export_lib.export(run_copy, tmp_path / "model")
+    metadata = _exported_metadata(tmp_path / "model")
     assert metadata["checkpoint_step"] == 10
-    assert metadata["checkpoint"] == str(run_copy.resolve() / ".best/step-10/ckpt-10")
+    assert metadata["checkpoint"] == str(run_copy.resolve() / ".best/step-12/ckpt-10")
 
 
 def test_export_gives_up_on_a_best_checkpoint_that_keeps_changing(
     run_copy, tmp_path, monkeypatch
 ):
-    _promoting(monkeypatch, run_copy, [10, 20, 10])
+    _promoting(
+        monkeypatch,
+        run_copy,
+        [[(10, 11), (10, 12)], [(20, 21), (20, 22)], [(10, 13), (10, 14)]],
+    )
     with pytest.raises(export_lib.ExportError) as error:
         export_lib.export(run_copy, tmp_path / "model")
     assert re.fullmatch(
         f"--checkpoint_path={run_copy}: the best checkpoint was replaced while "
         rf"being read, 3 times in a row \(last {run_copy.resolve()}/\.best/"
-        r"step-\d+/ckpt-20\); try again",
+        r"step-22/ckpt-20\); try again",
         str(error.value),
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
