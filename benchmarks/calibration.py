@@ -4,9 +4,9 @@ Serves meta-test episodes of a data set to an exported LEO (see
 `python -m leo_tf.export`) through its `serving_default` signature (one
 adaptation with the Gaussians' means) and its `sampled` signature (S
 adaptations with sampled latents and weights, probabilities averaged), and
-prints, for each, accuracy with its 95% interval, the mean negative
-log-likelihood of the true class and the expected calibration error (15
-bins) over all query examples.
+prints, for each, accuracy with its 95% interval, the mean confidence (top
+probability), the mean negative log-likelihood of the true class and the
+expected calibration error (15 bins) over all query examples.
 
     python benchmarks/calibration.py exports/leo --data_path=DIR \
         --dataset_name=omniglot --num_classes=5 --num_tr_examples_per_class=1 \
@@ -64,9 +64,11 @@ def _scores(name, probabilities, labels, episode_sizes, seconds):
     true_class = probabilities[np.arange(labels.size), labels]
     nll = float(-np.log(np.maximum(true_class, 1e-12)).mean())
     ece = uncertainty.expected_calibration_error(probabilities, labels)
+    confidence = probabilities.max(-1).mean()
     print(
         f"{name:>16}  accuracy {100 * accuracy:6.2f} +- {100 * ci95:.2f}  "
-        f"NLL {nll:.4f}  ECE {100 * ece:5.2f}%  ({seconds:.0f} s)",
+        f"mean confidence {100 * confidence:6.2f}  NLL {nll:.4f}  "
+        f"ECE {100 * ece:5.2f}%  ({seconds:.0f} s)",
         flush=True,
     )
 
