@@ -363,6 +363,10 @@ def test_existing_export_directory_is_refused_and_kept(existing, tmp_path):
     target.mkdir()
     (target / "model.txt").write_text("previous")
     before = _snapshot(target)
-    with pytest.raises(export.ExportError, match="exists and is not empty"):
-        export.export(existing[1], target)
-    assert _snapshot(target) == before
+    for overwrite in (False, True):  # --overwrite replaces only a SavedModel
+        with pytest.raises(
+            export.ExportError,
+            match=r"export: not empty and not a SavedModel \(holds model.txt\)",
+        ):
+            export.export(existing[1], target, overwrite=overwrite)
+        assert _snapshot(target) == before
