@@ -1,4 +1,4 @@
-"""Making LEO's embedding pickles from images (issue 9).
+"""Making LEO's embedding pickles from images.
 
 The LEO authors never released the code that produced their embeddings. This
 package trains a feature extractor by ordinary supervised classification on
