@@ -1,8 +1,9 @@
 """Flags of `python -m leo_tf.train` and the typed configuration they become.
 
 Every flag of the authors' `config.py` and `runner.py` keeps its name and
-default; leo_tf adds a few (marked "leo_tf:" in their help). Flags are read
-here only: `from_flags` validates them and returns frozen dataclasses, which
+default; leo_tf adds a few (marked "leo_tf:" in their help). The command-line
+modules define them with `define_flags`, and they are read here only:
+`from_flags` validates them and returns frozen dataclasses, which
 every other module takes instead of touching FLAGS, so the model and data code
 work from a notebook or a test without absl.
 """
@@ -24,119 +25,149 @@ DROPOUT_LEVELS = 2**16
 MIN_DROPOUT_RATE = 1 / DROPOUT_LEVELS
 _MAX_COUNT = 2**63 - 1  # steps and batches are int64 in TensorFlow
 
-# --- The authors' config.py -------------------------------------------------
-flags.DEFINE_string(
-    "data_path",
-    None,
-    "Path to the dataset. Default: the per-user cache "
-    "directory, where the built-in synthetic set is written.",
-)
-flags.DEFINE_string(
-    "dataset_name",
-    "miniImageNet",
-    "Data set under data_path: miniImageNet, tieredImageNet, "
-    "synthetic, or any directory of embeddings made by "
-    "leo_tf.embed.",
-)
-flags.DEFINE_string("embedding_crop", "center", "Embedding crop: center or multiview.")
-flags.DEFINE_boolean(
-    "train_on_val", False, "Meta-train on the train and validation classes."
-)
-flags.DEFINE_integer("inner_unroll_length", 5, "Adaptation steps in latent space.")
-flags.DEFINE_integer(
-    "finetuning_unroll_length", 5, "Adaptation steps in parameter space (finetuning)."
-)
-flags.DEFINE_integer("num_latents", 64, "Width of the latent space.")
-flags.DEFINE_float(
-    "inner_lr_init", 1.0, "Initial learning rate of the latent inner loop."
-)
-flags.DEFINE_float(
-    "finetuning_lr_init", 0.001, "Initial learning rate of the finetuning loop."
-)
-flags.DEFINE_float("dropout_rate", 0.5, "Probability of dropping a unit.")
-flags.DEFINE_float("kl_weight", 1e-3, "Weight of the KL term (beta).")
-flags.DEFINE_float(
-    "encoder_penalty_weight", 1e-9, "Weight of the encoder penalty (gamma)."
-)
-flags.DEFINE_float("l2_penalty_weight", 1e-8, "Weight of the L2 penalty (lambda_1).")
-flags.DEFINE_float(
-    "orthogonality_penalty_weight",
-    1e-3,
-    "Weight of the decoder orthogonality penalty (lambda_2).",
-)
-flags.DEFINE_integer("num_classes", 5, "N in N-way classification.")
-flags.DEFINE_integer("num_tr_examples_per_class", 1, "K in K-shot classification.")
-flags.DEFINE_integer(
-    "num_val_examples_per_class",
-    15,
-    "Query examples per class in meta-training episodes.",
-)
-flags.DEFINE_integer("metatrain_batch_size", 12, "Episodes per meta-training batch.")
-flags.DEFINE_integer("metavalid_batch_size", 200, "Episodes per meta-validation batch.")
-flags.DEFINE_integer("metatest_batch_size", 200, "Episodes per meta-test batch.")
-flags.DEFINE_integer("num_steps_limit", int(1e5), "Meta-training steps to run.")
-flags.DEFINE_float("outer_lr", 1e-4, "Outer-loop (Adam) learning rate.")
-flags.DEFINE_float(
-    "gradient_threshold", 0.1, "Clip each gradient to [-threshold, threshold]; 0: off."
-)
-flags.DEFINE_float(
-    "gradient_norm_threshold", 0.1, "Then clip each gradient's norm to this; 0: off."
-)
-# --- The authors' runner.py -------------------------------------------------
-flags.DEFINE_string(
-    "checkpoint_path", "/tmp/leo", "Directory of checkpoints, summaries and results."
-)
-flags.DEFINE_integer(
-    "checkpoint_steps", 1000, "Save, meta-validate and log every this many steps."
-)
-flags.DEFINE_boolean(
-    "evaluation_mode",
-    False,
-    "Only evaluate the best (else latest) checkpoint on the " "meta-test split.",
-)
-# --- leo_tf additions --------------------------------------------------------
-flags.DEFINE_integer("seed", 0, "leo_tf: seed of initialisation, episodes and noise.")
-flags.DEFINE_boolean(
-    "evaluate_after_training",
-    False,
-    "leo_tf: run the meta-test evaluation when training ends.",
-)
-flags.DEFINE_integer(
-    "summary_steps",
-    100,
-    "leo_tf: write training summaries and the progress line " "every this many steps.",
-)
-flags.DEFINE_boolean("jit_compile", False, "leo_tf: compile the steps with XLA.")
-flags.DEFINE_integer(
-    "num_towers",
-    0,
-    "leo_tf: split each meta-batch into this many parts computed side by "
-    "side; 0: one per CPU core without a GPU, else 1.",
-)
-flags.DEFINE_integer(
-    "num_metatest_episodes",
-    10000,
-    "leo_tf: meta-test episodes to average over (the authors' 10000), in "
-    "whole batches of metatest_batch_size.",
-)
-flags.DEFINE_boolean(
-    "fixed_metavalid_batches",
-    False,
-    "leo_tf: estimate meta-validation accuracy on the same batches at every "
-    "checkpoint (default, as the authors: new batches each time).",
-)
-flags.DEFINE_enum(
-    "distribution",
-    "none",
-    DISTRIBUTIONS,
-    "leo_tf: none, mirrored (all local devices) or " "multi_worker (TF_CONFIG).",
-)
-flags.DEFINE_boolean(
-    "allow_split_overlap",
-    False,
-    "leo_tf: accept train, val and test splits that share classes or "
-    "identical examples (refused by default: a leak between the splits).",
-)
+
+def define_flags():
+    """Defines the flags of `leo_tf.train` in absl's FLAGS, once.
+
+    Called by the command-line modules that take them (train, search,
+    export), so that importing the configuration defines no flag and other
+    programs (leo_tf.regression) may use the same names.
+    """
+    if "fixed_metavalid_batches" in flags.FLAGS:  # defined already
+        return
+    # --- The authors' config.py -------------------------------------------------
+    flags.DEFINE_string(
+        "data_path",
+        None,
+        "Path to the dataset. Default: the per-user cache "
+        "directory, where the built-in synthetic set is written.",
+    )
+    flags.DEFINE_string(
+        "dataset_name",
+        "miniImageNet",
+        "Data set under data_path: miniImageNet, tieredImageNet, "
+        "synthetic, or any directory of embeddings made by "
+        "leo_tf.embed.",
+    )
+    flags.DEFINE_string(
+        "embedding_crop", "center", "Embedding crop: center or multiview."
+    )
+    flags.DEFINE_boolean(
+        "train_on_val", False, "Meta-train on the train and validation classes."
+    )
+    flags.DEFINE_integer("inner_unroll_length", 5, "Adaptation steps in latent space.")
+    flags.DEFINE_integer(
+        "finetuning_unroll_length",
+        5,
+        "Adaptation steps in parameter space (finetuning).",
+    )
+    flags.DEFINE_integer("num_latents", 64, "Width of the latent space.")
+    flags.DEFINE_float(
+        "inner_lr_init", 1.0, "Initial learning rate of the latent inner loop."
+    )
+    flags.DEFINE_float(
+        "finetuning_lr_init", 0.001, "Initial learning rate of the finetuning loop."
+    )
+    flags.DEFINE_float("dropout_rate", 0.5, "Probability of dropping a unit.")
+    flags.DEFINE_float("kl_weight", 1e-3, "Weight of the KL term (beta).")
+    flags.DEFINE_float(
+        "encoder_penalty_weight", 1e-9, "Weight of the encoder penalty (gamma)."
+    )
+    flags.DEFINE_float(
+        "l2_penalty_weight", 1e-8, "Weight of the L2 penalty (lambda_1)."
+    )
+    flags.DEFINE_float(
+        "orthogonality_penalty_weight",
+        1e-3,
+        "Weight of the decoder orthogonality penalty (lambda_2).",
+    )
+    flags.DEFINE_integer("num_classes", 5, "N in N-way classification.")
+    flags.DEFINE_integer("num_tr_examples_per_class", 1, "K in K-shot classification.")
+    flags.DEFINE_integer(
+        "num_val_examples_per_class",
+        15,
+        "Query examples per class in meta-training episodes.",
+    )
+    flags.DEFINE_integer(
+        "metatrain_batch_size", 12, "Episodes per meta-training batch."
+    )
+    flags.DEFINE_integer(
+        "metavalid_batch_size", 200, "Episodes per meta-validation batch."
+    )
+    flags.DEFINE_integer("metatest_batch_size", 200, "Episodes per meta-test batch.")
+    flags.DEFINE_integer("num_steps_limit", int(1e5), "Meta-training steps to run.")
+    flags.DEFINE_float("outer_lr", 1e-4, "Outer-loop (Adam) learning rate.")
+    flags.DEFINE_float(
+        "gradient_threshold",
+        0.1,
+        "Clip each gradient to [-threshold, threshold]; 0: off.",
+    )
+    flags.DEFINE_float(
+        "gradient_norm_threshold",
+        0.1,
+        "Then clip each gradient's norm to this; 0: off.",
+    )
+    # --- The authors' runner.py -------------------------------------------------
+    flags.DEFINE_string(
+        "checkpoint_path",
+        "/tmp/leo",
+        "Directory of checkpoints, summaries and results.",
+    )
+    flags.DEFINE_integer(
+        "checkpoint_steps", 1000, "Save, meta-validate and log every this many steps."
+    )
+    flags.DEFINE_boolean(
+        "evaluation_mode",
+        False,
+        "Only evaluate the best (else latest) checkpoint on the " "meta-test split.",
+    )
+    # --- leo_tf additions --------------------------------------------------------
+    flags.DEFINE_integer(
+        "seed", 0, "leo_tf: seed of initialisation, episodes and noise."
+    )
+    flags.DEFINE_boolean(
+        "evaluate_after_training",
+        False,
+        "leo_tf: run the meta-test evaluation when training ends.",
+    )
+    flags.DEFINE_integer(
+        "summary_steps",
+        100,
+        "leo_tf: write training summaries and the progress line "
+        "every this many steps.",
+    )
+    flags.DEFINE_boolean("jit_compile", False, "leo_tf: compile the steps with XLA.")
+    flags.DEFINE_integer(
+        "num_towers",
+        0,
+        "leo_tf: split each meta-batch into this many parts computed side by "
+        "side; 0: one per CPU core without a GPU, else 1.",
+    )
+    flags.DEFINE_integer(
+        "num_metatest_episodes",
+        10000,
+        "leo_tf: meta-test episodes to average over (the authors' 10000), in "
+        "whole batches of metatest_batch_size.",
+    )
+    flags.DEFINE_boolean(
+        "fixed_metavalid_batches",
+        False,
+        "leo_tf: estimate meta-validation accuracy on the same batches at every "
+        "checkpoint (default, as the authors: new batches each time).",
+    )
+    flags.DEFINE_enum(
+        "distribution",
+        "none",
+        DISTRIBUTIONS,
+        "leo_tf: none, mirrored (all local devices) or " "multi_worker (TF_CONFIG).",
+    )
+    flags.DEFINE_boolean(
+        "allow_split_overlap",
+        False,
+        "leo_tf: accept train, val and test splits that share classes or "
+        "identical examples (refused by default: a leak between the splits).",
+    )
+
 
 FLAGS = flags.FLAGS
 

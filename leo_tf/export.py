@@ -56,6 +56,7 @@ from leo_tf import config as config_lib
 
 # --checkpoint_path is the training flag of leo_tf.config: the directory to
 # export from.
+config_lib.define_flags()
 flags.declare_key_flag("checkpoint_path")
 flags.DEFINE_string("export_dir", None, "Directory to write the SavedModel to.")
 flags.DEFINE_string(

@@ -108,6 +108,8 @@ _HPARAMS_SUFFIX = ".hparams"
 
 PROG = "leo_tf.search"
 
+config_lib.define_flags()
+
 flags.DEFINE_string("search_dir", None, "Directory of the search's trials and results.")
 flags.DEFINE_integer("num_trials", 20, "Trials to run (a rerun skips finished ones).")
 flags.DEFINE_multi_string(

@@ -10,6 +10,8 @@ from leo_tf import config as config_lib
 
 PROG = "leo_tf.train"
 
+config_lib.define_flags()
+
 
 def main(argv):
     if len(argv) > 1:

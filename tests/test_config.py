@@ -9,6 +9,7 @@ from absl.testing import flagsaver
 from leo_tf import config as config_lib
 
 FLAGS = flags.FLAGS
+config_lib.define_flags()
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The authors' config.py and runner.py defaults (github.com/deepmind/leo).

@@ -1,6 +1,7 @@
 """Few-shot regression runs: reproducible resumable training, the evaluation's
 files, the figure, and errors for bad flags and directories."""
 
+import dataclasses
 import glob
 import json
 import struct
@@ -197,3 +198,23 @@ def test_command_line_reports_a_bad_flag_in_one_line_before_writing(tmp_path):
         "leo_tf.regression: error: --metatrain_batch_size=0: must be > 0"
     )
     assert not directory.exists()
+
+
+def test_command_line_trains_and_evaluates_a_run(tmp_path):
+    """The real command, in a process of its own: the regression flags share
+    names with leo_tf.train's, which it must not define."""
+    directory = tmp_path / "run"
+    values = {**dataclasses.asdict(_config(directory)), "num_steps_limit": 2}
+    process = subprocess.run(
+        [sys.executable, "-m", "leo_tf.regression"]
+        + [f"--{name}={value}" for name, value in values.items()],
+        capture_output=True,
+        text=True,
+        env=run_fixtures.subprocess_env(),
+        cwd=run_fixtures.REPO,
+        timeout=300,
+    )
+    assert process.returncode == 0, process.stderr[-2000:]
+    results = json.loads((directory / "regression_results.json").read_text())
+    assert process.stdout.strip().splitlines()[-1] == run.result_line(results)
+    assert results["num_tasks"] == 6
