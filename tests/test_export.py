@@ -440,6 +440,21 @@ def test_overwrite_replaces_only_a_previous_saved_model(trained, tmp_path):
     assert _tree(target) == before
 
 
+def test_overwrite_keeps_a_saved_model_holding_other_files(trained, tmp_path):
+    config, export_dir = trained
+    target = tmp_path / "model"
+    shutil.copytree(export_dir, target)
+    (target / "notes.txt").write_text("mine")
+    before = _tree(target)
+    with pytest.raises(export_lib.ExportError) as error:
+        export_lib.export(config.train.checkpoint_path, target, overwrite=True)
+    assert str(error.value) == (
+        f"--export_dir={target}: holds a SavedModel and also notes.txt; "
+        "--overwrite replaces only a previous SavedModel"
+    )
+    assert _tree(target) == before
+
+
 def _dead_pid():
     """The pid of a process that has exited."""
     process = subprocess.Popen(["true"])
