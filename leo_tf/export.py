@@ -102,7 +102,7 @@ def resolve_checkpoint(checkpoint_path, which):
                 "(pass --checkpoint=latest to export the latest checkpoint)"
             )
     elif which == "latest":
-        prefix = tf.train.latest_checkpoint(str(checkpoint_path))
+        prefix = checkpoints.indexed_checkpoint(checkpoint_path)
         if prefix is None:
             raise ExportError(f"--checkpoint_path={checkpoint_path}: no checkpoint")
     elif not tf.io.gfile.exists(f"{which}.index"):

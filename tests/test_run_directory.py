@@ -217,10 +217,14 @@ def test_no_intact_checkpoint_is_refused_naming_each(data_path, run, no_training
     assert run_fixtures.snapshot(run) == before
 
 
+@pytest.mark.parametrize("damage", ["deleted", "emptied"])
 def test_missing_checkpoint_index_is_rebuilt_not_a_restart_from_step_0(
-    data_path, run, caplog
+    data_path, run, caplog, damage
 ):
-    (run / "checkpoint").unlink()
+    if damage == "deleted":
+        (run / "checkpoint").unlink()
+    else:
+        (run / "checkpoint").write_text("")
 
     with caplog.at_level(logging.INFO):
         outcome = trainer.train(_config(data_path, run))
