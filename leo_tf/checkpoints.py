@@ -310,6 +310,11 @@ def check_usable(directory, for_writing):
         if for_writing and not os.access(directory, os.W_OK):
             raise CheckpointError(f"--checkpoint_path={directory}: not writable")
         return
+    if directory.is_symlink():
+        raise CheckpointError(
+            f"--checkpoint_path={directory}: a broken symbolic link to "
+            f"{os.readlink(directory)!r}"
+        )
     if not for_writing:
         raise CheckpointError(f"--checkpoint_path={directory}: does not exist")
     parent = directory.parent
