@@ -133,7 +133,8 @@ def restore_model(model, checkpoint_path, which):
         except tf.errors.NotFoundError:
             logging.warning("%s vanished while being read; resolving again", prefix)
             continue
-        except tf.errors.OpError as error:
+        except (tf.errors.OpError, IndexError, ValueError) as error:
+            # A truncated data file raises IndexError ("Read less bytes ...").
             raise ExportError(
                 f"--checkpoint={which}: cannot read {prefix}: {_one_line(error)}"
             ) from error

@@ -576,6 +576,18 @@ def test_unreadable_checkpoint_is_named(run_copy, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+def test_truncated_checkpoint_data_is_named(run_copy, tmp_path):
+    data = run_copy / "ckpt-10.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(export_lib.ExportError) as error:
+        export_lib.export(run_copy, tmp_path / "model", which=str(run_copy / "ckpt-10"))
+    assert str(error.value) == (
+        f"--checkpoint={run_copy / 'ckpt-10'}: cannot read "
+        f"{run_copy.resolve() / 'ckpt-10'}: Read less bytes than requested"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
