@@ -310,6 +310,11 @@ def check_usable(directory, for_writing):
         if for_writing and not os.access(directory, os.W_OK):
             raise CheckpointError(f"--checkpoint_path={directory}: not writable")
         return
+    if directory.is_symlink():
+        raise CheckpointError(
+            f"--checkpoint_path={directory}: a broken symbolic link to "
+            f"{os.readlink(directory)!r}"
+        )
     if not for_writing:
         raise CheckpointError(f"--checkpoint_path={directory}: does not exist")
     parent = directory.parent
@@ -556,6 +561,15 @@ def _reason(error):
     return message.strip().splitlines()[0] if message.strip() else type(error).__name__
 
 
+def indexed_checkpoint(directory):
+    """The prefix TensorFlow's `checkpoint` index in `directory` names as the
+    latest, or None if the index is missing, empty or unreadable."""
+    try:
+        return tf.train.latest_checkpoint(str(directory))
+    except ValueError:  # an index without model_checkpoint_path, e.g. empty
+        return None
+
+
 def latest_intact_checkpoint(directory):
     """The latest checkpoint in `directory` that reads back whole, or None.
 
@@ -565,7 +579,7 @@ def latest_intact_checkpoint(directory):
     CheckpointError names them all.
     """
     candidates = checkpoint_prefixes(directory)
-    indexed = tf.train.latest_checkpoint(str(directory))
+    indexed = indexed_checkpoint(directory)
     if indexed in candidates:
         # Newer files than the index names are a save cut short.
         candidates = candidates[candidates.index(indexed) :]
@@ -595,7 +609,7 @@ def index_checkpoint(directory, prefix):
     older checkpoints, which the CheckpointManager then rotates out as usual.
     """
     directory = pathlib.Path(directory)
-    indexed = tf.train.latest_checkpoint(str(directory))
+    indexed = indexed_checkpoint(directory)
     if indexed == prefix:
         return
     index = directory / INDEX_FILE
@@ -648,7 +662,7 @@ def best_checkpoint(directory):
     best = _resolved_best(directory)
     if best is None:
         return None
-    prefix = tf.train.latest_checkpoint(str(best))
+    prefix = indexed_checkpoint(best)
     if prefix is None:
         return None
     return prefix, read_metrics(best / METRICS_FILE)
@@ -657,7 +671,7 @@ def best_checkpoint(directory):
 def best_checkpoint_prefix(directory):
     """The best checkpoint's prefix, inside its real directory, or None."""
     best = _resolved_best(directory)
-    return None if best is None else tf.train.latest_checkpoint(str(best))
+    return None if best is None else indexed_checkpoint(best)
 
 
 def best_metrics(directory):

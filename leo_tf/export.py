@@ -75,6 +75,10 @@ SAVED_MODEL_FILE = "saved_model.pb"
 # export that was reading them resolves the checkpoint again.
 RESTORE_ATTEMPTS = 3
 _LISTED_ENTRIES = 3
+# What tf.saved_model.save writes at the top of a SavedModel directory.
+_SAVED_MODEL_ENTRIES = frozenset(
+    {SAVED_MODEL_FILE, "variables", "assets", "fingerprint.pb"}
+)
 
 
 class ExportError(ValueError):
@@ -99,7 +103,7 @@ def resolve_checkpoint(checkpoint_path, which):
                 "(pass --checkpoint=latest to export the latest checkpoint)"
             )
     elif which == "latest":
-        prefix = tf.train.latest_checkpoint(str(checkpoint_path))
+        prefix = checkpoints.indexed_checkpoint(checkpoint_path)
         if prefix is None:
             raise ExportError(f"--checkpoint_path={checkpoint_path}: no checkpoint")
     elif not tf.io.gfile.exists(f"{which}.index"):
@@ -130,7 +134,8 @@ def restore_model(model, checkpoint_path, which):
         except tf.errors.NotFoundError:
             logging.warning("%s vanished while being read; resolving again", prefix)
             continue
-        except tf.errors.OpError as error:
+        except (tf.errors.OpError, IndexError, ValueError) as error:
+            # A truncated data file raises IndexError ("Read less bytes ...").
             raise ExportError(
                 f"--checkpoint={which}: cannot read {prefix}: {_one_line(error)}"
             ) from error
@@ -249,22 +254,34 @@ def check_replaceable(export_dir, overwrite):
     if not entries:
         return
     if (target / SAVED_MODEL_FILE).is_file():
+        foreign = [entry for entry in entries if entry.name not in _SAVED_MODEL_ENTRIES]
+        if foreign:
+            raise ExportError(
+                f"--export_dir={export_dir}: holds a SavedModel and also "
+                f"{_listed(foreign)}; --overwrite replaces only a previous "
+                "SavedModel"
+            )
         if overwrite:
             return
         raise ExportError(
             f"--export_dir={export_dir}: holds a previous SavedModel "
             "(pass --overwrite to replace it)"
         )
+    raise ExportError(
+        f"--export_dir={export_dir}: not empty and not a SavedModel (holds "
+        f"{_listed(entries)}); --overwrite replaces only a previous SavedModel"
+    )
+
+
+def _listed(entries):
+    """'a.txt, sub/, c.txt and 2 more': the first few of `entries` (Paths)."""
     listed = ", ".join(
         entry.name + ("/" if entry.is_dir() else "")
         for entry in entries[:_LISTED_ENTRIES]
     )
     if len(entries) > _LISTED_ENTRIES:
         listed += f" and {len(entries) - _LISTED_ENTRIES} more"
-    raise ExportError(
-        f"--export_dir={export_dir}: not empty and not a SavedModel (holds "
-        f"{listed}); --overwrite replaces only a previous SavedModel"
-    )
+    return listed
 
 
 def remove_leftovers(export_dir):

@@ -495,7 +495,7 @@ def _run_trial(trial, draws, space, directory, log):
         config = trial_config(directory / TRIAL_FLAGFILE)
     except config_lib.ConfigError as error:
         return {**record, "status": "failed", "reason": str(error), "wall_s": 0.0}
-    resumed = tf.train.latest_checkpoint(str(directory))
+    resumed = checkpoints.indexed_checkpoint(directory)
     record["resumed_from_step"] = int(resumed.rsplit("-", 1)[1]) if resumed else 0
     _write_trial_hparams(directory, trial, hparams)
     try:

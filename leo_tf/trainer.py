@@ -330,11 +330,17 @@ class _Session:
         try:
             return self.manager.save(checkpoint_number=step)
         except (OSError, tf.errors.OpError) as error:
+            checkpoints.remove_stale_temporaries(self.directory)  # ckpt-N_temp
+            previous = self.manager.latest_checkpoint
             raise checkpoints.CheckpointError(
                 f"could not write the checkpoint of step {step} to "
-                f"{self.directory}: {error}. The previous checkpoints "
-                f"({self.manager.latest_checkpoint}) and best_checkpoint are "
-                "intact; rerun to resume from them."
+                f"{self.directory}: {error}. "
+                + (
+                    f"The previous checkpoints ({previous}) and best_checkpoint "
+                    "are intact; rerun to resume from them."
+                    if previous
+                    else "No earlier checkpoint was written; rerun to start again."
+                )
             ) from error
 
     def _checkpoint_and_validate(self):

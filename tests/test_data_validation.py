@@ -147,6 +147,22 @@ def test_one_string_decoded_over_and_over_is_refused(tmp_path):
     assert peak < 2**24
 
 
+def test_rows_repeating_one_list_are_refused_before_building_the_array(tmp_path):
+    row = [0.5] * 640  # one object: pickled once, then referenced
+    path = write_pickle(
+        tmp_path / "rows.pkl", {"embeddings": [row] * 20_000, "keys": []}
+    )
+    assert path.stat().st_size < 100_000
+    message, peak = read_error_and_peak(path)
+    assert message == (
+        f"{path}: field 'embeddings': a list of 20000 rows holding 12800000 "
+        f"values in all, more than the file's {path.stat().st_size} bytes could "
+        "store (its rows repeat references to the same objects); refusing to "
+        "build it"
+    )
+    assert peak < 2**24  # the array would take 102 MB as float64
+
+
 # ---------------------------------------------------------------------------
 # Files that are not regular files.
 

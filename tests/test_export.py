@@ -440,6 +440,21 @@ def test_overwrite_replaces_only_a_previous_saved_model(trained, tmp_path):
     assert _tree(target) == before
 
 
+def test_overwrite_keeps_a_saved_model_holding_other_files(trained, tmp_path):
+    config, export_dir = trained
+    target = tmp_path / "model"
+    shutil.copytree(export_dir, target)
+    (target / "notes.txt").write_text("mine")
+    before = _tree(target)
+    with pytest.raises(export_lib.ExportError) as error:
+        export_lib.export(config.train.checkpoint_path, target, overwrite=True)
+    assert str(error.value) == (
+        f"--export_dir={target}: holds a SavedModel and also notes.txt; "
+        "--overwrite replaces only a previous SavedModel"
+    )
+    assert _tree(target) == before
+
+
 def _dead_pid():
     """The pid of a process that has exited."""
     process = subprocess.Popen(["true"])
@@ -558,6 +573,18 @@ def test_unreadable_checkpoint_is_named(run_copy, tmp_path):
         match=r"--checkpoint=.*/ckpt-10: cannot read .*/ckpt-10: .*",
     ):
         export_lib.export(run_copy, tmp_path / "model", which=str(run_copy / "ckpt-10"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_truncated_checkpoint_data_is_named(run_copy, tmp_path):
+    data = run_copy / "ckpt-10.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(export_lib.ExportError) as error:
+        export_lib.export(run_copy, tmp_path / "model", which=str(run_copy / "ckpt-10"))
+    assert str(error.value) == (
+        f"--checkpoint={run_copy / 'ckpt-10'}: cannot read "
+        f"{run_copy.resolve() / 'ckpt-10'}: Read less bytes than requested"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 

@@ -140,6 +140,9 @@ def test_failing_checkpoint_write_is_reported_keeps_everything_and_rerun_continu
 
     def failing_save(self, checkpoint_number=None, **kwargs):
         if checkpoint_number == 20:
+            half_written = directory / "ckpt-20_temp" / "part-00000-of-00001"
+            half_written.mkdir(parents=True)
+            (half_written / "data-00000-of-00001").write_bytes(b"\0" * 100)
             raise OSError(28, "No space left on device")
         return original_save(self, checkpoint_number=checkpoint_number, **kwargs)
 
@@ -150,6 +153,7 @@ def test_failing_checkpoint_write_is_reported_keeps_everything_and_rerun_continu
     assert f"could not write the checkpoint of step 20 to {directory}" in message
     assert "No space left on device" in message
     assert "ckpt-10" in message and "rerun to resume" in message
+    assert not (directory / "ckpt-20_temp").exists()
     before = _checkpoint_weights(directory / "ckpt-10")
     best_before = checkpoints.best_metrics(directory)
     assert best_before["step"] == 10

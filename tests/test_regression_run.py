@@ -4,6 +4,9 @@ files, the figure, and errors for bad flags and directories."""
 import dataclasses
 import glob
 import json
+import os
+import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -89,6 +92,27 @@ def test_training_resumed_from_a_checkpoint_equals_an_uninterrupted_run(
         for name, value in straight.items()
         if "decoder" in name
     )
+
+
+def test_second_trainer_is_refused_naming_the_holder_and_writes_nothing(
+    trained, tmp_path
+):
+    directory = tmp_path / "run"
+    shutil.copytree(trained, directory)
+    lock = checkpoints.RunLock(directory)
+    lock.acquire()
+    before = run_fixtures.snapshot(directory)
+    try:
+        with pytest.raises(checkpoints.CheckpointError) as error:
+            run.train(_config(directory, num_steps_limit=6, seed=1))
+    finally:
+        after = run_fixtures.snapshot(directory)
+        lock.release()
+    assert f"--checkpoint_path={directory}: in use by another trainer" in str(
+        error.value
+    )
+    assert f"pid {os.getpid()} on host {socket.gethostname()}" in str(error.value)
+    assert after == before
 
 
 def test_evaluation_writes_results_figure_and_summaries(trained):

@@ -94,21 +94,25 @@ def test_second_trainer_is_refused_naming_the_holder_and_writes_nothing(
     assert not (run / ".lock").exists()
 
 
-def test_lock_of_a_dead_process_is_taken_over_and_released_at_the_end(
-    data_path, run, caplog
-):
+def _exited_pid():
     finished = subprocess.Popen(["true"])
     finished.wait()
-    holder = {"pid": finished.pid, "host": socket.gethostname(), "command": "x"}
+    return finished.pid
+
+
+@pytest.mark.parametrize("recorded", ["exited", "beyond any pid"])
+def test_lock_of_a_dead_process_is_taken_over_and_released_at_the_end(
+    data_path, run, caplog, recorded
+):
+    pid = _exited_pid() if recorded == "exited" else 2**63
+    holder = {"pid": pid, "host": socket.gethostname(), "command": "x"}
     (run / ".lock").write_text(json.dumps(holder))
 
     with caplog.at_level(logging.WARNING):
         outcome = trainer.train(_config(data_path, run))
 
     assert outcome["step"] == 20
-    assert f"{run / '.lock'}: taking over the lock (pid {finished.pid} on" in (
-        caplog.text
-    )
+    assert f"{run / '.lock'}: taking over the lock (pid {pid} on" in caplog.text
     assert not (run / ".lock").exists()
 
 
@@ -124,6 +128,22 @@ def test_lock_recorded_by_another_host_is_refused(data_path, run, no_training):
     assert "in use by another trainer (pid 4242 on host elsewhere" in message
     assert f"if that trainer is no longer running, delete {run / '.lock'}" in message
     assert run_fixtures.snapshot(run) == before
+
+
+def test_broken_symbolic_link_as_checkpoint_path_is_named(
+    data_path, tmp_path, no_training
+):
+    link = tmp_path / "run"
+    link.symlink_to(tmp_path / "moved" / "run")
+
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        trainer.train(_config(data_path, link))
+
+    assert str(error.value) == (
+        f"--checkpoint_path={link}: a broken symbolic link to "
+        f"{str(tmp_path / 'moved' / 'run')!r}"
+    )
+    assert not (tmp_path / "moved").exists()
 
 
 def test_checkpoints_appearing_while_a_trainer_starts_are_not_overwritten(
@@ -217,10 +237,14 @@ def test_no_intact_checkpoint_is_refused_naming_each(data_path, run, no_training
     assert run_fixtures.snapshot(run) == before
 
 
+@pytest.mark.parametrize("damage", ["deleted", "emptied"])
 def test_missing_checkpoint_index_is_rebuilt_not_a_restart_from_step_0(
-    data_path, run, caplog
+    data_path, run, caplog, damage
 ):
-    (run / "checkpoint").unlink()
+    if damage == "deleted":
+        (run / "checkpoint").unlink()
+    else:
+        (run / "checkpoint").write_text("")
 
     with caplog.at_level(logging.INFO):
         outcome = trainer.train(_config(data_path, run))

@@ -563,7 +563,23 @@ def _built(path, raw, field, file_size):
     value = raw[field]
     if isinstance(value, _PickledArray):
         return value.build(path, field, file_size)
+    if isinstance(value, (list, tuple)):
+        _check_list_size(path, field, value, file_size)
     return value
+
+
+def _check_list_size(path, field, rows, file_size):
+    """Raises DataError if the list `rows` holds more values than its file
+    has bytes: its rows are then references to the same few objects, and an
+    array built from it would need memory far beyond the file's size."""
+    count = sum(len(row) if hasattr(row, "__len__") else 1 for row in rows)
+    if count > file_size:
+        raise DataError(
+            f"{path}: field {field!r}: a list of {len(rows)} rows holding "
+            f"{count} values in all, more than the file's {file_size} bytes "
+            "could store (its rows repeat references to the same objects); "
+            "refusing to build it"
+        )
 
 
 def _read_rows(path, embedding_dim) -> _Rows:

@@ -291,11 +291,22 @@ def _validate(writer, step, config, models, predict):
 
 def train(config):
     """Meta-trains both models to num_steps_limit, resuming from the latest
-    checkpoint under checkpoint_path. Returns the step reached."""
+    checkpoint under checkpoint_path. Returns the step reached.
+
+    Holds the directory's lock (checkpoints.RunLock) throughout: a second
+    trainer on it is refused, naming this one.
+    """
     directory = pathlib.Path(config.checkpoint_path)
     checkpoints.check_usable(directory, for_writing=True)
     _check_compatible(directory, config)
     directory.mkdir(parents=True, exist_ok=True)
+    with checkpoints.RunLock(directory) as lock:
+        lock.acquire()
+        return _train_holding_the_lock(config, directory)
+
+
+def _train_holding_the_lock(config, directory):
+    """train's work, once the lock on `directory` is held."""
     checkpoints.write_json_atomically(
         directory / checkpoints.CONFIG_FILE, config.to_dict()
     )
