@@ -104,7 +104,7 @@ def test_second_trainer_is_refused_naming_the_holder_and_writes_nothing(
     before = run_fixtures.snapshot(directory)
     try:
         with pytest.raises(checkpoints.CheckpointError) as error:
-            run.train(_config(directory, num_steps_limit=6, seed=1))
+            run.train(_config(directory, num_steps_limit=6))
     finally:
         after = run_fixtures.snapshot(directory)
         lock.release()
@@ -162,6 +162,19 @@ def test_figure_is_a_png_of_three_inch_panels():
 def test_evaluation_refuses_checkpoints_of_another_regressor(trained):
     with pytest.raises(config_lib.ConfigError, match=r"--hidden_units=5: .*=4"):
         run.evaluate(_config(trained, hidden_units=5))
+
+
+@pytest.mark.parametrize(
+    "overrides", [dict(num_shots=6), dict(seed=1), dict(noise_stddev=0.5)]
+)
+def test_resuming_with_other_task_or_training_flags_is_refused(trained, overrides):
+    ((name, value),) = overrides.items()
+    before = sorted(p.name for p in trained.iterdir())
+    with pytest.raises(
+        config_lib.ConfigError, match=f"--{name}={value}: .* made with {name}="
+    ):
+        run.train(_config(trained, num_steps_limit=6, **overrides))
+    assert sorted(p.name for p in trained.iterdir()) == before
 
 
 def test_evaluation_without_a_checkpoint_says_so(tmp_path):

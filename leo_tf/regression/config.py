@@ -89,6 +89,19 @@ def help_text(field):
 
 # Fields the model's variables depend on: a checkpoint needs the same values.
 ARCHITECTURE_FIELDS = ("hidden_units", "num_latents")
+# What may change when a run resumes: its length, its logging and its
+# evaluation. Every other field shapes the training and must stay as saved.
+FREE_ON_RESUME = (
+    "checkpoint_path",
+    "evaluation_mode",
+    "num_steps_limit",
+    "checkpoint_steps",
+    "summary_steps",
+    "num_eval_tasks",
+    "num_eval_query_points",
+    "num_prediction_samples",
+    "num_figure_tasks",
+)
 
 _POSITIVE = (
     "num_shots",

@@ -16,6 +16,7 @@ The run directory (--checkpoint_path) holds:
   regression_figure.png    the paper-style figure (needs matplotlib)
 """
 
+import dataclasses
 import pathlib
 import time
 
@@ -213,18 +214,28 @@ def figure_png(config, models, predict, stream):
     )
 
 
-def _check_compatible(directory, config):
-    """ConfigError if the directory's checkpoints were made for other shapes."""
+def _check_compatible(directory, config, names):
+    """ConfigError naming the first of the fields `names` whose value differs
+    from the directory's saved configuration."""
     saved = checkpoints.read_json(directory / checkpoints.CONFIG_FILE)
     if saved is None:
         return
-    for name in config_lib.ARCHITECTURE_FIELDS:
+    for name in names:
         if saved.get(name) != getattr(config, name):
             raise config_lib.ConfigError(
                 f"--{name}={getattr(config, name)}: the checkpoints in {directory} "
                 f"were made with {name}={saved.get(name)}; use that value or "
                 "another --checkpoint_path"
             )
+
+
+def _fixed_on_resume():
+    """The fields a resumed training run must keep (all but FREE_ON_RESUME)."""
+    return [
+        field.name
+        for field in dataclasses.fields(config_lib.RegressionConfig)
+        if field.name not in config_lib.FREE_ON_RESUME
+    ]
 
 
 def _restore_latest(models, directory):
@@ -298,7 +309,7 @@ def train(config):
     """
     directory = pathlib.Path(config.checkpoint_path)
     checkpoints.check_usable(directory, for_writing=True)
-    _check_compatible(directory, config)
+    _check_compatible(directory, config, _fixed_on_resume())
     directory.mkdir(parents=True, exist_ok=True)
     with checkpoints.RunLock(directory) as lock:
         lock.acquire()
@@ -357,7 +368,7 @@ def evaluate(config):
     """
     directory = pathlib.Path(config.checkpoint_path)
     checkpoints.check_usable(directory, for_writing=False)
-    _check_compatible(directory, config)
+    _check_compatible(directory, config, config_lib.ARCHITECTURE_FIELDS)
     models = Models(config)
     latest = _restore_latest(models, directory)
     if latest is None:
