@@ -468,6 +468,24 @@ def read_metrics(path):
     return record
 
 
+def _foreign_entries(directory):
+    """Sorted names in `directory` that no run writes before its config.json.
+
+    A run directory starts with its lock and temporaries (hidden names);
+    TensorBoard events and flagfiles may come first too (a search writes a
+    trial's flagfile and hyperparameters before training it).
+    """
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(
+        entry.name
+        for entry in directory.iterdir()
+        if not entry.name.startswith((".", "events.out.tfevents."))
+        and entry.suffix != ".cfg"
+    )
+
+
 def check_compatible(directory, config, embedding_dim, fixed):
     """ConfigError unless `config` agrees with the run's config.json on `fixed`.
 
@@ -487,6 +505,16 @@ def check_compatible(directory, config, embedding_dim, fixed):
                 f"{pathlib.Path(directory) / CONFIG_FILE}: missing, but the "
                 "directory holds checkpoints; restore the file or use another "
                 "--checkpoint_path"
+            )
+        foreign = _foreign_entries(directory)
+        if foreign:
+            listed = ", ".join(foreign[:3]) + (
+                f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            )
+            raise CheckpointError(
+                f"--checkpoint_path={directory}: not a leo_tf run directory "
+                f"(no {CONFIG_FILE}) and not empty (holds {listed}); use a new "
+                "or empty directory"
             )
         return
     if saved["embedding_dim"] != embedding_dim:

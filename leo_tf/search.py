@@ -623,6 +623,17 @@ def _start_trial(trial, draws, directory, lines, header):
         checkpoints.write_text_atomically(path, header + "\n".join(lines) + "\n")
 
 
+def _check_search_dir(search_dir):
+    """SearchError if `search_dir` is a file or a training run's directory."""
+    if search_dir.exists() and not search_dir.is_dir():
+        raise SearchError(f"--search_dir={search_dir}: not a directory")
+    if (search_dir / checkpoints.CONFIG_FILE).exists():
+        raise SearchError(
+            f"--search_dir={search_dir}: a leo_tf.train run directory (it holds "
+            f"{checkpoints.CONFIG_FILE}); a search needs a directory of its own"
+        )
+
+
 def run_search(base_args, space, search_dir, num_trials, seed, log=print):
     """Runs (or resumes) the search; returns a SearchOutcome.
 
@@ -639,6 +650,7 @@ def run_search(base_args, space, search_dir, num_trials, seed, log=print):
     any trial trains if the flags, space or directory are unusable.
     """
     search_dir = pathlib.Path(search_dir)
+    _check_search_dir(search_dir)
     _check_search(base_args, space, num_trials, seed)
     plan = _plan(base_args, space, search_dir, num_trials, seed)
     try:

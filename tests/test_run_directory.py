@@ -581,3 +581,32 @@ def test_disk_full_writing_test_results_names_the_file_and_keeps_the_figures(
         "; Meta-test accuracy " in message and "(95% interval, 50 episodes" in message
     )
     assert not list(run.glob("*test_results.json*"))
+
+
+def test_a_folder_that_is_not_a_run_is_refused_and_left_untouched(
+    data_path, tmp_path, no_training
+):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "checkpoint").write_text("my notes")  # TensorFlow's index name
+    (folder / "thesis.tex").write_text("\\documentclass{article}")
+    before = run_fixtures.snapshot(folder)
+    with pytest.raises(
+        checkpoints.CheckpointError,
+        match=(
+            rf"--checkpoint_path={folder}: not a leo_tf run directory \(no "
+            r"config.json\) and not empty \(holds checkpoint, thesis.tex\)"
+        ),
+    ):
+        trainer.train(run_fixtures.toy_run_config(data_path, folder))
+    assert run_fixtures.snapshot(folder) == before
+
+
+def test_a_new_run_may_start_beside_flagfiles_and_summaries(data_path, tmp_path):
+    folder = tmp_path / "trial"
+    folder.mkdir()
+    (folder / "trial.cfg").write_text("--num_latents=8\n")
+    (folder / "events.out.tfevents.1.host.hparams").write_bytes(b"")
+    outcome = trainer.train(run_fixtures.toy_run_config(data_path, folder))
+    assert outcome["step"] == 20
+    assert (folder / checkpoints.CONFIG_FILE).is_file()

@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import pathlib
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -272,6 +274,27 @@ def test_a_changed_command_refuses_the_directory_of_another_search(interrupted):
     assert "trial-000/trial.cfg: made by another search" in message
     assert "--kl_weight=0.5" in message and "\n" not in message
     assert _snapshot(search_dir) == before
+
+
+@pytest.mark.parametrize("kind", ["file", "training run"])
+def test_a_file_or_a_training_run_as_search_dir_is_refused(interrupted, tmp_path, kind):
+    search_dir = tmp_path / "target"
+    if kind == "file":
+        search_dir.write_text("notes")
+        expected = f"--search_dir={search_dir}: not a directory"
+    else:
+        shutil.copytree(interrupted["search_dir"] / "trial-002", search_dir)
+        expected = f"--search_dir={search_dir}: a leo_tf.train run directory"
+    before = _snapshot(tmp_path)
+    with pytest.raises(search.SearchError, match=re.escape(expected)):
+        search.run_search(
+            _base_args(interrupted["data_path"]),
+            search.parse_space(SPACE),
+            search_dir,
+            1,
+            seed=0,
+        )
+    assert _snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize(
