@@ -1,6 +1,6 @@
 """The random numbers of a meta-training step, drawn ahead of the step.
 
-LEO's meta-training step is stochastic in five places (spec items 1, 3, 4, 5):
+LEO's meta-training step is stochastic in five places:
 the encoder's input dropout, the latent sample, the classifier-weight sample
 after every decode, the classifier's input dropout on every support-loss
 evaluation, and the classifier's input dropout on the query set. Drawing all
