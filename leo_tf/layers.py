@@ -211,6 +211,12 @@ def orthogonality_penalty(kernel):
     return tf.reduce_mean(tf.square(cosine - identity))
 
 
+def network_kernels(encoder, relation_network, decoder):
+    """The kernels of LEO's encoder, relation network and decoder, in that
+    order: the weight matrices its L2 penalty covers (no biases, no rates)."""
+    return [encoder.kernel, *relation_network.kernels, decoder.kernel]
+
+
 def apply_dropout(inputs, dropout_mask):
     """inputs * mask, mask a pre-drawn scaled keep mask; None: no dropout."""
     return inputs if dropout_mask is None else inputs * dropout_mask

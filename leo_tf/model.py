@@ -301,11 +301,7 @@ class LEO(keras.layers.Layer):
     @property
     def weight_matrices(self):
         """The kernels that the L2 penalty covers (not the learning rates)."""
-        return [
-            self.encoder.kernel,
-            *self.relation_network.kernels,
-            self.decoder.kernel,
-        ]
+        return layers.network_kernels(self.encoder, self.relation_network, self.decoder)
 
     # Section 3.1: encoding the support set into a distribution over codes.
     def encode(self, tr_input, dropout_mask=None):

@@ -148,12 +148,8 @@ class LEORegressor(keras.layers.Layer):
 
     @property
     def weight_matrices(self):
-        """The kernels that the L2 penalty covers."""
-        return [
-            self.encoder.kernel,
-            *self.relation_network.kernels,
-            self.decoder.kernel,
-        ]
+        """The kernels that the L2 penalty covers (not the learning rates)."""
+        return layers.network_kernels(self.encoder, self.relation_network, self.decoder)
 
     def noise_stddev(self):
         """The learned stddev of the observation noise (scalar)."""
