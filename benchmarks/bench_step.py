@@ -16,7 +16,7 @@ its steady state. Variants:
 
   shipped   leo_tf's compiled steps, fed by its tf.data pipeline (episodes
             and noise drawn ahead of the step);
-  map_fn    the literal per-episode formulation of tests/reference_leo.py
+  map_fn    the literal per-episode formulation of leo_tf/reference.py
             under tf.map_fn, with the same outer update, same pipeline;
   torch     the equivalent PyTorch eager step of benchmarks/torch_leo.py
             (second order), if torch is installed;
@@ -112,8 +112,7 @@ def _tf_worker(variant, setting, args):
         model = LEO(model_config, DIM, seed=0)
         optimizer = steps.make_optimizer(OptimizerConfig())
     if variant == "map_fn":
-        sys.path.insert(0, str(REPO))
-        from tests.reference_leo import ReferenceModel
+        from leo_tf.reference import ReferenceModel
 
         model = ReferenceModel(model)
     spec = sampler.element_spec

@@ -1,8 +1,8 @@
 """The compiled outer-loop steps: meta-training update and evaluation.
 
 The meta-training step differentiates the meta-batch loss through both inner
-loops (second order), replaces NaN gradients by a weight-decay pull (spec
-item 10), clips each gradient tensor by value then by norm (item 11), and
+loops (second order), replaces NaN gradients by a weight-decay pull (the
+authors' guard), clips each gradient tensor by value then by norm, and
 applies Adam.
 """
 

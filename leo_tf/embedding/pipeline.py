@@ -32,15 +32,15 @@ class SourceConfig:
     """Where the images come from: exactly one of the three sources.
 
     Attributes:
-        packed_omniglot: path of the packed Omniglot .npz.
-        image_dir: directory of class folders (see images.load_image_folder).
-        image_dir_layout: "class" or "group/class".
-        tfds_name: registered TFDS data set name.
-        tfds_splits: TFDS splits to pool.
-        tfds_data_dir: TFDS data directory ("" for TFDS' default).
-        tfds_download: let TFDS download and prepare the data set if needed.
-        image_size: resize to image_size x image_size (0 keeps the source size).
-        channels: convert to 1 or 3 channels (0 keeps the source's).
+      packed_omniglot: path of the packed Omniglot .npz.
+      image_dir: directory of class folders (see images.load_image_folder).
+      image_dir_layout: "class" or "group/class".
+      tfds_name: registered TFDS data set name.
+      tfds_splits: TFDS splits to pool.
+      tfds_data_dir: TFDS data directory ("" for TFDS' default).
+      tfds_download: let TFDS download and prepare the data set if needed.
+      image_size: resize to image_size x image_size (0 keeps the source size).
+      channels: convert to 1 or 3 channels (0 keeps the source's).
     """
 
     packed_omniglot: str = ""
@@ -79,13 +79,13 @@ class SplitConfig:
     """How classes are split (see splits.py).
 
     Attributes:
-        rule: "omniglot", "random", or "auto" (= omniglot for the packed
-            Omniglot and TFDS omniglot sources, random otherwise).
-        num_val_alphabets: omniglot rule: background alphabets held out for
-            meta-validation.
-        split_sizes: random rule: "train,val,test" class counts or fractions.
-        split_seed: seeds the choice of validation alphabets / the permutation.
-        rotations: add each class's 90/180/270-degree rotations as new classes.
+      rule: "omniglot", "random", or "auto" (= omniglot for the packed
+        Omniglot and TFDS omniglot sources, random otherwise).
+      num_val_alphabets: omniglot rule: background alphabets held out for
+        meta-validation.
+      split_sizes: random rule: "train,val,test" class counts or fractions.
+      split_seed: seeds the choice of validation alphabets / the permutation.
+      rotations: add each class's 90/180/270-degree rotations as new classes.
     """
 
     rule: str = "auto"
@@ -134,10 +134,10 @@ class SplitSummary:
     """One written split.
 
     Attributes:
-        path: the pickle.
-        class_ids: class ids in label order (label i is class_ids[i]).
-        class_names: the source class names, same order.
-        counts: images per class, same order.
+      path: the pickle.
+      class_ids: class ids in label order (label i is class_ids[i]).
+      class_names: the source class names, same order.
+      counts: images per class, same order.
     """
 
     path: str
@@ -155,14 +155,14 @@ class EmbedResult:
     """What `run` did.
 
     Attributes:
-        splits: {"train"|"val"|"test": SplitSummary}.
-        head_class_ids: class ids of the softmax head's outputs, in order (the
-            classes the network was trained on).
-        split_rule: how classes were split, in words.
-        embedding_dim: D.
-        seconds: wall time per stage ("load", "train", "embed", "write").
-        history: per-epoch training loss / accuracy.
-        classes_path: the classes.json file.
+      splits: {"train"|"val"|"test": SplitSummary}.
+      head_class_ids: class ids of the softmax head's outputs, in order (the
+        classes the network was trained on).
+      split_rule: how classes were split, in words.
+      embedding_dim: D.
+      seconds: wall time per stage ("load", "train", "embed", "write").
+      history: per-epoch training loss / accuracy.
+      classes_path: the classes.json file.
     """
 
     splits: Dict[str, SplitSummary]
@@ -252,15 +252,15 @@ def _write_outputs(
     """Writes the three pickles and classes.json.
 
     Args:
-        config: the run's configuration.
-        class_split: the class split (its rule is recorded).
-        by_split: {split: ImageSet}, rows grouped by class.
-        blocks: {split: (class names, counts, labels [n])} from `_class_blocks`.
-        ids: {split: class ids in label order}.
-        embeddings: {split: float32 [n, D]}.
+      config: the run's configuration.
+      class_split: the class split (its rule is recorded).
+      by_split: {split: ImageSet}, rows grouped by class.
+      blocks: {split: (class names, counts, labels [n])} from `_class_blocks`.
+      ids: {split: class ids in label order}.
+      embeddings: {split: float32 [n, D]}.
 
     Returns:
-        ({split: SplitSummary}, path of classes.json).
+      ({split: SplitSummary}, path of classes.json).
     """
     output = config.output
     summaries, classes = {}, {}
@@ -316,7 +316,7 @@ def run(config: EmbedConfig) -> EmbedResult:
     """Makes and writes the embeddings. See the module docstring.
 
     Returns:
-        EmbedResult.
+      EmbedResult.
     """
     seconds = {}
     start = time.perf_counter()
