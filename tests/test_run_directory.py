@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import json
 import logging
+import math
 import os
 import pathlib
 import shutil
@@ -775,6 +776,16 @@ def test_restored_checkpoint_is_promoted_only_if_validated_and_better(
     record = {"step": 2, "metavalid_accuracy": accuracy}
     directory.promote_if_better(str(tiny_run / "ckpt-2"), record)
     assert checkpoints.best_metrics(tiny_run)["step"] == (2 if promoted else 1)
+
+
+def test_unvalidated_checkpoint_is_not_promoted_even_without_a_best(tmp_path):
+    prefix = _tiny_checkpoint(tmp_path, 3)
+    directory = run_directory.RunDirectory(tmp_path)
+    directory.load_best_record()
+    directory.promote_if_better(prefix, {"step": 3, "metavalid_accuracy": math.nan})
+    assert checkpoints.best_checkpoint(tmp_path) is None
+    directory.promote_if_better(prefix, {"step": 3, "metavalid_accuracy": 0.25})
+    assert checkpoints.best_metrics(tmp_path)["step"] == 3
 
 
 def test_best_record_states_the_estimate_it_was_chosen_by(tmp_path):

@@ -2,8 +2,9 @@
 
 Three sources, all ending in the same in-memory form:
 
-* `load_packed_omniglot`: the packed Omniglot arrays (`omniglot_28.npz`, see
-    shared/data/README.md). Class name `"<alphabet>/<character>"`, group
+* `load_packed_omniglot`: the packed Omniglot arrays (`omniglot_28.npz`:
+    images uint8 [n, 28, 28] and per-row char_id, drawing, alphabet and
+    character). Class name `"<alphabet>/<character>"`, group
     `<alphabet>`; rows sorted by class name, then drawing.
 * `load_image_folder`: a directory of image files read with TFDS'
     `tfds.folder_dataset.ImageFolder`. Two layouts:
@@ -147,7 +148,7 @@ def convert_images(
 
 
 def load_packed_omniglot(path: str, image_size: int = 0, channels: int = 0) -> ImageSet:
-    """Reads the packed Omniglot arrays (shared/data/README.md).
+    """Reads the packed Omniglot arrays (`omniglot_28.npz`).
 
     Args:
       path: the .npz file: images uint8 [n, 28, 28], char_id, drawing,
