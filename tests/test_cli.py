@@ -86,10 +86,10 @@ def test_interrupt_exits_130_quietly(capsys):
 
 
 def test_unparsable_flag_is_one_line(capsys):
-    assert _run(_raising(AssertionError("not reached")), "--seed=abc") == 1
+    assert _run(_raising(AssertionError("not reached")), "--debug=abc") == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err.startswith("leo_tf.test: error: flag --seed=abc: invalid literal")
+    assert err.startswith("leo_tf.test: error: flag --debug=abc: Non-boolean")
 
 
 def _entry_point(monkeypatch, module, *args):
