@@ -51,10 +51,12 @@ def option(default, help_text, *checks, choices=None, define=None):
       default, help_text: the flag's default and help.
       *checks: functions of the value returning None when it is valid, else
         what it must be ("must be at least 1").
-      choices: the values of an enum flag.
+      choices: the values of an enum flag (and the only valid ones).
       define: the absl DEFINE function, where the type does not say it
         (bool, int, float, str and tuples of str, a comma-separated list, do).
     """
+    if choices:
+        checks = (*checks, one_of(choices))
     return dataclasses.field(
         default=default,
         metadata={
@@ -128,18 +130,28 @@ def _typed(value):
 
 def check(config):
     """Raises ConfigError, naming the flag and its value, at the first broken
-    rule: each field's checks (nested dataclasses first), then `RULES`."""
+    rule: every field's checks first, then the classes' cross-field `RULES`
+    (of nested dataclasses before those of the one holding them)."""
+    configs = list(_nested(config))
+    for each in configs:
+        for field in option_fields(type(each)):
+            value = getattr(each, field.name)
+            for rule in field.metadata["checks"]:
+                problem = rule(value)
+                if problem:
+                    raise ConfigError(f"--{field.name}={value}: {problem}")
+    for each in configs:
+        for rule in getattr(each, "RULES", ()):
+            rule(each)
+
+
+def _nested(config):
+    """The dataclasses in `config`'s fields (recursively), then `config`."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if dataclasses.is_dataclass(value):
-            check(value)
-            continue
-        for rule in field.metadata.get("checks", ()):
-            problem = rule(value)
-            if problem:
-                raise ConfigError(f"--{field.name}={value}: {problem}")
-    for rule in getattr(config, "RULES", ()):
-        rule(config)
+            yield from _nested(value)
+    yield config
 
 
 def require(condition, flag, value, expectation):
@@ -244,7 +256,7 @@ _SHARED = {
         "Then clip each gradient's norm to this; 0: off.",
         finite_at_least(0, " (0 disables clipping)"),
     ),
-    "metatrain_batch_size": ("Episodes per meta-training batch.", at_least(1)),
+    "metatrain_batch_size": ("Episodes (tasks) per meta-training batch.", at_least(1)),
 }
 
 
