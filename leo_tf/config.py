@@ -24,7 +24,7 @@ from typing import ClassVar
 
 from absl import flags
 
-from leo_tf import cli, paths
+from leo_tf import paths
 
 EMBEDDING_CROPS = ("center", "multiview")
 DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
@@ -33,6 +33,9 @@ DISTRIBUTIONS = ("none", "mirrored", "multi_worker")
 DROPOUT_LEVELS = 2**16
 MIN_DROPOUT_RATE = 1 / DROPOUT_LEVELS
 MAX_COUNT = 2**63 - 1  # steps and batches are int64 in TensorFlow
+# Seeds reach Keras' weight initialisers, which reduce them modulo 2^31 - 2:
+# larger seeds would repeat the initial weights of smaller ones.
+MAX_SEED = 2**31 - 3
 
 FLAGS = flags.FLAGS
 
@@ -203,8 +206,9 @@ def one_of(choices):
 
 
 def seed_range(value):
-    """Seeds reach Keras' initialisers, which take [0, cli.MAX_SEED]."""
-    return None if 0 <= value <= cli.MAX_SEED else cli.SEED_RULE
+    if 0 <= value <= MAX_SEED:
+        return None
+    return f"must be an integer in [0, {MAX_SEED}]"
 
 
 def names_a_directory(value):
