@@ -38,6 +38,9 @@ MAX_COUNT = 2**63 - 1  # steps and batches are int64 in TensorFlow
 MAX_SEED = 2**31 - 3
 
 FLAGS = flags.FLAGS
+# Flags defined by the functions below belong to the command that calls them:
+# `--help` lists them as its own.
+flags.disclaim_key_flags()
 
 
 class ConfigError(ValueError):

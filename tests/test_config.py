@@ -317,7 +317,8 @@ def test_library_imports_define_no_flag_and_load_no_tensorflow():
         "from absl import flags\n"
         "from leo_tf import config, export, train\n"
         "from leo_tf.regression import config as regression\n"
-        "print(sorted(n for n in ('num_latents', 'export_dir', 'seed') if n in flags.FLAGS))\n"
+        "names = ('num_latents', 'export_dir', 'seed')\n"
+        "print(sorted(name for name in names if name in flags.FLAGS))\n"
         "print('tensorflow' in sys.modules)\n"
     )
     completed = subprocess.run(
