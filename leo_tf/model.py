@@ -1,4 +1,4 @@
-"""LEO (Rusu et al., ICLR 2019, Section 3): few-shot classifiers adapted in latent space.
+"""LEO (Rusu et al., 2019, Section 3): few-shot classifiers adapted in a latent space.
 
 A meta-batch of B independent N-way K-shot episodes runs at once, batch axis
 first: support `[B, N, K, D]`, query `[B, N, V, D]`, codes `[B, N, K, L]`.
@@ -142,6 +142,7 @@ class LEO(keras.layers.Layer):
         self.built = True
 
     def _rate(self, name, size, initial):
+        """A trainable learning-rate vector [size], every element `initial`."""
         initializer = keras.initializers.Constant(initial)
         return self.add_weight(name=name, shape=(size,), initializer=initializer)
 
@@ -338,6 +339,7 @@ class LEO(keras.layers.Layer):
         return MetaBatchLoss(total, outputs, l2, orthogonality, penalties)
 
     def get_config(self):
+        """The layer's config, with embedding_dim, seed and ModelConfig's fields."""
         return {
             **super().get_config(),
             "embedding_dim": self.embedding_dim,
@@ -347,6 +349,7 @@ class LEO(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config):
+        """The model that `get_config()` describes, newly initialised."""
         config = dict(config)
         fields = {f.name: config.pop(f.name) for f in dataclasses.fields(ModelConfig)}
         return cls(ModelConfig(**fields), **config)
