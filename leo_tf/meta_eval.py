@@ -14,9 +14,12 @@ their prototypes (small). After adaptation, every class used in the batch is
 scored once against the columns of every episode that uses it: that
 episode's N adapted class weights and its N prototypes. That is one large
 matmul per class, `[S_c, D] x [D, 2N M_c]` (S_c examples, M_c episodes),
-compute-bound where the narrow per-episode ones were memory-bound; each
-episode's query logits `[N, V, 2N]` are then gathered from those products
-(40 bytes per query, not the 2.5 kB of its embedding).
+compute-bound where the narrow per-episode ones were memory-bound. Each
+product is scored right away (LEO right or wrong, its cross-entropy, the
+baseline right or wrong), and each episode's queries' scores are gathered
+from those (12 bytes per query, not the 2.5 kB of its embedding). Where the
+query sets are small against the classes (V much below the class size),
+gathering the queries first is cheaper, and `prefers_grouped` picks that.
 
 Results are a pure function of (seed, batch index), as the sampler's
 batches are.
@@ -28,7 +31,6 @@ import numpy as np
 import tensorflow as tf
 
 from leo_tf import baseline
-
 
 # See prefers_grouped.
 GROUPED_WORK_RATIO = 30
@@ -60,12 +62,12 @@ class MetaEvaluator:
           model: a LEO model (its adapt method is used; weights read at each
             call).
           sampler: the split's EpisodeSampler.
-          jit_compile: compile the adaptation with XLA (the grouped query
-            logits, whose shapes change from batch to batch, never are).
+          jit_compile: compile the adaptation with XLA (the query scores,
+            whose shapes change from batch to batch, never are).
           num_towers: adapt the meta-batch in this many equal parts, run side
             by side (see LEO.run_towers); B must be a multiple of it.
-          grouped: score the queries class by class (`_grouped_query_logits`)
-            or gather them first (`_gathered_query_logits`); None chooses the
+          grouped: score the queries class by class (`_grouped_query_scores`)
+            or gather them first (`_gathered_query_scores`); None chooses the
             one with less work (`prefers_grouped`).
         """
         if sampler.batch_size % num_towers:
@@ -102,7 +104,8 @@ class MetaEvaluator:
         Each array has num_batches * B entries, batch by batch, episode by
         episode within a batch.
         """
-        parts = [self.evaluate_batch(step) for step in range(first_batch, first_batch + num_batches)]
+        steps = range(first_batch, first_batch + num_batches)
+        parts = [self.evaluate_batch(step) for step in steps]
         return EpisodeResults(*(np.concatenate(values) for values in zip(*parts)))
 
     def evaluate_batch(self, step):
@@ -123,9 +126,10 @@ class MetaEvaluator:
         k = sampler.num_tr_examples_per_class
         support = sampler.normalized_embeddings[rows[..., :k]]  # [B, N, K, D]
         query_rows = rows[..., k:] - sampler.class_offsets[classes][..., None]
+        dtype = self._examples.dtype.as_numpy_dtype
         return (
-            support,
-            baseline.class_prototypes(support),
+            support.astype(dtype),
+            baseline.class_prototypes(support).astype(dtype),
             classes.astype(np.int32),
             query_rows.astype(np.int32),
         )
@@ -232,7 +236,9 @@ def prefers_grouped(sampler):
     mean_class_size = len(sampler.normalized_embeddings) / len(sampler.class_offsets)
     grouped_work = 2 * sampler.num_classes * mean_class_size
     queries = sampler.batch_size * sampler.num_classes
-    queries_bytes = 4 * queries * sampler.num_val_examples_per_class * sampler.embedding_dim
+    queries_bytes = (
+        4 * queries * sampler.num_val_examples_per_class * sampler.embedding_dim
+    )
     return (
         grouped_work <= GROUPED_WORK_RATIO * sampler.num_val_examples_per_class
         or queries_bytes > MAX_GATHERED_BYTES

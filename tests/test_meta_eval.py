@@ -75,7 +75,9 @@ def _cosine_nearest_class_mean_accuracy(batch):
 
 
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "gathered"])
-@pytest.mark.parametrize("sizes", [EQUAL_SIZES, UNEQUAL_SIZES], ids=["equal", "unequal"])
+@pytest.mark.parametrize(
+    "sizes", [EQUAL_SIZES, UNEQUAL_SIZES], ids=["equal", "unequal"]
+)
 @pytest.mark.parametrize("shots", [1, 3])
 def test_equals_run_episodes_and_numpy_baseline_on_the_same_episodes(
     shots, sizes, grouped
