@@ -65,7 +65,7 @@ def worker(variant, num_batches):
     import tensorflow as tf
 
     runtime.configure_threads()
-    from leo_tf import baseline, meta_eval
+    from leo_tf import baseline, meta_eval, steps
     from leo_tf.config import ModelConfig
     from leo_tf.data import episodes as episodes_lib
     from leo_tf.model import LEO
@@ -88,9 +88,11 @@ def worker(variant, num_batches):
         baseline_accuracy = results.baseline_accuracy.mean()
     else:
 
+        matmul = steps.host_matmul()
+
         def evaluate(episodes):
-            outputs = model.run_episodes(episodes, num_towers=towers)
-            return outputs.accuracy, outputs.query_loss
+            parts = steps.run_towers(model, episodes, None, towers, matmul)
+            return tf.concat([part.accuracy for part in parts], 0)
 
         step = tf.function(evaluate, input_signature=[sampler.element_spec])
 
@@ -98,7 +100,7 @@ def worker(variant, num_batches):
             accuracies, baselines = [], []
             dataset = episodes_lib.make_dataset(sampler, 0, num_batches, prefetch=1)
             for _, episodes in dataset:
-                accuracies.append(step(episodes)[0].numpy())
+                accuracies.append(step(episodes).numpy())
                 baselines.append(
                     baseline.nearest_class_mean_accuracy(
                         episodes.tr_input, episodes.val_input, episodes.val_output
@@ -112,8 +114,8 @@ def worker(variant, num_batches):
 
         def repeat_step():
             for _ in range(num_batches):
-                outputs = step(episodes)
-            outputs[0].numpy()
+                accuracy = step(episodes)
+            accuracy.numpy()
 
     _, step_alone = _timed(repeat_step)
     return {

@@ -123,6 +123,8 @@ def _tf_worker(variant, setting, args):
 
         model = ReferenceModel(model)
     spec = sampler.element_spec
+    # tf.map_fn is the reference's own parallelism: it runs as one tower.
+    towers = 1 if variant == "map_fn" else args.towers
     baseline_rss = _current_rss_mb()
     if setting["mode"] == "train":
         step = steps.compile_train_step(
@@ -133,9 +135,7 @@ def _tf_worker(variant, setting, args):
             jit_compile=args.jit_compile,
             strategy=strategy,
             num_towers=(
-                runtime.num_towers(args.towers, setting["batch"])
-                if strategy is None
-                else 1
+                runtime.num_towers(towers, setting["batch"]) if strategy is None else 1
             ),
         )
         num_steps = 10**6
@@ -163,7 +163,7 @@ def _tf_worker(variant, setting, args):
             model,
             sampler,
             jit_compile=args.jit_compile,
-            num_towers=runtime.num_towers(args.towers, setting["batch"]),
+            num_towers=runtime.num_towers(towers, setting["batch"]),
         )
         batches = iter(range(10**9))
 
@@ -172,11 +172,15 @@ def _tf_worker(variant, setting, args):
                 evaluator.evaluate(next(batches), 1)
 
     else:
-        num_towers = runtime.num_towers(args.towers, setting["batch"])
+        num_towers = runtime.num_towers(towers, setting["batch"])
+        matmul = steps.host_matmul()
 
         def evaluate(episodes):
-            outputs = model.run_episodes(episodes, num_towers=num_towers)
-            return outputs.accuracy, outputs.query_loss
+            parts = steps.run_towers(model, episodes, None, num_towers, matmul)
+            return (
+                tf.concat([part.accuracy for part in parts], 0),
+                tf.concat([part.query_loss for part in parts], 0),
+            )
 
         step = tf.function(
             evaluate, input_signature=[spec], jit_compile=args.jit_compile

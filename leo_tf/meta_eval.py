@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from leo_tf import baseline
+from leo_tf import baseline, steps
 
 # See prefers_grouped.
 GROUPED_WORK_RATIO = 30
@@ -65,7 +65,7 @@ class MetaEvaluator:
           jit_compile: compile the adaptation with XLA (the query scores,
             whose shapes change from batch to batch, never are).
           num_towers: adapt the meta-batch in this many equal parts, run side
-            by side (see LEO.run_towers); B must be a multiple of it.
+            by side (see steps.run_towers); B must be a multiple of it.
           grouped: score the queries class by class (`_grouped_query_scores`)
             or gather them first (`_gathered_query_scores`); None chooses the
             one with less work (`prefers_grouped`).
@@ -144,8 +144,10 @@ class MetaEvaluator:
         parts = zip(
             tf.split(support, self._num_towers), tf.split(labels, self._num_towers)
         )
+        matmul = steps.host_matmul()
         return tf.concat(
-            [self._model.adapt(x, y).class_weights for x, y in parts], axis=0
+            [self._model.adapt(x, y, matmul=matmul).class_weights for x, y in parts],
+            axis=0,
         )
 
     def _score_batch(self, support, prototypes, classes, query_rows):
@@ -259,7 +261,7 @@ def _pair_scores(logits, labels):
       and the nearest class mean's prediction is right.
     """
     leo_logits, baseline_logits = tf.split(logits, 2, axis=1)  # [P, N, S]
-    # model.softmax_cross_entropy's formula, over axis 1.
+    # ops.softmax_cross_entropy's formula, over axis 1.
     shifted = leo_logits - tf.reduce_max(leo_logits, axis=1, keepdims=True)
     label_logits = tf.gather(shifted, labels, axis=1, batch_dims=1)  # [P, S]
     loss = tf.math.log(tf.reduce_sum(tf.exp(shifted), axis=1)) - label_logits
