@@ -17,7 +17,6 @@ differ, and test_results.json records both the evaluated and the trained one.
 
 import pathlib
 
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
