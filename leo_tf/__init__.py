@@ -19,6 +19,7 @@ Modules (the library never imports a command; commands import the library):
     trainer.py        the training loop, validation and checkpointing
     progress.py       TensorBoard summaries and the console progress line
     evaluation.py     meta-test accuracy with a 95% interval, beside the baseline
+    meta_eval.py      the one batch-evaluation loop (meta-validation, meta-test)
     baseline.py       the cosine nearest-class-mean baseline and 95% intervals
     uncertainty.py    S sampled adaptations of a task: mean, spread, entropy
     memory.py         will a run fit: largest tensors and peak memory

@@ -33,7 +33,15 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from leo_tf import checkpoints, distribute, progress, run_directory, runtime, steps
+from leo_tf import (
+    checkpoints,
+    distribute,
+    meta_eval,
+    progress,
+    run_directory,
+    runtime,
+    steps,
+)
 from leo_tf import noise as noise_lib
 from leo_tf.config import ConfigError
 from leo_tf.data import episodes as episodes_lib
@@ -65,20 +73,14 @@ class _StopRequest:
             signal.signal(number, handler)
 
 
-def _validate(eval_step, sampler, num_batches, first_batch):
+def _validate(evaluator, num_batches, first_batch):
     """Mean accuracy and query loss over meta-validation batches.
 
-    Batches first_batch .. first_batch + num_batches - 1 of the sampler, each
-    a pure function of the run's seed and its index, sampled one ahead of the
-    step as in evaluation.
+    Batches first_batch .. first_batch + num_batches - 1 of the evaluator's
+    sampler, each a pure function of the run's seed and its index.
     """
-    accuracies, losses = [], []
-    dataset = episodes_lib.make_dataset(sampler, first_batch, num_batches, prefetch=1)
-    for _, episodes in dataset:
-        accuracy, loss = eval_step(episodes)
-        accuracies.append(accuracy.numpy())
-        losses.append(loss.numpy())
-    return float(np.mean(accuracies)), float(np.mean(losses))
+    episodes = evaluator.evaluate(first_batch, num_batches)
+    return float(np.mean(episodes.accuracy)), float(np.mean(episodes.query_loss))
 
 
 class _Summaries:
@@ -174,9 +176,8 @@ class _Validation:
     --fixed_metavalid_batches.
     """
 
-    def __init__(self, eval_step, sampler, train_config, summaries):
-        self.eval_step = eval_step
-        self.sampler = sampler
+    def __init__(self, evaluator, train_config, summaries):
+        self.evaluator = evaluator
         self.num_batches = train_config.num_metavalid_batches
         self.fixed = train_config.fixed_metavalid_batches
         self.summaries = summaries
@@ -187,7 +188,7 @@ class _Validation:
     def estimate(self, step):
         """Mean meta-validation accuracy at `step`, also summarised with the loss."""
         accuracy, loss = _validate(
-            self.eval_step, self.sampler, self.num_batches, self.first_batch(step)
+            self.evaluator, self.num_batches, self.first_batch(step)
         )
         self.summaries.scalars(
             step, {"validation/accuracy": accuracy, "validation/loss": loss}
@@ -242,18 +243,16 @@ class _TrainingLoop:
                 config.train.num_towers, config.data.metatrain_batch_size
             ),
         )
-        eval_step = steps.compile_eval_step(
+        evaluator = meta_eval.MetaEvaluator(
             leo.model,
-            data.val_sampler.element_spec,
+            data.val_sampler,
             jit_compile=config.train.jit_compile,
             num_towers=runtime.num_towers(
                 config.train.num_towers, config.data.metavalid_batch_size
             ),
         )
         self.summaries = _Summaries(directory.path, chief, self.saver.latest)
-        self.validation = _Validation(
-            eval_step, data.val_sampler, config.train, self.summaries
-        )
+        self.validation = _Validation(evaluator, config.train, self.summaries)
 
     def _dataset(self, first_step, limit):
         """(step, episodes), noise of steps first_step .. limit - 1."""
