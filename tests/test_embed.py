@@ -5,6 +5,7 @@ except the tests marked as reading the real packed Omniglot, which skip when
 `<repo>/../shared/data` is absent.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -384,6 +385,32 @@ def test_rotations_add_three_rotated_classes_within_the_same_split():
     assert not set(by_split["train"].class_names) & set(by_split["test"].class_names)
 
 
+def test_rotation_splits_train_rotates_only_the_classes_that_train_the_network(
+    fake_omniglot, tmp_path
+):
+    packed_path, _ = fake_omniglot
+    config = tiny_config(tmp_path, packed_omniglot=str(packed_path))
+    config = dataclasses.replace(
+        config,
+        split=dataclasses.replace(
+            config.split, rotations=True, rotation_splits=("train",)
+        ),
+    )
+    result = pipeline.run(config)
+    # 4 train alphabets x 2 characters, each with its 3 rotations; 2 val and
+    # 2 test alphabets x 2 characters, unrotated.
+    train_names = result.splits["train"].class_names
+    assert len(train_names) == 32 and len(result.head_class_ids) == 32
+    assert sum(name.endswith("/rot270") for name in train_names) == 8
+    for split in ("val", "test"):
+        names = result.splits[split].class_names
+        assert len(names) == 4 and not any("/rot" in name for name in names)
+    with pytest.raises(
+        ValueError, match=r"--rotation_splits: .* found \['train', 'tests'\]"
+    ):
+        pipeline.SplitConfig(rotation_splits=("train", "tests"))
+
+
 def test_a_split_without_classes_is_an_error_before_training(fake_omniglot, tmp_path):
     _, arrays = fake_omniglot
     background = arrays["split"] == "background"
@@ -547,6 +574,32 @@ def test_conv4_embedding_width_is_filters_times_remaining_pixels():
     assert backbones.conv4((28, 28, 1), filters=64).output.shape == (None, 64)
     assert backbones.conv4((84, 84, 3), filters=64).output.shape == (None, 1600)
     assert backbones.conv4((28, 28, 1), filters=8).output.shape == (None, 8)
+
+
+def test_conv4_last_pool_choices_read_the_whole_last_feature_map():
+    # 28 -> 14 -> 7 -> 3 after three pools; a 4th 2x2 max pool ("max") reads
+    # only the top-left 2x2 of the 3x3 map, "average" and "none" all of it.
+    images = np.random.default_rng(0).normal(size=(2, 28, 28, 1)).astype(np.float32)
+    last_maps = {}
+    for last_pool in backbones.LAST_POOLS:
+        keras.utils.set_random_seed(0)  # the same weights for every choice
+        network = backbones.conv4((28, 28, 1), filters=4, last_pool=last_pool)
+        last_map = keras.Model(network.input, network.get_layer("block3_relu").output)
+        last_maps[last_pool] = last_map(images).numpy()  # [2, 3, 3, 4]
+        np.testing.assert_array_equal(last_maps[last_pool], last_maps["max"])
+        features = network(images).numpy()
+        expected = {
+            "max": last_maps[last_pool][:, :2, :2].max(axis=(1, 2)),
+            "average": last_maps[last_pool].mean(axis=(1, 2)),
+            "none": last_maps[last_pool].reshape(2, -1),
+        }[last_pool]
+        assert network.output.shape == (None, expected.shape[1])
+        np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+    config = pretrain.TrainConfig(conv_filters=4, conv_last_pool="none")
+    extractor = pretrain.build_feature_extractor(config, (28, 28, 1), [128.0], [1e4])
+    assert extractor.output.shape == (None, 36)
+    with pytest.raises(ValueError, match="--conv_last_pool: .* found 'min'"):
+        backbones.conv4((28, 28, 1), filters=4, last_pool="min")
 
 
 def test_wrn_28_10_gives_640_features_and_takes_a_training_step():

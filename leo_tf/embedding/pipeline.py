@@ -86,6 +86,9 @@ class SplitConfig:
         split_sizes: random rule: "train,val,test" class counts or fractions.
         split_seed: seeds the choice of validation alphabets / the permutation.
         rotations: add each class's 90/180/270-degree rotations as new classes.
+        rotation_splits: the splits whose classes `rotations` extends, e.g.
+            ("train",): rotated classes then only train the network, and the
+            meta-validation and meta-test episodes keep the original classes.
     """
 
     rule: str = "auto"
@@ -93,12 +96,19 @@ class SplitConfig:
     split_sizes: str = "0.64,0.16,0.2"
     split_seed: int = 0
     rotations: bool = False
+    rotation_splits: Tuple[str, ...] = splits_lib.SPLITS
 
     def __post_init__(self):
         if self.rule not in CLASS_SPLIT_RULES:
             raise ValueError(
                 f"--class_split: expected one of {CLASS_SPLIT_RULES}, "
                 f"found {self.rule!r}"
+            )
+        unknown = sorted(set(self.rotation_splits) - set(splits_lib.SPLITS))
+        if unknown or not self.rotation_splits:
+            raise ValueError(
+                f"--rotation_splits: expected one or more of {list(splits_lib.SPLITS)}, "
+                f"found {list(self.rotation_splits)}"
             )
 
 
@@ -336,7 +346,10 @@ def run(config: EmbedConfig) -> EmbedResult:
             "needs at least one class"
         )
     if config.split.rotations:
-        by_split = {s: splits_lib.add_rotations(v) for s, v in by_split.items()}
+        by_split = {
+            s: splits_lib.add_rotations(v) if s in config.split.rotation_splits else v
+            for s, v in by_split.items()
+        }
 
     # Class ids are numbered over train, then val, then test classes.
     blocks = {s: _class_blocks(by_split[s].class_names) for s in splits_lib.SPLITS}
