@@ -129,14 +129,6 @@ flags.DEFINE_enum(
     "D = 64 * wrn_width (640 for WRN-28-10).",
 )
 flags.DEFINE_integer("conv_filters", 64, "conv4 channels per block.")
-flags.DEFINE_enum(
-    "conv_last_pool",
-    pretrain.TrainConfig.conv_last_pool,
-    list(backbones.LAST_POOLS),
-    "conv4's pooling after its 4th block. max: 2x2 max pool. average: "
-    "global average of the whole map, D = conv_filters. none: the whole "
-    "map flattened, D = conv_filters * (H//8) * (W//8) (576 at 28x28).",
-)
 flags.DEFINE_integer("wrn_depth", 28, "WRN depth (6n + 4).")
 flags.DEFINE_integer("wrn_width", 10, "WRN widening factor.")
 flags.DEFINE_integer(
@@ -218,7 +210,6 @@ def config_from_flags() -> pipeline.EmbedConfig:
         train=pretrain.TrainConfig(
             backbone=FLAGS.backbone,
             conv_filters=FLAGS.conv_filters,
-            conv_last_pool=FLAGS.conv_last_pool,
             wrn_depth=FLAGS.wrn_depth,
             wrn_width=FLAGS.wrn_width,
             epochs=FLAGS.epochs,

@@ -576,32 +576,6 @@ def test_conv4_embedding_width_is_filters_times_remaining_pixels():
     assert backbones.conv4((28, 28, 1), filters=8).output.shape == (None, 8)
 
 
-def test_conv4_last_pool_choices_read_the_whole_last_feature_map():
-    # 28 -> 14 -> 7 -> 3 after three pools; a 4th 2x2 max pool ("max") reads
-    # only the top-left 2x2 of the 3x3 map, "average" and "none" all of it.
-    images = np.random.default_rng(0).normal(size=(2, 28, 28, 1)).astype(np.float32)
-    last_maps = {}
-    for last_pool in backbones.LAST_POOLS:
-        keras.utils.set_random_seed(0)  # the same weights for every choice
-        network = backbones.conv4((28, 28, 1), filters=4, last_pool=last_pool)
-        last_map = keras.Model(network.input, network.get_layer("block3_relu").output)
-        last_maps[last_pool] = last_map(images).numpy()  # [2, 3, 3, 4]
-        np.testing.assert_array_equal(last_maps[last_pool], last_maps["max"])
-        features = network(images).numpy()
-        expected = {
-            "max": last_maps[last_pool][:, :2, :2].max(axis=(1, 2)),
-            "average": last_maps[last_pool].mean(axis=(1, 2)),
-            "none": last_maps[last_pool].reshape(2, -1),
-        }[last_pool]
-        assert network.output.shape == (None, expected.shape[1])
-        np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
-    config = pretrain.TrainConfig(conv_filters=4, conv_last_pool="none")
-    extractor = pretrain.build_feature_extractor(config, (28, 28, 1), [128.0], [1e4])
-    assert extractor.output.shape == (None, 36)
-    with pytest.raises(ValueError, match="--conv_last_pool: .* found 'min'"):
-        backbones.conv4((28, 28, 1), filters=4, last_pool="min")
-
-
 def test_wrn_28_10_gives_640_features_and_takes_a_training_step():
     config = pretrain.TrainConfig(backbone="wrn", augment_shift=0, augment_rotation=0)
     extractor = pretrain.build_feature_extractor(

@@ -4,11 +4,6 @@
     of conv3x3(filters, no bias) -> batch norm -> ReLU -> 2x2 max pool, then
     flatten. D = filters * floor(H/16) * floor(W/16): 64 for 28x28 inputs with
     the default 64 filters (the last feature map is 1x1), 1600 at 84x84.
-    The last block's pooling is a choice (`last_pool`, one of LAST_POOLS):
-    "max" is the 2x2 max pool above (at 28x28 it reads only the top-left 2x2
-    of the 3x3 map); "average" averages the whole map (D = filters); "none"
-    flattens the whole map, D = filters * floor(H/8) * floor(W/8) (576 at
-    28x28).
 * `wide_resnet` (the LEO paper's WRN-28-10, for 84x84 images): a 3x3 conv
     with 16 filters, then three groups of (depth - 4) / 6 pre-activation basic
     blocks (BN-ReLU-conv3x3-BN-ReLU-dropout-conv3x3 plus shortcut) of width
@@ -23,7 +18,6 @@ their features are non-negative.
 import keras
 
 BACKBONES = ("conv4", "wrn")
-LAST_POOLS = ("max", "average", "none")
 
 _WEIGHT_INIT = "he_normal"
 
@@ -41,26 +35,17 @@ def _conv(filters: int, size: int, name: str, stride: int = 1) -> keras.layers.C
     )
 
 
-def conv4(
-    input_shape, filters: int = 64, last_pool: str = "max", name: str = "conv4"
-) -> keras.Model:
+def conv4(input_shape, filters: int = 64, name: str = "conv4") -> keras.Model:
     """The 4-block conv net of the few-shot literature.
 
     Args:
         input_shape: (H, W, C).
         filters: channels of every block.
-        last_pool: pooling after the 4th block, one of LAST_POOLS.
         name: model name.
 
     Returns:
-        Keras model float32 [B, H, W, C] -> [B, filters * (H//16) * (W//16)]
-        ("max"), [B, filters] ("average") or [B, filters * (H//8) * (W//8)]
-        ("none").
+        Keras model float32 [B, H, W, C] -> [B, filters * (H//16) * (W//16)].
     """
-    if last_pool not in LAST_POOLS:
-        raise ValueError(
-            f"--conv_last_pool: expected one of {LAST_POOLS}, found {last_pool!r}"
-        )
     height, width = input_shape[:2]
     if height < 16 or width < 16:
         raise ValueError(
@@ -72,10 +57,7 @@ def conv4(
         x = _conv(filters, 3, f"block{block}_conv")(x)
         x = keras.layers.BatchNormalization(name=f"block{block}_bn")(x)
         x = keras.layers.ReLU(name=f"block{block}_relu")(x)
-        if block < 3 or last_pool == "max":
-            x = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
-    if last_pool == "average":
-        x = keras.layers.GlobalAveragePooling2D(name="block3_pool")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
     outputs = keras.layers.Flatten(name="flatten")(x)
     return keras.Model(inputs, outputs, name=name)
 
@@ -142,13 +124,12 @@ def build_backbone(
     name: str,
     input_shape,
     conv_filters: int = 64,
-    conv_last_pool: str = "max",
     wrn_depth: int = 28,
     wrn_width: int = 10,
 ) -> keras.Model:
     """The backbone called `name` (one of BACKBONES) for `input_shape`."""
     if name == "conv4":
-        return conv4(input_shape, conv_filters, conv_last_pool)
+        return conv4(input_shape, conv_filters)
     if name == "wrn":
         return wide_resnet(input_shape, wrn_depth, wrn_width)
     raise ValueError(f"--backbone: expected one of {BACKBONES}, found {name!r}")

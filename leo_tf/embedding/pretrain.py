@@ -45,8 +45,6 @@ class TrainConfig:
     Attributes:
         backbone: one of backbones.BACKBONES.
         conv_filters: channels of each conv4 block.
-        conv_last_pool: conv4's pooling after its 4th block, one of
-            backbones.LAST_POOLS.
         wrn_depth, wrn_width: WRN-depth-width.
         epochs: passes over the meta-train images.
         batch_size: images per step.
@@ -62,7 +60,6 @@ class TrainConfig:
 
     backbone: str = "conv4"
     conv_filters: int = 64
-    conv_last_pool: str = "max"
     wrn_depth: int = 28
     wrn_width: int = 10
     epochs: int = 10
@@ -112,7 +109,6 @@ def build_feature_extractor(
         config.backbone,
         image_shape,
         conv_filters=config.conv_filters,
-        conv_last_pool=config.conv_last_pool,
         wrn_depth=config.wrn_depth,
         wrn_width=config.wrn_width,
     )
