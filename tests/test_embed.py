@@ -659,6 +659,30 @@ def test_cli_writes_pickles_and_prints_per_split_counts(fake_omniglot, tmp_path)
     assert sum(c["name"].endswith("/rot180") for c in classes["classes"].values()) == 16
 
 
+def test_cli_omniglot_flagfile_rotates_only_the_training_classes(
+    fake_omniglot, tmp_path
+):
+    packed_path, _ = fake_omniglot
+    completed = run_cli(
+        f"--flagfile={REPO_ROOT / 'flags' / 'omniglot_embed.cfg'}",
+        f"--packed_omniglot={packed_path}",
+        f"--data_path={tmp_path}",
+        f"--num_val_alphabets={NUM_VAL_ALPHABETS}",
+        "--conv_filters=3",
+        "--epochs=1",
+        "--batch_size=16",
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "train: 32 classes, 160 images" in completed.stdout
+    assert "val: 4 classes, 20 images" in completed.stdout
+    assert "test: 4 classes, 20 images" in completed.stdout
+    classes = json.loads(
+        (tmp_path / "omniglot" / "center" / "classes.json").read_text()
+    )
+    rotated = [c for c in classes["classes"].values() if "/rot" in c["name"]]
+    assert len(rotated) == 24 and {c["split"] for c in rotated} == {"train"}
+
+
 def test_cli_bad_inputs_fail_with_one_message_and_write_nothing(tmp_path):
     completed = run_cli(f"--data_path={tmp_path}", timeout=120)
     assert completed.returncode != 0
