@@ -20,7 +20,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 
+from leo_tf import config as config_lib
+from leo_tf import embed
 from leo_tf.embedding import backbones
 from leo_tf.embedding import images as images_lib
 from leo_tf.embedding import pipeline
@@ -104,7 +107,7 @@ def write_png_folder(arrays: dict, root: pathlib.Path) -> None:
 def tiny_config(data_path, seed=0, **source) -> pipeline.EmbedConfig:
     """A config that trains a 4-filter conv4 for 2 epochs (seconds)."""
     split = pipeline.SplitConfig(
-        rule="omniglot", num_val_alphabets=NUM_VAL_ALPHABETS, split_seed=7
+        class_split="omniglot", num_val_alphabets=NUM_VAL_ALPHABETS, split_seed=7
     )
     train = pretrain.TrainConfig(conv_filters=4, epochs=2, batch_size=16, seed=seed)
     return pipeline.EmbedConfig(
@@ -385,30 +388,40 @@ def test_rotations_add_three_rotated_classes_within_the_same_split():
     assert not set(by_split["train"].class_names) & set(by_split["test"].class_names)
 
 
-def test_rotation_splits_train_rotates_only_the_classes_that_train_the_network(
-    fake_omniglot, tmp_path
-):
+def test_rotation_splits_must_name_one_or_more_splits():
+    assert config_lib.check(pipeline.SplitConfig(rotation_splits=("train",))) is None
+    for bad in (("train", "tests"), ()):
+        with pytest.raises(
+            config_lib.ConfigError,
+            match=r"--rotation_splits=.*: must be one or more of train, val, test",
+        ):
+            config_lib.check(pipeline.SplitConfig(rotation_splits=bad))
+
+
+def test_omniglot_flagfile_rotates_only_the_training_classes(fake_omniglot, tmp_path):
+    """flags/omniglot_embed.cfg (--rotation_splits=train): rotated classes
+    train the network; val and test keep the original characters."""
     packed_path, _ = fake_omniglot
-    config = tiny_config(tmp_path, packed_omniglot=str(packed_path))
-    config = dataclasses.replace(
-        config,
-        split=dataclasses.replace(
-            config.split, rotations=True, rotation_splits=("train",)
-        ),
+    values = flags.FlagValues()
+    embed.define_flags(values)
+    values(
+        [
+            "prog",
+            f"--flagfile={REPO_ROOT / 'flags' / 'omniglot_embed.cfg'}",
+            f"--packed_omniglot={packed_path}",
+            f"--data_path={tmp_path}",
+            f"--num_val_alphabets={NUM_VAL_ALPHABETS}",
+            "--conv_filters=3",
+            "--epochs=1",
+            "--batch_size=16",
+        ]
     )
-    result = pipeline.run(config)
-    # 4 train alphabets x 2 characters, each with its 3 rotations; 2 val and
-    # 2 test alphabets x 2 characters, unrotated.
-    train_names = result.splits["train"].class_names
-    assert len(train_names) == 32 and len(result.head_class_ids) == 32
-    assert sum(name.endswith("/rot270") for name in train_names) == 8
-    for split in ("val", "test"):
-        names = result.splits[split].class_names
-        assert len(names) == 4 and not any("/rot" in name for name in names)
-    with pytest.raises(
-        ValueError, match=r"--rotation_splits: .* found \['train', 'tests'\]"
-    ):
-        pipeline.SplitConfig(rotation_splits=("train", "tests"))
+    result = pipeline.run(embed.config_from_flags(values))
+    counts = {s: len(result.splits[s].class_names) for s in splits_lib.SPLITS}
+    assert counts == {"train": 32, "val": 4, "test": 4}
+    classes = json.loads(pathlib.Path(result.classes_path).read_text())["classes"]
+    rotated = [c for c in classes.values() if "/rot" in c["name"]]
+    assert len(rotated) == 24 and {c["split"] for c in rotated} == {"train"}
 
 
 def test_a_split_without_classes_is_an_error_before_training(fake_omniglot, tmp_path):
@@ -542,7 +555,9 @@ def test_image_sources_report_bad_inputs_by_name(tmp_path):
     with pytest.raises(images_lib.ImageSourceError, match="missing keys"):
         images_lib.load_packed_omniglot(str(tmp_path / "bad.npz"))
     with pytest.raises(ValueError, match="exactly one image source"):
-        pipeline.SourceConfig(packed_omniglot="a.npz", tfds_name="omniglot")
+        config_lib.check(
+            pipeline.SourceConfig(packed_omniglot="a.npz", tfds_name="omniglot")
+        )
 
 
 # ---------------------------------------------------------------- training
@@ -657,30 +672,6 @@ def test_cli_writes_pickles_and_prints_per_split_counts(fake_omniglot, tmp_path)
         (tmp_path / "fakeglot" / "center" / "classes.json").read_text()
     )
     assert sum(c["name"].endswith("/rot180") for c in classes["classes"].values()) == 16
-
-
-def test_cli_omniglot_flagfile_rotates_only_the_training_classes(
-    fake_omniglot, tmp_path
-):
-    packed_path, _ = fake_omniglot
-    completed = run_cli(
-        f"--flagfile={REPO_ROOT / 'flags' / 'omniglot_embed.cfg'}",
-        f"--packed_omniglot={packed_path}",
-        f"--data_path={tmp_path}",
-        f"--num_val_alphabets={NUM_VAL_ALPHABETS}",
-        "--conv_filters=3",
-        "--epochs=1",
-        "--batch_size=16",
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "train: 32 classes, 160 images" in completed.stdout
-    assert "val: 4 classes, 20 images" in completed.stdout
-    assert "test: 4 classes, 20 images" in completed.stdout
-    classes = json.loads(
-        (tmp_path / "omniglot" / "center" / "classes.json").read_text()
-    )
-    rotated = [c for c in classes["classes"].values() if "/rot" in c["name"]]
-    assert len(rotated) == 24 and {c["split"] for c in rotated} == {"train"}
 
 
 def test_cli_bad_inputs_fail_with_one_message_and_write_nothing(tmp_path):
