@@ -2,44 +2,34 @@
 
 import concurrent.futures
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests import data_fixtures
+from tests import run_fixtures
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test runs the command in a child process
 
-# Small, fast settings: 16-d toy embeddings, short intervals.
-_FAST = [
-    "--dataset_name=toy",
-    "--num_latents=8",
-    "--metatrain_batch_size=4",
-    "--metavalid_batch_size=20",
-    "--metatest_batch_size=500",
-    "--checkpoint_steps=10",
-    "--summary_steps=5",
-    "--dropout_rate=0.2",
-    "--outer_lr=1e-3",
-]
+
+def _flags(data_path, directory, *extra):
+    """The toy run's flags with summaries every 5 steps and the command's
+    default 10,000-episode meta-test, then `extra`."""
+    return [
+        *run_fixtures.toy_run_flags(
+            data_path,
+            directory,
+            summary_steps=5,
+            metatest_batch_size=500,
+            num_metatest_episodes=10000,
+        ),
+        *extra,
+    ]
 
 
 def run_cli(*args, check=True):
     """Runs the training CLI; returns the CompletedProcess (text)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
-    process = subprocess.run(
-        [sys.executable, "-m", "leo_tf.train", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    process = run_fixtures.run_module("leo_tf.train", *args)
     if check and process.returncode != 0:
         raise AssertionError(
             f"exit {process.returncode}\n{process.stdout}\n{process.stderr}"
@@ -48,15 +38,10 @@ def run_cli(*args, check=True):
 
 
 @pytest.fixture(scope="module")
-def data_path(tmp_path_factory):
-    return data_fixtures.write_toy_dataset(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def trained(data_path, tmp_path_factory):
+def trained(toy_data, tmp_path_factory):
     """A 20-step run, then the same run resumed to 30 steps."""
     directory = tmp_path_factory.mktemp("run") / "leo"
-    common = [f"--data_path={data_path}", f"--checkpoint_path={directory}", *_FAST]
+    common = _flags(toy_data, directory)
     first = run_cli(*common, "--num_steps_limit=20")
     second = run_cli(*common, "--num_steps_limit=30")
     return directory, common, first, second
@@ -177,17 +162,11 @@ def test_evaluation_mode_writes_results_and_prints_them_last(trained):
     )
 
 
-def test_same_seed_gives_identical_metrics(data_path, tmp_path):
+def test_same_seed_gives_identical_metrics(toy_data, tmp_path):
     runs = {"a": "--seed=7", "b": "--seed=7", "c": "--seed=8"}
 
     def run(name):
-        run_cli(
-            f"--data_path={data_path}",
-            f"--checkpoint_path={tmp_path / name}",
-            *_FAST,
-            runs[name],
-            "--num_steps_limit=10",
-        )
+        run_cli(*_flags(toy_data, tmp_path / name, runs[name], "--num_steps_limit=10"))
         scalars = _scalars(tmp_path / name)
         return scalars["train/loss"], scalars["validation/accuracy"]
 
@@ -208,17 +187,11 @@ def test_same_seed_gives_identical_metrics(data_path, tmp_path):
         ("--dataset_name=imagenet", "available: miniImageNet, tieredImageNet"),
     ],
 )
-def test_invalid_flags_fail_before_writing_anything(data_path, tmp_path, flag, message):
+def test_invalid_flags_fail_before_writing_anything(toy_data, tmp_path, flag, message):
     directory = tmp_path / "run"
     directory.mkdir()
     (directory / "keep.txt").write_text("untouched")
-    process = run_cli(
-        f"--data_path={data_path}",
-        f"--checkpoint_path={directory}",
-        *_FAST,
-        flag,
-        check=False,
-    )
+    process = run_cli(*_flags(toy_data, directory, flag), check=False)
     assert process.returncode != 0
     assert message in process.stderr
     assert "Traceback" not in process.stderr
