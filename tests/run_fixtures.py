@@ -30,8 +30,11 @@ TOY_TRAIN = dict(
 
 
 def subprocess_env(**extra):
-    """os.environ for a child Python that imports this checkout, quietly."""
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO), **extra}
+    """os.environ for a child Python that imports this checkout, quietly;
+    `extra` variables added, or removed where their value is None."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+    env.update(extra)
+    return {name: value for name, value in env.items() if value is not None}
 
 
 def module_command(module, *args):

@@ -1,16 +1,14 @@
 """Flags: the authors' names and defaults, validation, the flagfiles."""
 
-import pathlib
-
 import pytest
 from absl import flags
 from absl.testing import flagsaver
 
 from leo_tf import config as config_lib
+from tests import run_fixtures
 
 FLAGS = flags.FLAGS
 config_lib.define_flags()
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The authors' config.py and runner.py defaults (github.com/deepmind/leo).
 AUTHORS_DEFAULTS = {
@@ -182,7 +180,7 @@ def test_checkpoint_path_that_is_a_file_is_rejected(tmp_path):
 
 TRAIN_FLAGFILES = sorted(
     path
-    for path in (REPO / "flags").glob("*.cfg")
+    for path in (run_fixtures.REPO / "flags").glob("*.cfg")
     if not path.name.startswith("regression_")  # python -m leo_tf.regression
 )
 
