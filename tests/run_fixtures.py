@@ -48,18 +48,20 @@ def run_module(module, *args, env=None, timeout=300, **kwargs):
 
     env: extra environment variables on top of subprocess_env().
     """
-    return _run(module_command(module, *args), env, timeout, **kwargs)
+    return run_command(module_command(module, *args), env, timeout, **kwargs)
 
 
 def run_python(source, *args, env=None, timeout=300, **kwargs):
     """Runs `python -c source args...` like run_module."""
-    return _run([sys.executable, "-c", source, *map(str, args)], env, timeout, **kwargs)
+    command = [sys.executable, "-c", source, *map(str, args)]
+    return run_command(command, env, timeout, **kwargs)
 
 
-def _run(command, env, timeout, **kwargs):
+def run_command(command, env=None, timeout=300, cwd=REPO, **kwargs):
+    """Runs `command` (a list) like run_module."""
     return subprocess.run(
         command,
-        cwd=REPO,
+        cwd=cwd,
         env=subprocess_env(**(env or {})),
         capture_output=True,
         text=True,

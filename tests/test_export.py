@@ -99,9 +99,7 @@ def test_saved_model_out_of_process_matches_in_process_model(trained, tmp_path):
     script = tmp_path / "load.py"
     script.write_text(_LOADER)
     # A working directory without leo_tf on the path.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    process = subprocess.run(
+    process = run_fixtures.run_command(
         [
             sys.executable,
             str(script),
@@ -109,11 +107,8 @@ def test_saved_model_out_of_process_matches_in_process_model(trained, tmp_path):
             str(tmp_path / "tasks.npz"),
             str(tmp_path / "out.npz"),
         ],
+        env={"PYTHONPATH": None},
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert process.returncode == 0, process.stderr
     outputs = np.load(tmp_path / "out.npz")
@@ -178,7 +173,7 @@ def test_metadata_signature_and_asset(trained):
 def test_saved_model_cli_shows_the_promised_signature(trained):
     _, export_dir = trained
     cli = pathlib.Path(sys.executable).with_name("saved_model_cli")
-    process = subprocess.run(
+    process = run_fixtures.run_command(
         [
             str(cli),
             "show",
@@ -189,10 +184,7 @@ def test_saved_model_cli_shows_the_promised_signature(trained):
             "--signature_def",
             "serving_default",
         ],
-        capture_output=True,
-        text=True,
         timeout=120,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
     assert process.returncode == 0, process.stderr
     text = " ".join(process.stdout.split())
