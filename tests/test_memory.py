@@ -13,7 +13,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from leo_tf import config as config_lib
-from leo_tf import memory, steps, train
+from leo_tf import memory, meta_eval, steps, train
 from leo_tf.data import episodes as episodes_lib
 from leo_tf.data import meta_dataset
 from tests import data_fixtures, run_fixtures
@@ -152,7 +152,7 @@ def test_train_refuses_a_run_too_big_before_tensorflow_works(
         raise AssertionError("a step was compiled")
 
     monkeypatch.setattr(steps, "compile_train_step", no_step)
-    monkeypatch.setattr(steps, "compile_eval_step", no_step)
+    monkeypatch.setattr(meta_eval, "MetaEvaluator", no_step)
     with flagsaver.flagsaver():
         FLAGS.unparse_flags()
         with pytest.raises(SystemExit) as exit_info:

@@ -1,8 +1,6 @@
 """The outer-loop step: NaN guard, clipping, Adam, determinism, tracing."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -225,36 +223,27 @@ def test_gradients_taken_per_term_equal_the_gradient_of_the_total():
         )
 
 
+@pytest.mark.slow
 def test_gradients_of_towers_side_by_side_are_bit_for_bit_reproducible():
     # Summed by the tape, the gradients of two towers running side by side
     # differed in their last bits between calls with equal inputs
     # (relation-network and encoder kernels, in a quarter to a half of the
     # calls on these shapes; README, Reproducibility). In a fresh process,
     # with leo_tf's thread settings.
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.tower_gradient_repeats", "30"],
-        cwd=run_fixtures.REPO,
-        env=run_fixtures.subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_fixtures.run_module("tests.tower_gradient_repeats", 30, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     changed = json.loads(result.stdout.strip().splitlines()[-1])
     assert changed == {}, f"calls whose gradient changed, per variable: {changed}"
 
 
-def test_compiled_steps_trace_once_per_shape():
+def test_compiled_train_step_traces_once_per_shape():
     model, optimizer, config = _train_setup(dtype="float32")
     spec = fx.episodes_spec(3, 3, 2, 4, 8)
     train_step = steps.compile_train_step(model, optimizer, config, spec)
-    eval_step = steps.compile_eval_step(model, spec)
     for index in range(12):
         episodes = fx.random_episodes(index)
         train_step(episodes, fx.noise_for(episodes, model.config, seed=(0, index)))
-        eval_step(episodes)
     assert train_step.experimental_get_tracing_count() == 1
-    assert eval_step.experimental_get_tracing_count() == 1
 
 
 def test_compiled_step_in_float32_agrees_with_float64():
