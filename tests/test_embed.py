@@ -405,7 +405,7 @@ def test_omniglot_flagfile_rotates_only_the_training_classes(fake_omniglot, tmp_
     values(
         [
             "prog",
-            f"--flagfile={REPO_ROOT / 'flags' / 'omniglot_embed.cfg'}",
+            f"--flagfile={run_fixtures.REPO / 'flags' / 'omniglot_embed.cfg'}",
             f"--packed_omniglot={packed_path}",
             f"--data_path={tmp_path}",
             f"--num_val_alphabets={NUM_VAL_ALPHABETS}",
