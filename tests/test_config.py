@@ -181,6 +181,7 @@ TRAIN_FLAGFILES = sorted(
     path
     for path in (run_fixtures.REPO / "flags").glob("*.cfg")
     if not path.name.startswith("regression_")  # python -m leo_tf.regression
+    and not path.name.endswith("_embed.cfg")  # python -m leo_tf.embed
 )
 
 

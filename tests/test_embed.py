@@ -5,6 +5,7 @@ except the tests marked as reading the real packed Omniglot, which skip when
 `<repo>/../shared/data` is absent.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,8 +18,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 
 from leo_tf import config as config_lib
+from leo_tf import embed
 from leo_tf.embedding import backbones
 from leo_tf.embedding import images as images_lib
 from leo_tf.embedding import pipeline
@@ -381,6 +384,42 @@ def test_rotations_add_three_rotated_classes_within_the_same_split():
         "a/rot270",
     }
     assert not set(by_split["train"].class_names) & set(by_split["test"].class_names)
+
+
+def test_rotation_splits_must_name_one_or_more_splits():
+    assert config_lib.check(pipeline.SplitConfig(rotation_splits=("train",))) is None
+    for bad in (("train", "tests"), ()):
+        with pytest.raises(
+            config_lib.ConfigError,
+            match=r"--rotation_splits=.*: must be one or more of train, val, test",
+        ):
+            config_lib.check(pipeline.SplitConfig(rotation_splits=bad))
+
+
+def test_omniglot_flagfile_rotates_only_the_training_classes(fake_omniglot, tmp_path):
+    """flags/omniglot_embed.cfg (--rotation_splits=train): rotated classes
+    train the network; val and test keep the original characters."""
+    packed_path, _ = fake_omniglot
+    values = flags.FlagValues()
+    embed.define_flags(values)
+    values(
+        [
+            "prog",
+            f"--flagfile={run_fixtures.REPO / 'flags' / 'omniglot_embed.cfg'}",
+            f"--packed_omniglot={packed_path}",
+            f"--data_path={tmp_path}",
+            f"--num_val_alphabets={NUM_VAL_ALPHABETS}",
+            "--conv_filters=3",
+            "--epochs=1",
+            "--batch_size=16",
+        ]
+    )
+    result = pipeline.run(embed.config_from_flags(values))
+    counts = {s: len(result.splits[s].class_names) for s in splits_lib.SPLITS}
+    assert counts == {"train": 32, "val": 4, "test": 4}
+    classes = json.loads(pathlib.Path(result.classes_path).read_text())["classes"]
+    rotated = [c for c in classes.values() if "/rot" in c["name"]]
+    assert len(rotated) == 24 and {c["split"] for c in rotated} == {"train"}
 
 
 def test_a_split_without_classes_is_an_error_before_training(fake_omniglot, tmp_path):
