@@ -5,31 +5,32 @@ except the tests marked as reading the real packed Omniglot, which skip when
 `<repo>/../shared/data` is absent.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
 import pathlib
 import pickle
 import re
-import subprocess
-import sys
 import time
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 
 from leo_tf import config as config_lib
+from leo_tf import embed
 from leo_tf.embedding import backbones
 from leo_tf.embedding import images as images_lib
 from leo_tf.embedding import pipeline
 from leo_tf.embedding import pretrain
 from leo_tf.embedding import splits as splits_lib
 from leo_tf.embedding import writer
+from tests import run_fixtures
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_DATA = run_fixtures.REPO.parent / "shared" / "data"
 PACKED_OMNIGLOT = SHARED_DATA / "omniglot_28.npz"
 
 # A fake Omniglot: real alphabet names, 2 characters each, 5 drawings.
@@ -385,6 +386,42 @@ def test_rotations_add_three_rotated_classes_within_the_same_split():
     assert not set(by_split["train"].class_names) & set(by_split["test"].class_names)
 
 
+def test_rotation_splits_must_name_one_or_more_splits():
+    assert config_lib.check(pipeline.SplitConfig(rotation_splits=("train",))) is None
+    for bad in (("train", "tests"), ()):
+        with pytest.raises(
+            config_lib.ConfigError,
+            match=r"--rotation_splits=.*: must be one or more of train, val, test",
+        ):
+            config_lib.check(pipeline.SplitConfig(rotation_splits=bad))
+
+
+def test_omniglot_flagfile_rotates_only_the_training_classes(fake_omniglot, tmp_path):
+    """flags/omniglot_embed.cfg (--rotation_splits=train): rotated classes
+    train the network; val and test keep the original characters."""
+    packed_path, _ = fake_omniglot
+    values = flags.FlagValues()
+    embed.define_flags(values)
+    values(
+        [
+            "prog",
+            f"--flagfile={run_fixtures.REPO / 'flags' / 'omniglot_embed.cfg'}",
+            f"--packed_omniglot={packed_path}",
+            f"--data_path={tmp_path}",
+            f"--num_val_alphabets={NUM_VAL_ALPHABETS}",
+            "--conv_filters=3",
+            "--epochs=1",
+            "--batch_size=16",
+        ]
+    )
+    result = pipeline.run(embed.config_from_flags(values))
+    counts = {s: len(result.splits[s].class_names) for s in splits_lib.SPLITS}
+    assert counts == {"train": 32, "val": 4, "test": 4}
+    classes = json.loads(pathlib.Path(result.classes_path).read_text())["classes"]
+    rotated = [c for c in classes.values() if "/rot" in c["name"]]
+    assert len(rotated) == 24 and {c["split"] for c in rotated} == {"train"}
+
+
 def test_a_split_without_classes_is_an_error_before_training(fake_omniglot, tmp_path):
     _, arrays = fake_omniglot
     background = arrays["split"] == "background"
@@ -552,6 +589,7 @@ def test_conv4_embedding_width_is_filters_times_remaining_pixels():
     assert backbones.conv4((28, 28, 1), filters=8).output.shape == (None, 8)
 
 
+@pytest.mark.slow
 def test_wrn_28_10_gives_640_features_and_takes_a_training_step():
     config = pretrain.TrainConfig(backbone="wrn", augment_shift=0, augment_rotation=0)
     extractor = pretrain.build_feature_extractor(
@@ -587,22 +625,10 @@ def test_wrn_28_10_gives_640_features_and_takes_a_training_step():
 
 
 def run_cli(*args, timeout=300):
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-        TF_CPP_MIN_LOG_LEVEL="2",
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "leo_tf.embed", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_fixtures.run_module("leo_tf.embed", *args, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_cli_writes_pickles_and_prints_per_split_counts(fake_omniglot, tmp_path):
     packed_path, _ = fake_omniglot
     completed = run_cli(
@@ -635,6 +661,7 @@ def test_cli_writes_pickles_and_prints_per_split_counts(fake_omniglot, tmp_path)
     assert sum(c["name"].endswith("/rot180") for c in classes["classes"].values()) == 16
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_fail_with_one_message_and_write_nothing(tmp_path):
     completed = run_cli(f"--data_path={tmp_path}", timeout=120)
     assert completed.returncode != 0

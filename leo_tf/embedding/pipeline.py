@@ -98,6 +98,11 @@ class SourceConfig:
         return bool(self.packed_omniglot) or self.tfds_name == "omniglot"
 
 
+def some_splits(value):
+    chosen = bool(value) and set(value) <= set(splits_lib.SPLITS)
+    return None if chosen else f"must be one or more of {', '.join(splits_lib.SPLITS)}"
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitConfig:
     """How classes are split (see splits.py)."""
@@ -123,6 +128,13 @@ class SplitConfig:
         False,
         "Add each class's 90/180/270-degree rotations as new "
         "classes of the same split (Vinyals et al. 2016).",
+    )
+    rotation_splits: Tuple[str, ...] = option(
+        splits_lib.SPLITS,
+        "The splits that --rotations extends. train: the rotated classes only "
+        "train the network; meta-validation and meta-test keep the original "
+        "characters.",
+        some_splits,
     )
 
 
@@ -368,7 +380,10 @@ def run(config: EmbedConfig) -> EmbedResult:
             "needs at least one class"
         )
     if config.split.rotations:
-        by_split = {s: splits_lib.add_rotations(v) for s, v in by_split.items()}
+        by_split = {
+            s: splits_lib.add_rotations(v) if s in config.split.rotation_splits else v
+            for s, v in by_split.items()
+        }
 
     # Class ids are numbered over train, then val, then test classes.
     blocks = {s: _class_blocks(by_split[s].class_names) for s in splits_lib.SPLITS}
