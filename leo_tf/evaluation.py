@@ -118,7 +118,7 @@ def evaluate(config):
     batch_size = config.data.metatest_batch_size
     num_batches = max(1, config.train.num_metatest_episodes // batch_size)
     accuracies, baselines = [], []
-    dataset = episodes_lib.make_dataset(sampler, 0, num_batches, prefetch=1)
+    dataset = episodes_lib.make_dataset(sampler, 0, num_batches)
     for _, episodes in dataset:
         accuracy, _ = eval_step(episodes)
         accuracies.append(accuracy.numpy())

@@ -65,11 +65,10 @@ def _validate(eval_step, sampler, num_batches, first_batch):
     """Mean accuracy and query loss over meta-validation batches.
 
     Batches first_batch .. first_batch + num_batches - 1 of the sampler, each
-    a pure function of the run's seed and its index, sampled one ahead of the
-    step as in evaluation.
+    a pure function of the run's seed and its index.
     """
     accuracies, losses = [], []
-    dataset = episodes_lib.make_dataset(sampler, first_batch, num_batches, prefetch=1)
+    dataset = episodes_lib.make_dataset(sampler, first_batch, num_batches)
     for _, episodes in dataset:
         accuracy, loss = eval_step(episodes)
         accuracies.append(accuracy.numpy())
@@ -254,8 +253,9 @@ class _Session:
                 "Step %d already reaches --num_steps_limit=%d", first_step, limit
             )
             return {"step": first_step}
-        # Episodes are sampled ahead by the sampler's own thread, noise by
-        # tf.data's: both are pure functions of (seed, step).
+        # Episodes' indices are sampled on request and gathered in TensorFlow,
+        # noise is drawn ahead by tf.data: both are pure functions of
+        # (seed, step).
         dataset = tf.data.Dataset.zip(
             episodes_lib.make_dataset(
                 self.train_sampler, first_step, limit - first_step
