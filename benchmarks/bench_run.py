@@ -21,17 +21,21 @@ timestamped here as they arrive:
   start-up     process start to the first progress line (imports, data
                loading and checks, building and tracing, the first window);
   training     seconds per step: the time between consecutive progress lines
-               (printed every --window steps), over the windows that contain
-               no meta-validation and are not the first;
-  validation   a progress line at a checkpoint step to the trainer's
-               "meta-validation accuracy" line that follows it (the 10
-               batches, the checkpoint and its bookkeeping);
-  meta-test    the last validation's line to the "Meta-test accuracy" line
-               (loading the best checkpoint and 10,000 episodes).
+               (printed every --window steps), over the windows that hold no
+               meta-validation, the first one left out;
+  validation   a window that starts at a checkpoint step, less its steps at
+               the training rate: the 10 meta-validation batches, the
+               checkpoint and, when the accuracy is the best so far, its copy
+               to best_checkpoint (random data: a coin flip); the first one
+               also traces the evaluation step and is reported apart;
+  meta-test    the last progress line to the "Meta-test accuracy" line, less
+               one validation (the last step's): the end of training, loading
+               the test split and the best checkpoint, tracing, and the
+               episodes.
 
 It prints each part, the full run extrapolated as start-up + 100,000 steps +
-100 validations + meta-test, and the child's peak resident memory (RSS), and
-writes them to benchmarks/results/bench_run.json. The data are random, so
+the first and 99 later validations + meta-test, and the child's peak
+resident memory (RSS), and writes them to benchmarks/results/bench_run.json. The data are random, so
 accuracies mean nothing; times do not depend on the values. On a shared
 machine the parts are measured minutes apart under whatever load there is:
 compare figures of one run, or of runs on a quiet machine.
@@ -60,7 +64,6 @@ PAPER_TEST_EPISODES = 10_000
 SETTINGS = {"1shot": 1, "5shot": 5}
 
 _PROGRESS = re.compile(r"^step (\d+)/(\d+) \|")
-_VALIDATION = re.compile(r"Step (\d+): meta-validation accuracy")
 _TEST = re.compile(r"^Meta-test accuracy")
 
 
@@ -139,48 +142,52 @@ def phases(lines, args):
     progress = [
         (t, int(m.group(1))) for t, line in lines if (m := _PROGRESS.match(line))
     ]
-    validations = {
-        int(m.group(1)): t for t, line in lines if (m := _VALIDATION.search(line))
-    }
     tests = [t for t, line in lines if _TEST.match(line)]
     checkpoint_steps = args.steps // args.validations
-    missing = [
-        what
-        for what, found in (
-            ("progress lines 'step N/M |'", len(progress) >= 3),
-            ("'Step N: meta-validation accuracy' lines", validations),
-            ("the 'Meta-test accuracy' line", tests),
-        )
-        if not found
-    ]
-    if missing:
+    if len(progress) < args.steps // args.window or not tests:
         raise RuntimeError(
-            "could not find " + ", ".join(missing) + " in the output of "
-            "leo_tf.train; rerun with --verbose to see it"
+            "could not find the progress lines 'step N/M |' or the "
+            "'Meta-test accuracy' line in the output of leo_tf.train; rerun "
+            "with --verbose to see it"
         )
-    window_seconds, window_steps = 0.0, 0
-    for (t0, s0), (t1, s1) in zip(progress[1:], progress[2:]):
-        if s0 % checkpoint_steps:  # no validation inside this window
-            window_seconds += t1 - t0
-            window_steps += s1 - s0
-    at_step = dict((s, t) for t, s in progress)
-    validation_seconds = [
-        validations[s] - at_step[s] for s in sorted(validations) if s in at_step
+    windows = list(zip(progress, progress[1:]))
+    # Windows that start at a checkpoint step hold a meta-validation; the
+    # first one follows tracing and warm-up.
+    training = [
+        (t1 - t0, s1 - s0)
+        for (t0, s0), (t1, s1) in windows[1:]
+        if s0 % checkpoint_steps
     ]
+    step_seconds = sum(t for t, _ in training) / sum(s for _, s in training)
+    validations = [
+        (t1 - t0) - (s1 - s0) * step_seconds
+        for (t0, s0), (t1, s1) in windows
+        if s0 % checkpoint_steps == 0
+    ]
+    steady = float(np.median(validations[1:]))
     return {
         "startup_s": progress[0][0],
-        "train_step_ms": 1e3 * window_seconds / window_steps,
-        "train_steps_timed": window_steps,
-        "validation_s": float(np.median(validation_seconds)),
-        "validation_s_each": validation_seconds,
-        "metatest_s": tests[-1] - validations[max(validations)],
+        "train_step_ms": 1e3 * step_seconds,
+        "train_steps_timed": sum(s for _, s in training),
+        "first_validation_s": validations[0],
+        "validation_s": steady,
+        "validation_s_each": validations,
+        # After the last step: its meta-validation (taken as `steady`), then
+        # the end of training and the meta-test.
+        "metatest_s": tests[-1] - progress[-1][0] - steady,
     }
 
 
 def extrapolate(parts, test_episodes):
-    """Seconds of the paper's full run from the measured parts."""
+    """Seconds of the paper's full run from the measured parts.
+
+    The first meta-validation also traces the evaluation step: it counts once
+    as measured, the other 99 as the later ones.
+    """
     training = PAPER_STEPS * parts["train_step_ms"] / 1e3
-    validation = PAPER_VALIDATIONS * parts["validation_s"]
+    validation = parts["first_validation_s"] + (PAPER_VALIDATIONS - 1) * parts[
+        "validation_s"
+    ]
     test = parts["metatest_s"] * PAPER_TEST_EPISODES / test_episodes
     return {
         "startup_s": parts["startup_s"],
@@ -204,7 +211,10 @@ def report(setting, parts, full, peak_mb):
             f"ms/step ({steps_per_second:.1f} steps/s, "
             f"{parts['train_steps_timed']} steps timed)",
             f"  one meta-validation (10 x 200 episodes) {parts['validation_s']:7.2f} s "
-            f"(each: {', '.join(f'{s:.2f}' for s in parts['validation_s_each'])})",
+            f"(median of the later ones; each: "
+            f"{', '.join(f'{s:.2f}' for s in parts['validation_s_each'])})",
+            f"  the first, with tracing                 "
+            f"{parts['first_validation_s']:7.2f} s",
             f"  meta-test ({parts['test_episodes']} episodes)"
             f"{'':{max(0, 19 - len(str(parts['test_episodes'])))}}"
             f"{parts['metatest_s']:7.1f} s",
@@ -234,9 +244,9 @@ def main():
     parser.add_argument(
         "--validations",
         type=int,
-        default=3,
+        default=4,
         help="meta-validations in the short run (evenly spaced; the last at the "
-        "last step)",
+        "last step; at least 3: the first traces the evaluation step)",
     )
     parser.add_argument(
         "--window", type=int, default=50, help="steps per progress line (timed window)"
@@ -245,7 +255,8 @@ def main():
         "--test_episodes",
         type=int,
         default=PAPER_TEST_EPISODES,
-        help="meta-test episodes (scaled to 10,000 in the extrapolation)",
+        help="meta-test episodes; fewer than 10,000 are scaled up in the "
+        "extrapolation, fixed costs (loading, tracing) included, an over-estimate",
     )
     parser.add_argument(
         "--repo",
@@ -265,13 +276,13 @@ def main():
     args = parser.parse_args()
     checkpoint_steps = args.steps // max(args.validations, 1)
     if (
-        args.validations < 2
+        args.validations < 3
         or args.steps % args.validations
         or checkpoint_steps % args.window
         or checkpoint_steps // args.window < 3
     ):
         parser.error(
-            "--steps must be a multiple of --validations (>= 2), and the steps "
+            "--steps must be a multiple of --validations (>= 3), and the steps "
             "between validations a multiple of --window, at least 3 windows"
         )
     repo = pathlib.Path(args.repo).resolve()
