@@ -117,6 +117,8 @@ def _tf_worker(variant, setting, args):
 
         model = ReferenceModel(model)
     spec = sampler.element_spec
+    # tf.map_fn is the reference's own parallelism: it runs as one tower.
+    towers = 1 if variant == "map_fn" else args.towers
     baseline_rss = _current_rss_mb()
     if setting["mode"] == "train":
         step = steps.compile_train_step(
@@ -127,9 +129,7 @@ def _tf_worker(variant, setting, args):
             jit_compile=args.jit_compile,
             strategy=strategy,
             num_towers=(
-                runtime.num_towers(args.towers, setting["batch"])
-                if strategy is None
-                else 1
+                runtime.num_towers(towers, setting["batch"]) if strategy is None else 1
             ),
         )
         num_steps = 10**6
@@ -157,7 +157,7 @@ def _tf_worker(variant, setting, args):
             model,
             spec,
             jit_compile=args.jit_compile,
-            num_towers=runtime.num_towers(args.towers, setting["batch"]),
+            num_towers=runtime.num_towers(towers, setting["batch"]),
         )
         # Through the input pipeline, which hands the sampler's (aligned)
         # arrays to TensorFlow without a copy.

@@ -19,11 +19,6 @@ import traceback
 
 from absl import app, flags, logging
 
-# Seeds reach Keras' weight initialisers, which reduce them modulo 2^31 - 2:
-# larger seeds would repeat the initial weights of smaller ones.
-MAX_SEED = 2**31 - 3
-SEED_RULE = f"must be an integer in [0, {MAX_SEED}]"
-
 flags.DEFINE_boolean(
     "debug", False, "Print the full traceback of an error before its one line."
 )

@@ -54,21 +54,6 @@ from absl import flags, logging
 from leo_tf import cli
 from leo_tf import config as config_lib
 
-# --checkpoint_path is the training flag of leo_tf.config: the directory to
-# export from.
-config_lib.define_flags()
-flags.declare_key_flag("checkpoint_path")
-flags.DEFINE_string("export_dir", None, "Directory to write the SavedModel to.")
-flags.DEFINE_string(
-    "checkpoint",
-    "best",
-    "Which checkpoint: best (best_checkpoint/), latest, or a checkpoint prefix "
-    "such as runs/x/ckpt-5000.",
-)
-flags.DEFINE_boolean(
-    "overwrite", False, "Replace a previous SavedModel in --export_dir."
-)
-
 METADATA_ASSET = "leo_metadata.json"
 SAVED_MODEL_FILE = "saved_model.pb"
 # A trainer promoting a new best removes the previous best's files; an
@@ -83,6 +68,22 @@ _SAVED_MODEL_ENTRIES = frozenset(
 
 class ExportError(ValueError):
     """The export cannot be made; the message names the flag or file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """The flags of `leo_tf.export`, beside leo_tf.train's (whose
+    --checkpoint_path names the run to export)."""
+
+    export_dir: str = config_lib.option(None, "Directory to write the SavedModel to.")
+    checkpoint: str = config_lib.option(
+        "best",
+        "Which checkpoint: best (best_checkpoint/), latest, or a checkpoint "
+        "prefix such as runs/x/ckpt-5000.",
+    )
+    overwrite: bool = config_lib.option(
+        False, "Replace a previous SavedModel in --export_dir."
+    )
 
 
 def resolve_checkpoint(checkpoint_path, which):
@@ -613,23 +614,26 @@ def export(checkpoint_path, export_dir, which="best", overwrite=False):
 def main(argv):
     if len(argv) > 1:
         raise cli.Failure(f"unexpected arguments: {' '.join(argv[1:])}")
-    values = flags.FLAGS
-    if not values.export_dir:
+    options = config_lib.values_of(ExportOptions)
+    if not options.export_dir:
         raise cli.Failure("--export_dir is required")
     from leo_tf import checkpoints  # pylint: disable=g-import-not-at-top
 
     with cli.reported(ExportError, checkpoints.CheckpointError):
         path = export(
-            values.checkpoint_path,
-            values.export_dir,
-            values.checkpoint,
-            values.overwrite,
+            flags.FLAGS.checkpoint_path,
+            options.export_dir,
+            options.checkpoint,
+            options.overwrite,
         )
     print(f"SavedModel written to {path}")
 
 
 def run(argv=None):
     """Console entry point `leo-export`."""
+    config_lib.define_flags()
+    config_lib.define_flags_of([ExportOptions])
+    flags.declare_key_flag("checkpoint_path")
     cli.run("leo_tf.export", main, argv)
 
 

@@ -31,7 +31,7 @@ class EpisodeNoise(NamedTuple):
     """Noise for a meta-batch. Dropout masks are scaled keep masks.
 
     The two per-step fields may also be tuples of per-step tensors (see
-    `model.meta_batch_part`); the model only indexes them by step.
+    `steps.meta_batch_part`); the model only indexes them by step.
     """
 
     encoder_dropout: tf.Tensor  # [B, N, K, D]

@@ -16,7 +16,8 @@ def _has_gpu():
 
 
 def unbatched_matmuls():
-    """Whether LEO's per-episode matmuls run as separate 2-D MatMuls (CPU)."""
+    """Whether this host runs LEO's per-episode matmuls best as separate 2-D
+    MatMuls (CPUs: no GPU visible); see `steps.host_matmul`."""
     return not _has_gpu()
 
 
@@ -41,9 +42,8 @@ def configure_threads():
 
     LEO's step is thousands of small ops; on CPU, running independent ops in
     parallel (one inter-op thread per core) beats splitting each op over
-    threads (intra-op): on 2 cores, (2, 1) ran the 5-way 1-shot meta-training
-    step twice as fast as TensorFlow's default (2, 2), see BUILD.md. Must run
-    before TensorFlow executes its first op; a no-op afterwards.
+    threads (intra-op; BUILD.md, Performance). Must run before TensorFlow
+    executes its first op; a no-op afterwards.
     """
     try:
         tf.config.threading.set_inter_op_parallelism_threads(_cores())

@@ -65,7 +65,6 @@ Trials are not stopped early (no successive halving): every trial trains
 --num_steps_limit steps.
 """
 
-import copy
 import dataclasses
 import json
 import math
@@ -81,6 +80,7 @@ from tensorboard.plugins.hparams import api as hp
 
 from leo_tf import checkpoints, cli, evaluation, progress, runtime, trainer
 from leo_tf import config as config_lib
+from leo_tf.data import meta_dataset
 from leo_tf.data.embeddings import DataError
 
 KINDS = ("loguniform", "uniform", "int", "choice")
@@ -108,24 +108,33 @@ _HPARAMS_SUFFIX = ".hparams"
 
 PROG = "leo_tf.search"
 
-config_lib.define_flags()
-
-flags.DEFINE_string("search_dir", None, "Directory of the search's trials and results.")
-flags.DEFINE_integer("num_trials", 20, "Trials to run (a rerun skips finished ones).")
-flags.DEFINE_multi_string(
-    "space",
-    None,
-    "A searched flag, FLAG:loguniform:LOW:HIGH, FLAG:uniform:LOW:HIGH, "
-    "FLAG:int:LOW:HIGH or FLAG:choice:V1,V2,...; repeat for each flag. "
-    "Default: the authors' space (see the module docstring).",
-)
-flags.DEFINE_boolean(
-    "evaluate_best", False, "After the search, meta-test the best trial only."
-)
-
 
 class SearchError(ValueError):
     """Bad search flags or directory; the message names the flag or file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+    """The search's own flags (beside every flag of leo_tf.train)."""
+
+    search_dir: str = config_lib.option(
+        None, "Directory of the search's trials and results."
+    )
+    num_trials: int = config_lib.option(
+        20,
+        "Trials to run (a rerun skips finished ones).",
+        config_lib.at_least(1),
+    )
+    space: tuple = config_lib.option(
+        None,
+        "A searched flag, FLAG:loguniform:LOW:HIGH, FLAG:uniform:LOW:HIGH, "
+        "FLAG:int:LOW:HIGH or FLAG:choice:V1,V2,...; repeat for each flag. "
+        "Default: the authors' space (see the module docstring).",
+        define=flags.DEFINE_multi_string,
+    )
+    evaluate_best: bool = config_lib.option(
+        False, "After the search, meta-test the best trial only."
+    )
 
 
 # --- The search space ---------------------------------------------------------
@@ -178,8 +187,10 @@ class Dimension:
 
 
 def _train_flags():
-    """leo_tf.train's flags: those that leo_tf.config defines."""
-    return flags.FLAGS.get_flags_for_module(config_lib.__name__)
+    """A new FlagValues holding leo_tf.train's flags, at their defaults."""
+    values = flags.FlagValues()
+    config_lib.define_flags(values)
+    return values
 
 
 def parse_dimension(entry):
@@ -192,7 +203,7 @@ def parse_dimension(entry):
     if len(parts) < 3:
         raise fail("expected FLAG:KIND:..., e.g. outer_lr:loguniform:1e-4:1e-3")
     name, kind, arguments = parts[0], parts[1], parts[2:]
-    known = {flag.name: flag for flag in _train_flags()}
+    known = _train_flags()
     if name not in known:
         raise fail(f"{name} is not a flag of leo_tf.train")
     if name in SEARCH_SET_FLAGS:
@@ -277,10 +288,7 @@ def parse_train_flags(args):
       flags.FlagValues holding copies of leo_tf.train's flags; unset ones at
       their defaults.
     """
-    values = flags.FlagValues()
-    for flag in _train_flags():
-        values[flag.name] = copy.deepcopy(flag)
-        values[flag.name].unparse()  # back to its default
+    values = _train_flags()
     try:
         values(["leo_tf.search", *args])
     except flags.Error as error:
@@ -309,10 +317,15 @@ def trial_flag_lines(base_args, draws, directory):
     values["evaluate_after_training"].value = False
     if values["data_path"].value:
         values["data_path"].value = os.path.abspath(values["data_path"].value)
+    return _serialized(values)
+
+
+def _serialized(values):
+    """leo_tf.train's flags in `values` that have a value, as arguments."""
     return [
-        values[flag.name].serialize()
-        for flag in _train_flags()
-        if values[flag.name].value is not None
+        values[name].serialize()
+        for name in config_lib.train_flag_names()
+        if values[name].value is not None
     ]
 
 
@@ -324,7 +337,9 @@ def _check_same_trial(path, lines):
     """SearchError unless the flagfile at `path`, if any, holds `lines`."""
     if not path.exists():
         return
-    saved = _flag_lines(path.read_text(encoding="utf-8"))
+    # In any order: flagfiles of earlier versions list the flags in another.
+    saved = sorted(_flag_lines(path.read_text(encoding="utf-8")))
+    lines = sorted(lines)
     if saved == lines:
         return
     difference = next(
@@ -582,17 +597,16 @@ def _progress_line(trial, num_trials, record, best, elapsed, eta):
     )
 
 
-def _check_search(base_args, space, num_trials, seed):
-    """SearchError or ConfigError if the flags or the space are unusable.
+def _check_search(base_args, space, num_trials):
+    """SearchError, ConfigError or DataError if the flags or the space are
+    unusable.
 
     The common flags are validated as a leo_tf.train run, then with each
     searched flag at its extremes (both bounds, or every choice).
     """
-    if num_trials < 1:
-        raise SearchError(f"--num_trials={num_trials}: must be at least 1")
-    if seed < 0:
-        raise SearchError(f"--seed={seed}: must be at least 0")
-    config_lib.from_flags(parse_train_flags(base_args))
+    config_lib.check(SearchOptions(num_trials=num_trials))
+    config = config_lib.from_flags(parse_train_flags(base_args))
+    meta_dataset.check_dataset_name(config.data)
     for dimension in space:
         for text in dimension.extremes():
             args = [*base_args, f"--{dimension.flag}={text}"]
@@ -651,7 +665,7 @@ def run_search(base_args, space, search_dir, num_trials, seed, log=print):
     """
     search_dir = pathlib.Path(search_dir)
     _check_search_dir(search_dir)
-    _check_search(base_args, space, num_trials, seed)
+    _check_search(base_args, space, num_trials)
     plan = _plan(base_args, space, search_dir, num_trials, seed)
     try:
         search_dir.mkdir(parents=True, exist_ok=True)
@@ -686,18 +700,13 @@ def run_search(base_args, space, search_dir, num_trials, seed, log=print):
 
 def _base_args():
     """The parsed leo_tf.train flags of this command, as arguments."""
-    values = flags.FLAGS
-    return [
-        values[flag.name].serialize()
-        for flag in _train_flags()
-        if values[flag.name].value is not None
-    ]
+    return _serialized(flags.FLAGS)
 
 
 def main(argv):
     if len(argv) > 1:
         raise cli.Failure(f"unexpected arguments: {' '.join(argv[1:])}")
-    values = flags.FLAGS
+    values = config_lib.values_of(SearchOptions)
     runtime.configure_threads()
     with cli.reported(
         SearchError, config_lib.ConfigError, DataError, checkpoints.CheckpointError
@@ -706,7 +715,11 @@ def main(argv):
             raise SearchError("--search_dir is required")
         space = parse_space(values.space or DEFAULT_SPACE)
         outcome = run_search(
-            _base_args(), space, values.search_dir, values.num_trials, values.seed
+            _base_args(),
+            space,
+            values.search_dir,
+            values.num_trials,
+            flags.FLAGS.seed,
         )
         if outcome.stopped:
             return
@@ -729,6 +742,8 @@ def main(argv):
 
 def run(argv=None):
     """Console entry point `leo-search`."""
+    config_lib.define_flags()
+    config_lib.define_flags_of([SearchOptions])
     cli.run(PROG, main, argv)
 
 

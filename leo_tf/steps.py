@@ -3,7 +3,8 @@
 The meta-training step differentiates the meta-batch loss through both inner
 loops (second order), replaces NaN gradients by a weight-decay pull (spec
 item 10), clips each gradient tensor by value then by norm (item 11), and
-applies Adam.
+applies Adam. On CPUs the meta-batch runs as towers side by side, and the
+steps give the model the batched matmul that suits the host (`host_matmul`).
 """
 
 from typing import NamedTuple
@@ -11,7 +12,8 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
-from leo_tf.model import meta_batch_part
+from leo_tf import ops, runtime
+from leo_tf.model import EpisodeOutputs
 from leo_tf.noise import EpisodeNoise, noise_shapes
 
 # Weight of the fallback L2 objective used when the loss or a gradient is NaN.
@@ -80,6 +82,79 @@ def clip_gradients(gradients, value_threshold, norm_threshold):
     return gradients
 
 
+def host_matmul():
+    """The model's batched matmul for this host: the faster form of each.
+
+    `ops.per_episode_matmul` on CPUs, one batched `tf.matmul` on GPUs; the
+    two compute the same product.
+    """
+    return ops.per_episode_matmul if runtime.unbatched_matmuls() else tf.matmul
+
+
+def meta_batch_part(episodes, noise, index, num_parts):
+    """Part `index` (int or int tensor) of a meta-batch cut in equal parts.
+
+    Returns (episodes, noise) of B / num_parts episodes; noise may be None.
+    The noise's `weights` and `support_dropout` carry a leading step axis
+    ([steps, B, ...]); the part's are tuples of per-step [B / num_parts, ...]
+    tensors: slicing each step along its leading (batch) axis takes views of
+    contiguous memory, where slicing the stack along its second axis copies.
+    """
+    size = tf.shape(episodes.tr_input)[0] // num_parts
+    begin, end = index * size, (index + 1) * size
+    part = type(episodes)(*(x[begin:end] for x in episodes))
+    if noise is None:
+        return part, None
+
+    def per_step(stack):
+        return tuple(x[begin:end] for x in tf.unstack(stack))
+
+    return part, noise._replace(
+        encoder_dropout=noise.encoder_dropout[begin:end],
+        latent=noise.latent[begin:end],
+        weights=per_step(noise.weights),
+        support_dropout=per_step(noise.support_dropout),
+        query_dropout=noise.query_dropout[begin:end],
+    )
+
+
+def run_towers(model, episodes, noise, num_towers, matmul):
+    """`model.run_episodes` on each of num_towers equal parts of the meta-batch.
+
+    The parts' ops are independent, so a CPU's inter-op threads compute them
+    side by side; B must be a multiple of num_towers. Returns a list of
+    num_towers EpisodeOutputs of B / num_towers episodes, in batch order.
+    """
+    if num_towers == 1:
+        return [model.run_episodes(episodes, noise, matmul)]
+    return [
+        model.run_episodes(*meta_batch_part(episodes, noise, i, num_towers), matmul)
+        for i in range(num_towers)
+    ]
+
+
+def _concatenated(towers):
+    """One EpisodeOutputs of the towers' EpisodeOutputs, in their order."""
+    return EpisodeOutputs(*(tf.concat(parts, 0) for parts in zip(*towers)))
+
+
+def meta_batch_loss(model, episodes, noise, num_towers, matmul):
+    """The model's MetaBatchLoss over towers, and the terms of its total.
+
+    The terms are scalars whose sum is the total (up to rounding): each
+    tower's share of the mean episode loss, then the weighted penalties. Each
+    depends on its own ops, so their gradients can be taken one by one
+    (`_scaled_gradients`).
+    """
+    towers = run_towers(model, episodes, noise, num_towers, matmul)
+    objective = model.objective(_concatenated(towers))
+    # mean over the B episodes = sum over towers of (tower's loss sum) / B
+    losses = objective.episodes.loss
+    batch_size = tf.cast(tf.shape(losses)[0], losses.dtype)
+    shares = [tf.reduce_sum(tower.loss) / batch_size for tower in towers]
+    return objective, (*shares, objective.penalties)
+
+
 def _build_optimizer(optimizer, variables):
     # Creating Adam's slots up front keeps variable creation out of the trace,
     # so the compiled step traces once.
@@ -87,7 +162,7 @@ def _build_optimizer(optimizer, variables):
         optimizer.build(variables)
 
 
-def _scaled_gradients(model, episodes, noise, scale, num_towers=1):
+def _scaled_gradients(model, episodes, noise, scale, num_towers, matmul):
     """Gradients of scale * meta-batch loss, and the (unscaled) objective.
 
     The gradient of each of the objective's terms (each tower's share of the
@@ -100,8 +175,8 @@ def _scaled_gradients(model, episodes, noise, scale, num_towers=1):
     Reproducibility).
     """
     with tf.GradientTape(persistent=True) as tape:
-        objective = model.meta_batch_loss(episodes, noise, num_towers)
-        terms = [term * scale for term in objective.terms]
+        objective, terms = meta_batch_loss(model, episodes, noise, num_towers, matmul)
+        terms = [term * scale for term in terms]
     variables = model.trainable_variables
     per_term = [tape.gradient(term, variables) for term in terms]
     gradients = [
@@ -157,13 +232,14 @@ def _guard_and_clip(model, config, loss, gradients):
 def train_step_fn(model, optimizer, config, num_towers=1):
     """The uncompiled meta-training step: (episodes, noise) -> TrainMetrics.
 
-    num_towers: see LEO.run_episodes.
+    num_towers: see `run_towers`.
     """
     _build_optimizer(optimizer, model.trainable_variables)
+    matmul = host_matmul()
 
     def step(episodes, noise):
         gradients, objective = _scaled_gradients(
-            model, episodes, noise, 1.0, num_towers
+            model, episodes, noise, 1.0, num_towers, matmul
         )
         gradients, gradient_norm, fired = _guard_and_clip(
             model, config, objective.total, gradients
@@ -192,12 +268,15 @@ def distributed_train_step_fn(strategy, model, optimizer, config):
     with strategy.scope():
         _build_optimizer(optimizer, model.trainable_variables)
     replicas = strategy.num_replicas_in_sync
+    matmul = host_matmul()
 
     def replica_step(episodes, noise):
         context = tf.distribute.get_replica_context()
         replica = context.replica_id_in_sync_group
         episodes, noise = meta_batch_part(episodes, noise, replica, replicas)
-        gradients, objective = _scaled_gradients(model, episodes, noise, 1 / replicas)
+        gradients, objective = _scaled_gradients(
+            model, episodes, noise, 1 / replicas, 1, matmul
+        )
         total = tf.distribute.ReduceOp.SUM
         gradients = context.all_reduce(total, gradients)
         metrics = context.all_reduce(total, _scalar_metrics(objective, 1 / replicas))
@@ -267,9 +346,11 @@ def compile_train_step(
 
 def compile_eval_step(model, episodes_spec, jit_compile=False, num_towers=1):
     """Evaluation: episodes -> (accuracy [B], query loss [B]), no noise."""
+    matmul = host_matmul()
 
     def step(episodes):
-        outputs = model.run_episodes(episodes, num_towers=num_towers)
+        towers = run_towers(model, episodes, None, num_towers, matmul)
+        outputs = _concatenated(towers)
         return outputs.accuracy, outputs.query_loss
 
     return tf.function(step, input_signature=[episodes_spec], jit_compile=jit_compile)

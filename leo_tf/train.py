@@ -10,8 +10,6 @@ from leo_tf import config as config_lib
 
 PROG = "leo_tf.train"
 
-config_lib.define_flags()
-
 
 def main(argv):
     if len(argv) > 1:
@@ -55,6 +53,7 @@ def _run(config):
 
 def run(argv=None):
     """Console entry point `leo-train`."""
+    config_lib.define_flags()
     cli.run(PROG, main, argv)
 
 

@@ -150,10 +150,10 @@ def reference_episode(model, episode, noise=None, first_order=False):
     return loss, accuracy, kl, encoder_penalty
 
 
-def reference_meta_batch_loss(model, episodes, noise=None, first_order=False):
-    """tf.map_fn of reference_episode over the meta-batch, plus penalties.
+def reference_episode_losses(model, episodes, noise=None, first_order=False):
+    """tf.map_fn of reference_episode over the meta-batch.
 
-    Returns (total loss, per-episode losses [B], accuracies [B]).
+    Returns (per-episode losses [B], accuracies [B]).
     """
     dtype = model.compute_dtype
     inputs = (
@@ -167,28 +167,41 @@ def reference_meta_batch_loss(model, episodes, noise=None, first_order=False):
         def one(episode):
             return reference_episode(model, episode, None, first_order)[:2]
 
-        losses, accuracies = tf.map_fn(one, inputs, fn_output_signature=(dtype, dtype))
-    else:
-        # Move the step axis of the stacked noise behind the batch axis.
-        per_episode_noise = noise._replace(
-            weights=tf.transpose(noise.weights, [1, 0, 2, 3, 4]),
-            support_dropout=tf.transpose(noise.support_dropout, [1, 0, 2, 3, 4]),
-        )
+        return tf.map_fn(one, inputs, fn_output_signature=(dtype, dtype))
+    # Move the step axis of the stacked noise behind the batch axis.
+    per_episode_noise = noise._replace(
+        weights=tf.transpose(noise.weights, [1, 0, 2, 3, 4]),
+        support_dropout=tf.transpose(noise.support_dropout, [1, 0, 2, 3, 4]),
+    )
 
-        def one(args):
-            episode, episode_noise = args
-            return reference_episode(model, episode, episode_noise, first_order)[:2]
+    def one_with_noise(args):
+        episode, episode_noise = args
+        return reference_episode(model, episode, episode_noise, first_order)[:2]
 
-        losses, accuracies = tf.map_fn(
-            one, (inputs, per_episode_noise), fn_output_signature=(dtype, dtype)
-        )
+    return tf.map_fn(
+        one_with_noise, (inputs, per_episode_noise), fn_output_signature=(dtype, dtype)
+    )
+
+
+def reference_penalties(model):
+    """(l2, orthogonality): sum(w^2)/2 over the weight matrices, mean((C - I)^2)."""
     l2 = tf.add_n([tf.reduce_sum(tf.square(w)) / 2 for w in model.weight_matrices])
     kernel = tf.convert_to_tensor(model.decoder.kernel)
     norms = tf.norm(kernel, axis=1, keepdims=True) + 1e-32
     cosine = (kernel @ tf.transpose(kernel)) / (norms @ tf.transpose(norms))
     orthogonality = tf.reduce_mean(
-        tf.square(cosine - tf.eye(kernel.shape[0], dtype=dtype))
+        tf.square(cosine - tf.eye(kernel.shape[0], dtype=model.compute_dtype))
     )
+    return l2, orthogonality
+
+
+def reference_meta_batch_loss(model, episodes, noise=None, first_order=False):
+    """The episodes' mean loss plus penalties.
+
+    Returns (total loss, per-episode losses [B], accuracies [B]).
+    """
+    losses, accuracies = reference_episode_losses(model, episodes, noise, first_order)
+    l2, orthogonality = reference_penalties(model)
     total = (
         tf.reduce_mean(losses)
         + model.config.l2_penalty_weight * l2
@@ -202,7 +215,7 @@ class ReferenceModel:
 
     Lets `leo_tf.steps` compile the reference like the shipped model (the
     benchmark's "map_fn" variant). Metrics the reference does not compute
-    separately (KL, penalties, latents) are reported as zeros.
+    separately (KL, encoder penalty, latents) are reported as zeros.
     """
 
     def __init__(self, model):
@@ -212,15 +225,12 @@ class ReferenceModel:
         self.trainable_variables = model.trainable_variables
         self.weight_matrices = model.weight_matrices
 
-    def meta_batch_loss(self, episodes, noise=None, num_towers=1):
-        """The reference objective; tf.map_fn is its own parallelism, so
-        num_towers is ignored."""
-        del num_towers
-        total, losses, accuracies = reference_meta_batch_loss(
-            self.model, episodes, noise
-        )
+    def run_episodes(self, episodes, noise=None, matmul=None):
+        """The reference's EpisodeOutputs; matmul is ignored (no batched matmul)."""
+        del matmul
+        losses, accuracies = reference_episode_losses(self.model, episodes, noise)
         zeros = tf.zeros_like(losses)
-        outputs = model_lib.EpisodeOutputs(
+        return model_lib.EpisodeOutputs(
             loss=losses,
             query_loss=losses,
             accuracy=accuracies,
@@ -229,13 +239,13 @@ class ReferenceModel:
             latents=tf.zeros([1], losses.dtype),
             logits=tf.zeros([1], losses.dtype),
         )
-        return model_lib.MetaBatchLoss(
-            total=total,
-            episodes=outputs,
-            l2=zeros[0],
-            orthogonality=zeros[0],
-            terms=(total,),
-        )
 
-    def run_episodes(self, episodes, num_towers=1):
-        return self.meta_batch_loss(episodes, num_towers=num_towers).episodes
+    def objective(self, outputs):
+        """The reference's MetaBatchLoss of its EpisodeOutputs."""
+        l2, orthogonality = reference_penalties(self.model)
+        penalties = (
+            self.config.l2_penalty_weight * l2
+            + self.config.orthogonality_penalty_weight * orthogonality
+        )
+        total = tf.reduce_mean(outputs.loss) + penalties
+        return model_lib.MetaBatchLoss(total, outputs, l2, orthogonality, penalties)

@@ -127,6 +127,7 @@ def test_the_generator_alone_trains_evaluates_and_exports(tmp_path, _fresh_flags
     """--inner_unroll_length=0 --finetuning_unroll_length=0 end to end: the
     SavedModel's logits are the queries' products with the decoded codes."""
     data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
+    config_lib.define_flags()
     FLAGS(
         [
             "leo_tf.train",

@@ -9,15 +9,12 @@ import subprocess
 
 import numpy as np
 import pytest
-from absl import flags
-from absl.testing import flagsaver
 
 from leo_tf import checkpoints, export, steps, trainer
 from leo_tf import config as config_lib
 from leo_tf.data.embeddings import DataError
 from tests import data_fixtures, run_fixtures
 
-FLAGS = flags.FLAGS
 TRAIN = "toy/center/train_embeddings.pkl"
 VAL = "toy/center/val_embeddings.pkl"
 
@@ -242,13 +239,13 @@ CASES = [
     (
         "missing_dataset",
         _set(data={"dataset_name": "absent"}),
-        config_lib.ConfigError,
+        DataError,
         ["--dataset_name=absent", "available: ", "toy"],
     ),
     (
         "checkpoint_path_is_a_file",
         lambda d, r: {"train": {"checkpoint_path": str(r / "ckpt-10.index")}},
-        config_lib.ConfigError,
+        checkpoints.CheckpointError,
         ["--checkpoint_path=", "ckpt-10.index", "not a directory"],
     ),
     (
@@ -328,7 +325,7 @@ def test_malformed_input_fails_before_training_and_changes_nothing(
     try:
         with pytest.raises(error) as raised:
             config = _config(data, run, overrides)
-            config_lib.validate(config)
+            config_lib.check(config)
             trainer.train(config)
     finally:
         if case == "read_only_checkpoint_path" and os.geteuid() == 0:
@@ -338,24 +335,6 @@ def test_malformed_input_fails_before_training_and_changes_nothing(
         assert fragment in message, (fragment, message)
     assert _snapshot(run) == before
     assert not (tmp_path / "MALICIOUS_RAN").exists()
-
-
-def test_conflicting_flags_are_refused(tmp_path):
-    with flagsaver.flagsaver():
-        FLAGS.unparse_flags()
-        FLAGS(
-            [
-                "leo_tf.train",
-                f"--data_path={tmp_path}",
-                "--dataset_name=tieredImageNet",
-                "--embedding_crop=multiview",
-            ]
-        )
-        with pytest.raises(
-            config_lib.ConfigError, match="--embedding_crop=multiview: tieredImageNet"
-        ):
-            config_lib.from_flags()
-    FLAGS.unparse_flags()
 
 
 def test_existing_export_directory_is_refused_and_kept(existing, tmp_path):

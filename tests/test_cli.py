@@ -9,6 +9,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from leo_tf import cli, export, train
+from leo_tf import config as config_lib
 from tests import data_fixtures, run_fixtures
 
 FLAGS = flags.FLAGS
@@ -86,6 +87,7 @@ def test_interrupt_exits_130_quietly(capsys):
 
 
 def test_unparsable_flag_is_one_line(capsys):
+    config_lib.define_flags()  # --seed
     assert _run(_raising(AssertionError("not reached")), "--seed=abc") == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1

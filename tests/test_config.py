@@ -1,12 +1,20 @@
-"""Flags: the authors' names and defaults, validation, the flagfiles."""
+"""Flags: derived from the typed configs, the authors' names and defaults,
+validation, the flagfiles."""
 
+import dataclasses
 import pathlib
+import subprocess
+import sys
 
 import pytest
 from absl import flags
 from absl.testing import flagsaver
 
 from leo_tf import config as config_lib
+from leo_tf import embed, export, search
+from leo_tf.data import embeddings, meta_dataset
+from leo_tf.regression import config as regression_config
+from tests import run_fixtures
 
 FLAGS = flags.FLAGS
 config_lib.define_flags()
@@ -148,15 +156,18 @@ def test_tiered_imagenet_has_center_crops_only(tmp_path):
 
 
 def test_unknown_dataset_lists_the_available_ones(tmp_path):
+    """Checked where the data is opened: the configuration reads no disk."""
     (tmp_path / "omniglot").mkdir()
-    with pytest.raises(config_lib.ConfigError) as error:
-        _config(tmp_path, "--dataset_name=miniimagenet")
+    config = _config(tmp_path, "--dataset_name=miniimagenet")
+    with pytest.raises(embeddings.DataError) as error:
+        meta_dataset.load_classes(config.data, "train")
     assert str(error.value) == (
         "--dataset_name=miniimagenet: unknown data set; available: "
         "miniImageNet, tieredImageNet, synthetic, omniglot"
     )
     # A directory under data_path is a valid custom data set.
-    assert _config(tmp_path, "--dataset_name=omniglot").data.dataset_name == "omniglot"
+    omniglot = _config(tmp_path, "--dataset_name=omniglot").data
+    meta_dataset.check_dataset_name(omniglot)
 
 
 def test_evaluation_mode_accepts_checkpoint_steps_zero(tmp_path):
@@ -168,16 +179,6 @@ def test_evaluation_mode_accepts_checkpoint_steps_zero(tmp_path):
         "--checkpoint_steps=0",
     )
     assert config.train.evaluation_mode
-
-
-def test_checkpoint_path_that_is_a_file_is_rejected(tmp_path):
-    path = tmp_path / "file"
-    path.write_text("x")
-    with pytest.raises(
-        config_lib.ConfigError,
-        match="--checkpoint_path=.*: exists and is not a directory",
-    ):
-        _config(tmp_path, "--dataset_name=synthetic", f"--checkpoint_path={path}")
 
 
 TRAIN_FLAGFILES = sorted(
@@ -213,3 +214,119 @@ def test_num_towers_must_divide_the_batch_sizes(tmp_path):
         _config(tmp_path, "--dataset_name=synthetic", "--num_towers=4").train.num_towers
         == 4
     )
+
+
+# --- Flags derived from the typed configs ----------------------------------------
+
+# Every command's dataclasses, and the fields that are constants, not flags.
+COMMANDS = {
+    "train": (
+        [cls for _, cls in config_lib.SECTIONS],
+        {"total_examples_per_class", "num_metavalid_batches"},
+    ),
+    "export": (
+        [*(cls for _, cls in config_lib.SECTIONS), export.ExportOptions],
+        {"total_examples_per_class", "num_metavalid_batches"},
+    ),
+    "search": (
+        [*(cls for _, cls in config_lib.SECTIONS), search.SearchOptions],
+        {"total_examples_per_class", "num_metavalid_batches"},
+    ),
+    "embed": ([cls for _, cls in embed.SECTIONS], set()),
+    "regression": ([regression_config.RegressionConfig], set()),
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_field_is_one_flag_with_its_default_and_help(command):
+    classes, constants = COMMANDS[command]
+    values = flags.FlagValues()
+    config_lib.define_flags_of(classes, values)
+    fields = [f for cls in classes for f in dataclasses.fields(cls)]
+    assert {f.name for f in fields if f.name not in constants} == set(values)
+    assert {f.name for f in fields} - set(values) == constants
+    for field in fields:
+        if field.name in constants:
+            continue
+        flag = values[field.name]
+        default = field.default
+        if isinstance(default, tuple):  # a list flag
+            default = list(default)
+        assert flag.default == default, field.name
+        # absl adds "<a|b>: " before an enum's help, a note after a multi flag's.
+        assert field.metadata["help"] in flag.help, field.name
+    # Parsed with no arguments, the flags build the dataclasses' defaults.
+    values(["prog"])
+    for cls in classes:
+        assert config_lib.values_of(cls, values) == cls(), cls.__name__
+
+
+def test_shared_hyperparameters_have_one_help_and_check():
+    leo = config_lib.ModelConfig
+    regression = regression_config.RegressionConfig
+    for name in (
+        "kl_weight",
+        "inner_lr_init",
+        "num_latents",
+        "finetuning_unroll_length",
+    ):
+        ours, theirs = (
+            next(f for f in dataclasses.fields(cls) if f.name == name)
+            for cls in (leo, regression)
+        )
+        assert ours.metadata == theirs.metadata, name
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"^--kl_weight=-1.0: must be a finite number >= 0$",
+    ):
+        config_lib.check(regression(kl_weight=-1.0))
+
+
+def test_a_broken_check_names_the_flag_and_the_value():
+    with pytest.raises(
+        config_lib.ConfigError, match=r"^--num_latents=0: must be at least 1$"
+    ):
+        config_lib.check(config_lib.ModelConfig(num_latents=0))
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"^--distribution=tpu: must be one of none, mirrored, multi_worker$",
+    ):
+        config_lib.check(config_lib.TrainConfig(distribution="tpu"))
+
+
+def test_field_checks_come_before_cross_field_rules():
+    """A bad value is named even where a combination is also wrong."""
+    config = config_lib.RunConfig(
+        config_lib.ModelConfig(),
+        config_lib.OptimizerConfig(),
+        config_lib.DataConfig(
+            "unused", dataset_name="tieredImageNet", embedding_crop="multiview"
+        ),
+        config_lib.TrainConfig(seed=-1),
+    )
+    with pytest.raises(config_lib.ConfigError, match=r"^--seed=-1: "):
+        config_lib.check(config)
+
+
+def test_library_imports_define_no_flag_and_load_no_tensorflow():
+    """Flags belong to the commands: importing the modules that hold them
+    defines none (leo_tf.regression takes the same names) and imports no
+    TensorFlow, so flag errors are reported before it loads."""
+    script = (
+        "import sys\n"
+        "from absl import flags\n"
+        "from leo_tf import config, export, train\n"
+        "from leo_tf.regression import config as regression\n"
+        "names = ('num_latents', 'export_dir', 'seed')\n"
+        "print(sorted(name for name in names if name in flags.FLAGS))\n"
+        "print('tensorflow' in sys.modules)\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        env=run_fixtures.subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert completed.stdout.split("\n")[:2] == ["[]", "False"]

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from leo_tf import config as config_lib
 from leo_tf.embedding import backbones
 from leo_tf.embedding import images as images_lib
 from leo_tf.embedding import pipeline
@@ -103,7 +104,7 @@ def write_png_folder(arrays: dict, root: pathlib.Path) -> None:
 def tiny_config(data_path, seed=0, **source) -> pipeline.EmbedConfig:
     """A config that trains a 4-filter conv4 for 2 epochs (seconds)."""
     split = pipeline.SplitConfig(
-        rule="omniglot", num_val_alphabets=NUM_VAL_ALPHABETS, split_seed=7
+        class_split="omniglot", num_val_alphabets=NUM_VAL_ALPHABETS, split_seed=7
     )
     train = pretrain.TrainConfig(conv_filters=4, epochs=2, batch_size=16, seed=seed)
     return pipeline.EmbedConfig(
@@ -515,7 +516,9 @@ def test_image_sources_report_bad_inputs_by_name(tmp_path):
     with pytest.raises(images_lib.ImageSourceError, match="missing keys"):
         images_lib.load_packed_omniglot(str(tmp_path / "bad.npz"))
     with pytest.raises(ValueError, match="exactly one image source"):
-        pipeline.SourceConfig(packed_omniglot="a.npz", tfds_name="omniglot")
+        config_lib.check(
+            pipeline.SourceConfig(packed_omniglot="a.npz", tfds_name="omniglot")
+        )
 
 
 # ---------------------------------------------------------------- training

@@ -185,9 +185,12 @@ def test_evaluation_without_a_checkpoint_says_so(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(num_shots=0), "--num_shots=0: must be > 0"),
-        (dict(noise_stddev=-0.1), "--noise_stddev=-0.1: must be > 0"),
-        (dict(inner_lr_init=-1.0), "--inner_lr_init=-1.0: must be >= 0"),
+        (dict(num_shots=0), "--num_shots=0: must be at least 1"),
+        (dict(noise_stddev=-0.1), "--noise_stddev=-0.1: must be a finite number > 0"),
+        (
+            dict(inner_lr_init=-1.0),
+            "--inner_lr_init=-1.0: must be a finite number >= 0",
+        ),
         (dict(num_figure_tasks=7), "--num_figure_tasks=7: must be at most"),
         (dict(seed=-1), r"--seed=-1: must be an integer in \[0, 2147483645\]"),
         (dict(seed=2**70), r"--seed=1180591620717411303424: must be an integer"),
@@ -195,7 +198,7 @@ def test_evaluation_without_a_checkpoint_says_so(tmp_path):
 )
 def test_bad_configurations_are_refused_naming_the_flag(overrides, message):
     with pytest.raises(config_lib.ConfigError, match=message):
-        config_lib.validate(_config("unused", **overrides))
+        config_lib.check(_config("unused", **overrides))
 
 
 @pytest.mark.parametrize(
@@ -232,7 +235,7 @@ def test_command_line_reports_a_bad_flag_in_one_line_before_writing(tmp_path):
 
     assert process.returncode == 1
     assert process.stderr.strip().splitlines()[-1] == (
-        "leo_tf.regression: error: --metatrain_batch_size=0: must be > 0"
+        "leo_tf.regression: error: --metatrain_batch_size=0: must be at least 1"
     )
     assert not directory.exists()
 

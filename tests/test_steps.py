@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from leo_tf import steps
+from leo_tf import ops, runtime, steps
 from leo_tf.config import OptimizerConfig
 from tests import model_fixtures as fx
 from tests import run_fixtures
@@ -172,22 +172,53 @@ def test_training_with_a_fixed_seed_is_reproducible():
     assert not np.array_equal(first, other)
 
 
+def test_host_matmul_is_per_episode_on_cpus_and_batched_on_gpus(monkeypatch):
+    monkeypatch.setattr(runtime, "_has_gpu", lambda: False)
+    assert steps.host_matmul() is ops.per_episode_matmul
+    monkeypatch.setattr(runtime, "_has_gpu", lambda: True)
+    assert steps.host_matmul() is tf.matmul
+
+
+@pytest.mark.parametrize("matmul", [ops.per_episode_matmul, tf.matmul])
+def test_towers_give_the_same_results_as_one_batch(matmul):
+    model = fx.small_model(dtype="float64")
+    episodes = fx.random_episodes(12, batch=4)
+    noise = fx.noise_for(episodes, model.config, dtype=tf.float64)
+    with tf.GradientTape(persistent=True) as tape:
+        one = model.meta_batch_loss(episodes, noise)
+        two, _ = steps.meta_batch_loss(model, episodes, noise, 2, matmul)
+    for name in ("loss", "accuracy", "kl", "encoder_penalty", "logits"):
+        np.testing.assert_allclose(
+            getattr(two.episodes, name).numpy(),
+            getattr(one.episodes, name).numpy(),
+            rtol=1e-12,
+            err_msg=name,
+        )
+    for a, b in zip(
+        tape.gradient(one.total, model.trainable_variables),
+        tape.gradient(two.total, model.trainable_variables),
+    ):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-10, atol=1e-14)
+
+
 def test_gradients_taken_per_term_equal_the_gradient_of_the_total():
     model = fx.small_model(dtype="float64")
     episodes = fx.random_episodes(13, batch=6)
     noise = fx.noise_for(episodes, model.config, dtype=tf.float64)
     with tf.GradientTape() as tape:
-        objective = model.meta_batch_loss(episodes, noise, num_towers=3)
+        objective = model.meta_batch_loss(episodes, noise)
     expected = tape.gradient(objective.total, model.trainable_variables)
 
-    gradients, per_term = steps._scaled_gradients(
-        model, episodes, noise, 0.5, num_towers=3
+    _, terms = steps.meta_batch_loss(model, episodes, noise, 3, ops.per_episode_matmul)
+    gradients, scaled = steps._scaled_gradients(
+        model, episodes, noise, 0.5, 3, ops.per_episode_matmul
     )
 
-    assert len(per_term.terms) == 4  # three towers' shares, then the penalties
-    assert sum(t.numpy() for t in per_term.terms) == pytest.approx(
+    assert len(terms) == 4  # three towers' shares, then the penalties
+    assert sum(t.numpy() for t in terms) == pytest.approx(
         objective.total.numpy(), rel=1e-14
     )
+    assert scaled.total.numpy() == pytest.approx(objective.total.numpy(), rel=1e-14)
     for variable, a, b in zip(model.trainable_variables, expected, gradients):
         np.testing.assert_allclose(
             b.numpy(), 0.5 * a.numpy(), rtol=1e-12, atol=1e-15, err_msg=variable.path

@@ -29,9 +29,11 @@ def main(calls):
     episodes = fx.random_episodes(0, batch=12, classes=20, shots=5, queries=15, dim=64)
     noise = fx.noise_for(episodes, model.config)
 
+    matmul = steps.host_matmul()
+
     @tf.function
     def gradients():
-        return steps._scaled_gradients(model, episodes, noise, 1.0, num_towers=2)[0]
+        return steps._scaled_gradients(model, episodes, noise, 1.0, 2, matmul)[0]
 
     first = [g.numpy() for g in gradients()]
     changed = {}

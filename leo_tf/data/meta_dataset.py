@@ -11,6 +11,8 @@ from absl import logging
 
 from leo_tf.data import embeddings, episodes, split_overlap, synthetic
 
+# The data sets known without looking under data_path.
+KNOWN_DATASETS = ("miniImageNet", "tieredImageNet", "synthetic")
 # The published embeddings are 640-d; other data sets give their own width.
 _EMBEDDING_DIMS = {"miniImageNet": 640, "tieredImageNet": 640, "synthetic": 640}
 
@@ -27,6 +29,7 @@ def load_classes(data_config, split, embedding_dim=None):
     Unless data_config.allow_split_overlap, `check_disjoint_splits` refuses
     a split that shares classes or examples with another.
     """
+    check_dataset_name(data_config)
     if data_config.dataset_name == "synthetic":
         synthetic.ensure_synthetic(data_config.data_path)
     classes = embeddings.load_split(
@@ -40,6 +43,31 @@ def load_classes(data_config, split, embedding_dim=None):
     if not data_config.allow_split_overlap:
         check_disjoint_splits(data_config, split, classes)
     return classes
+
+
+def available_datasets(data_path):
+    """The built-in data set names plus the directories under data_path."""
+    custom = []
+    if data_path and os.path.isdir(data_path):
+        custom = sorted(
+            entry
+            for entry in os.listdir(data_path)
+            if os.path.isdir(os.path.join(data_path, entry))
+            and entry not in KNOWN_DATASETS
+            and not entry.startswith(".")
+        )
+    return (*KNOWN_DATASETS, *custom)
+
+
+def check_dataset_name(data_config):
+    """Raises DataError naming --dataset_name unless it is a built-in data set
+    or a directory under data_path."""
+    available = available_datasets(data_config.data_path)
+    if data_config.dataset_name not in available:
+        raise embeddings.DataError(
+            f"--dataset_name={data_config.dataset_name}: unknown data set; "
+            "available: " + ", ".join(available)
+        )
 
 
 def check_disjoint_splits(data_config, split, classes):

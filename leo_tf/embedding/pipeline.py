@@ -14,10 +14,17 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Dict, Tuple
+from typing import ClassVar, Dict, Tuple
 
 import numpy as np
 
+from leo_tf.config import (
+    ConfigError,
+    at_least,
+    names_a_directory,
+    option,
+    seed_range,
+)
 from leo_tf.data import embeddings as embeddings_lib
 from leo_tf.embedding import images as images_lib
 from leo_tf.embedding import pretrain
@@ -27,47 +34,64 @@ from leo_tf.embedding import writer
 CLASS_SPLIT_RULES = ("auto", "omniglot", "random")
 
 
+def exactly_one_image_source(source):
+    chosen = [
+        f"--{name}"
+        for name in ("packed_omniglot", "image_dir", "tfds_name")
+        if getattr(source, name)
+    ]
+    if len(chosen) != 1:
+        raise ConfigError(
+            "set exactly one image source: --packed_omniglot, --image_dir or "
+            f"--tfds_name; found {chosen or 'none'}"
+        )
+
+
+def channel_count(value):
+    return None if value in (0, 1, 3) else "must be 0, 1 or 3"
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
-    """Where the images come from: exactly one of the three sources.
+    """Where the images come from: exactly one of the three sources."""
 
-    Attributes:
-        packed_omniglot: path of the packed Omniglot .npz.
-        image_dir: directory of class folders (see images.load_image_folder).
-        image_dir_layout: "class" or "group/class".
-        tfds_name: registered TFDS data set name.
-        tfds_splits: TFDS splits to pool.
-        tfds_data_dir: TFDS data directory ("" for TFDS' default).
-        tfds_download: let TFDS download and prepare the data set if needed.
-        image_size: resize to image_size x image_size (0 keeps the source size).
-        channels: convert to 1 or 3 channels (0 keeps the source's).
-    """
+    packed_omniglot: str = option(
+        "",
+        "Packed Omniglot arrays (.npz with images, char_id, drawing, alphabet, "
+        "character), e.g. ../shared/data/omniglot_28.npz.",
+    )
+    image_dir: str = option(
+        "",
+        "Directory of images read with TFDS' ImageFolder: DIR/<class>/<image> "
+        "(--image_dir_layout=class) or DIR/<group>/<class>/<image> "
+        "(--image_dir_layout=group/class, e.g. Omniglot's alphabet/character).",
+    )
+    image_dir_layout: str = option(
+        "class", "Folder layout of --image_dir.", choices=images_lib.FOLDER_LAYOUTS
+    )
+    tfds_name: str = option(
+        "",
+        "Registered TFDS data set with 'image' and 'label' features, e.g. "
+        "omniglot (its 'alphabet' feature is used as the class group).",
+    )
+    tfds_splits: Tuple[str, ...] = option(
+        ("train", "test"), "TFDS splits to pool before the class-level split."
+    )
+    tfds_data_dir: str = option("", "TFDS data directory (default: TFDS' own).")
+    tfds_download: bool = option(
+        True, "Let TFDS download and prepare --tfds_name if needed."
+    )
+    image_size: int = option(
+        0, "Resize images to this square size (0: keep).", at_least(0)
+    )
+    channels: int = option(
+        0,
+        "Convert images to 1 (grey) or 3 channels (0: keep; "
+        "--image_dir images are then decoded as 3 channels).",
+        channel_count,
+    )
 
-    packed_omniglot: str = ""
-    image_dir: str = ""
-    image_dir_layout: str = "class"
-    tfds_name: str = ""
-    tfds_splits: Tuple[str, ...] = ("train", "test")
-    tfds_data_dir: str = ""
-    tfds_download: bool = True
-    image_size: int = 0
-    channels: int = 0
-
-    def __post_init__(self):
-        chosen = [
-            f"--{name}"
-            for name in ("packed_omniglot", "image_dir", "tfds_name")
-            if getattr(self, name)
-        ]
-        if len(chosen) != 1:
-            raise ValueError(
-                "set exactly one image source: --packed_omniglot, --image_dir or "
-                f"--tfds_name; found {chosen or 'none'}"
-            )
-        if self.channels not in (0, 1, 3):
-            raise ValueError(f"--channels: expected 0, 1 or 3, found {self.channels}")
-        if self.image_size < 0:
-            raise ValueError(f"--image_size: expected >= 0, found {self.image_size}")
+    RULES: ClassVar[tuple] = (exactly_one_image_source,)
 
     @property
     def is_omniglot(self) -> bool:
@@ -76,49 +100,57 @@ class SourceConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SplitConfig:
-    """How classes are split (see splits.py).
+    """How classes are split (see splits.py)."""
 
-    Attributes:
-        rule: "omniglot", "random", or "auto" (= omniglot for the packed
-            Omniglot and TFDS omniglot sources, random otherwise).
-        num_val_alphabets: omniglot rule: background alphabets held out for
-            meta-validation.
-        split_sizes: random rule: "train,val,test" class counts or fractions.
-        split_seed: seeds the choice of validation alphabets / the permutation.
-        rotations: add each class's 90/180/270-degree rotations as new classes.
-    """
+    class_split: str = option(
+        "auto",
+        "omniglot: background alphabets -> train/val (--num_val_alphabets whole "
+        "alphabets -> val), evaluation alphabets -> test. random: seeded class "
+        "permutation cut by --split_sizes. auto: omniglot for --packed_omniglot "
+        "and --tfds_name=omniglot, random otherwise.",
+        choices=CLASS_SPLIT_RULES,
+    )
+    num_val_alphabets: int = option(
+        5, "Omniglot split: background alphabets held out for meta-validation."
+    )
+    split_sizes: str = option(
+        "0.64,0.16,0.2",
+        "Random split: train,val,test class counts (integers summing to the "
+        "number of classes) or fractions (summing to 1).",
+    )
+    split_seed: int = option(0, "Seeds the class split.", seed_range)
+    rotations: bool = option(
+        False,
+        "Add each class's 90/180/270-degree rotations as new "
+        "classes of the same split (Vinyals et al. 2016).",
+    )
 
-    rule: str = "auto"
-    num_val_alphabets: int = 5
-    split_sizes: str = "0.64,0.16,0.2"
-    split_seed: int = 0
-    rotations: bool = False
 
-    def __post_init__(self):
-        if self.rule not in CLASS_SPLIT_RULES:
-            raise ValueError(
-                f"--class_split: expected one of {CLASS_SPLIT_RULES}, "
-                f"found {self.rule!r}"
-            )
+def dataset_name_makes_keys(output):
+    """Raises ValueError, naming --dataset_name, unless it can start keys."""
+    writer.check_dataset_name(output.dataset_name)
+
+
+def folder_name(value):
+    return None if value and "/" not in value else "must be a non-empty folder name"
 
 
 @dataclasses.dataclass(frozen=True)
 class OutputConfig:
     """Where the pickles go: <data_path>/<dataset_name>/<embedding_crop>/."""
 
-    data_path: str
-    dataset_name: str = "omniglot"
-    embedding_crop: str = "center"
+    data_path: str = option(
+        None,
+        "Root of the output: <data_path>/<dataset_name>/"
+        "<embedding_crop>/<split>_embeddings.pkl.",
+        names_a_directory,
+    )
+    dataset_name: str = option(
+        "omniglot", "Letters and digits only; first field of every key."
+    )
+    embedding_crop: str = option("center", "Output sub-folder name.", folder_name)
 
-    def __post_init__(self):
-        if not self.data_path:
-            raise ValueError("--data_path must be set")
-        writer.check_dataset_name(self.dataset_name)
-        if not self.embedding_crop or "/" in self.embedding_crop:
-            raise ValueError(
-                f"--embedding_crop={self.embedding_crop!r}: expected "
-                "a non-empty folder name"
-            )
+    RULES: ClassVar[tuple] = (dataset_name_makes_keys,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +233,7 @@ def split_classes(
     image_set: images_lib.ImageSet, source: SourceConfig, config: SplitConfig
 ) -> splits_lib.ClassSplit:
     """The class split that `config` asks for."""
-    rule = config.rule
+    rule = config.class_split
     if rule == "auto":
         rule = "omniglot" if source.is_omniglot else "random"
     if rule == "omniglot":

@@ -7,43 +7,24 @@ states both models' MSE and LEO's predictive NLL with 95% intervals.
 Flags: the fields of `leo_tf.regression.config.RegressionConfig`.
 """
 
-import dataclasses
-
 from absl import flags
 
 from leo_tf import cli
+from leo_tf import config as options
 from leo_tf.regression import config as config_lib
 
 PROG = "leo_tf.regression"
 
-_DEFINE = {
-    bool: flags.DEFINE_boolean,
-    int: flags.DEFINE_integer,
-    float: flags.DEFINE_float,
-    str: flags.DEFINE_string,
-}
-
 
 def define_flags(flag_values=flags.FLAGS):
     """One flag per RegressionConfig field: its name, type, default and help."""
-    for field in dataclasses.fields(config_lib.RegressionConfig):
-        _DEFINE[field.type](
-            field.name,
-            field.default,
-            config_lib.help_text(field),
-            flag_values=flag_values,
-        )
+    options.define_flags_of([config_lib.RegressionConfig], flag_values)
 
 
 def config_from_flags(flag_values=flags.FLAGS):
-    """The validated RegressionConfig of the parsed flags."""
-    config = config_lib.RegressionConfig(
-        **{
-            field.name: flag_values[field.name].value
-            for field in dataclasses.fields(config_lib.RegressionConfig)
-        }
-    )
-    config_lib.validate(config)
+    """The checked RegressionConfig of the parsed flags."""
+    config = options.values_of(config_lib.RegressionConfig, flag_values)
+    config_lib.check(config)
     return config
 
 
