@@ -121,8 +121,9 @@ class EpisodeSampler:
 
     Every example is L2-normalised once, here, and all of them are stored in
     one float32 array `[total, D]` with each class in a contiguous block, so
-    sampling a batch is: draw indices, then two gathers straight into the
-    `[B, N, K, D]` and `[B, N, V, D]` outputs.
+    sampling a batch is: draw indices (`sample_indices`), then two gathers
+    into the `[B, N, K, D]` and `[B, N, V, D]` outputs, by numpy (`sample`)
+    or by TensorFlow from `embeddings_tensor`, the same memory (`make_dataset`).
     """
 
     def __init__(
