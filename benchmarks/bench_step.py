@@ -15,9 +15,13 @@ steps, so that its input pipeline, idle while the others ran, is back in
 its steady state. Variants:
 
   shipped   leo_tf's compiled steps, fed by its tf.data pipeline (episodes
-            and noise drawn ahead of the step);
+            and noise drawn ahead of the step); in evaluation, its
+            meta-validation and meta-test loop (meta_eval.MetaEvaluator)
+            as users run it: new batches of indices, the split's examples
+            held in TensorFlow, the nearest-class-mean baseline included;
   map_fn    the literal per-episode formulation of tests/reference_leo.py
-            under tf.map_fn, with the same outer update, same pipeline;
+            under tf.map_fn, with the same outer update, same pipeline (in
+            evaluation, on one materialised batch, reused);
   torch     the equivalent PyTorch eager step of benchmarks/torch_leo.py
             (second order), if torch is installed;
   mirrored  the shipped step under MirroredStrategy over 2 logical CPU
@@ -25,10 +29,11 @@ its steady state. Variants:
             settings only; a CPU cannot show GPU scaling).
 
 Settings: meta-training 12 x 5-way 1-shot and 12 x 5-way 5-shot (V=15);
-evaluation 200 x 5-way 1-shot with V=15 and with V=599. Training batches
-come from an EpisodeSampler over random unit-norm data (64 classes x 600 x
-640); evaluation reuses one sampled batch (sampling 1.5 GB per step would
-measure memory bandwidth, not the step).
+evaluation 200 x 5-way 1-shot with V=15 and with V=599. Batches come from
+an EpisodeSampler over random data: 64 classes x 600 x 640 for training (a
+miniImageNet train split), 20 for evaluation (its test split). The map_fn
+and PyTorch evaluation variants reuse one sampled batch (sampling 1.5 GB per
+step would measure memory bandwidth, not the step).
 """
 
 import argparse
@@ -51,6 +56,7 @@ SETTINGS = {
     "eval_v15": dict(mode="eval", batch=200, shots=1, queries=15),
     "eval_v599": dict(mode="eval", batch=200, shots=1, queries=599),
 }
+SPLIT_CLASSES = {"train": 64, "eval": 20}
 VARIANTS = ("shipped", "map_fn", "torch", "mirrored")
 NUM_CLASSES, DIM = 5, 640
 
@@ -74,7 +80,7 @@ def _sampler(setting, seed=0):
         source="random",
         embeddings={
             f"c{c:03d}": rng.standard_normal((600, DIM), dtype=np.float32)
-            for c in range(64)
+            for c in range(SPLIT_CLASSES[setting["mode"]])
         },
     )
     return episodes.EpisodeSampler(
@@ -90,7 +96,7 @@ def _sampler(setting, seed=0):
 def _tf_worker(variant, setting, args):
     # leo_tf before TensorFlow, as its users import it: leo_tf chooses
     # TensorFlow's CPU kernels at import (leo_tf/__init__.py), for every variant.
-    from leo_tf import runtime, steps
+    from leo_tf import meta_eval, runtime, steps
     from leo_tf.config import ModelConfig, OptimizerConfig
     from leo_tf.data import episodes as episodes_lib
     from leo_tf.model import LEO
@@ -152,12 +158,32 @@ def _tf_worker(variant, setting, args):
                 metrics = step(episodes, noise)
             metrics.loss.numpy()
 
-    else:
-        step = steps.compile_eval_step(
+    elif variant == "shipped":
+        evaluator = meta_eval.MetaEvaluator(
             model,
-            spec,
+            sampler,
             jit_compile=args.jit_compile,
             num_towers=runtime.num_towers(towers, setting["batch"]),
+        )
+        batches = iter(range(10**9))
+
+        def run_steps(count):
+            for _ in range(count):
+                evaluator.evaluate(next(batches), 1)
+
+    else:
+        num_towers = runtime.num_towers(towers, setting["batch"])
+        matmul = steps.host_matmul()
+
+        def evaluate(episodes):
+            parts = steps.run_towers(model, episodes, None, num_towers, matmul)
+            return (
+                tf.concat([part.accuracy for part in parts], 0),
+                tf.concat([part.query_loss for part in parts], 0),
+            )
+
+        step = tf.function(
+            evaluate, input_signature=[spec], jit_compile=args.jit_compile
         )
         # Through the input pipeline, which hands the sampler's (aligned)
         # arrays to TensorFlow without a copy.

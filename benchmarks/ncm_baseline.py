@@ -1,11 +1,12 @@
 """Cosine nearest-class-mean (NCM) few-shot accuracy of an embedding pickle.
 
-Standalone (NumPy only; does not import leo_tf). For each N-way K-shot
-episode: draw N distinct classes, K support and all remaining examples of each
-class as queries; embeddings are L2-normalised, a class's prototype is the
-mean of its K normalised support embeddings, and each query goes to the
-prototype of highest cosine similarity. Prints the mean accuracy over
-episodes and its 95% interval (1.96 * std / sqrt(episodes)).
+Reads the pickle with NumPy alone; the classifier is leo_tf's
+(`leo_tf/baseline.py`). For each N-way K-shot episode: draw N distinct
+classes, K support and all remaining examples of each class as queries;
+embeddings are L2-normalised, a class's prototype is the mean of its K
+normalised support embeddings, and each query goes to the prototype of
+highest cosine similarity. Prints the mean accuracy over episodes and its
+95% interval (1.96 * std / sqrt(episodes)).
 
 Usage:
     python benchmarks/ncm_baseline.py PICKLE [--episodes 10000] [--seed 0]
@@ -17,6 +18,8 @@ import collections
 import pickle
 
 import numpy as np
+
+from leo_tf import baseline
 
 
 def load_classes(path):
@@ -44,15 +47,15 @@ def episode_accuracy(classes, num_ways, num_shots, rng):
         rng: numpy Generator.
     """
     chosen = rng.choice(len(classes), num_ways, replace=False)
-    prototypes, queries, labels = [], [], []
+    support, queries, labels = [], [], []
     for label, c in enumerate(chosen):
         examples = classes[c][rng.permutation(len(classes[c]))]
-        prototypes.append(examples[:num_shots].mean(axis=0))
+        support.append(examples[:num_shots])
         queries.append(examples[num_shots:])
         labels.append(np.full(len(examples) - num_shots, label))
-    prototypes = normalise(np.stack(prototypes))  # [N, D]
-    queries = np.concatenate(queries)  # [M, D]
-    predictions = np.argmax(queries @ prototypes.T, axis=1)
+    predictions = baseline.nearest_class_mean_predictions(
+        np.stack(support), np.concatenate(queries)
+    )  # [M]
     return float(np.mean(predictions == np.concatenate(labels)))
 
 

@@ -17,12 +17,10 @@ differ, and test_results.json records both the evaluated and the trained one.
 
 import pathlib
 
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from leo_tf import baseline, checkpoints, runtime, steps
-from leo_tf.data import episodes as episodes_lib
+from leo_tf import baseline, checkpoints, meta_eval, runtime
 from leo_tf.data import meta_dataset
 from leo_tf.model import LEO
 
@@ -106,29 +104,19 @@ def evaluate(config):
     step = tf.Variable(0, dtype=tf.int64, trainable=False)
     checkpoint = tf.train.Checkpoint(model=model, step=step)
     checkpoint.restore(prefix).expect_partial().assert_existing_objects_matched()
-    eval_step = steps.compile_eval_step(
-        model,
-        sampler.element_spec,
-        jit_compile=config.train.jit_compile,
-        num_towers=runtime.num_towers(
-            config.train.num_towers, config.data.metatest_batch_size
-        ),
-    )
-
     batch_size = config.data.metatest_batch_size
+    evaluator = meta_eval.MetaEvaluator(
+        model,
+        sampler,
+        jit_compile=config.train.jit_compile,
+        num_towers=runtime.num_towers(config.train.num_towers, batch_size),
+    )
     num_batches = max(1, config.train.num_metatest_episodes // batch_size)
-    accuracies, baselines = [], []
-    dataset = episodes_lib.make_dataset(sampler, 0, num_batches)
-    for _, episodes in dataset:
-        accuracy, _ = eval_step(episodes)
-        accuracies.append(accuracy.numpy())
-        baselines.append(
-            baseline.nearest_class_mean_accuracy(
-                episodes.tr_input, episodes.val_input, episodes.val_output
-            )
-        )
-    accuracy, ci95 = baseline.mean_and_ci95(np.concatenate(accuracies))
-    baseline_accuracy, baseline_ci95 = baseline.mean_and_ci95(np.concatenate(baselines))
+    episodes = evaluator.evaluate(0, num_batches)
+    accuracy, ci95 = baseline.mean_and_ci95(episodes.accuracy)
+    baseline_accuracy, baseline_ci95 = baseline.mean_and_ci95(
+        episodes.baseline_accuracy
+    )
     results = {
         "split": "test",
         "accuracy": accuracy,

@@ -1,4 +1,4 @@
-"""The compiled outer-loop steps: meta-training update and evaluation.
+"""The compiled meta-training step (evaluation: meta_eval.py).
 
 The meta-training step differentiates the meta-batch loss through both inner
 loops (second order), replaces NaN gradients by a weight-decay pull (spec
@@ -342,15 +342,3 @@ def compile_train_step(
         ],
         jit_compile=jit_compile,
     )
-
-
-def compile_eval_step(model, episodes_spec, jit_compile=False, num_towers=1):
-    """Evaluation: episodes -> (accuracy [B], query loss [B]), no noise."""
-    matmul = host_matmul()
-
-    def step(episodes):
-        towers = run_towers(model, episodes, None, num_towers, matmul)
-        outputs = _concatenated(towers)
-        return outputs.accuracy, outputs.query_loss
-
-    return tf.function(step, input_signature=[episodes_spec], jit_compile=jit_compile)

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from leo_tf import checkpoints, distribution, progress, runtime, steps
+from leo_tf import checkpoints, distribution, meta_eval, progress, runtime, steps
 from leo_tf import noise as noise_lib
 from leo_tf.config import ConfigError
 from leo_tf.data import episodes as episodes_lib
@@ -61,19 +61,14 @@ class _StopRequest:
             signal.signal(number, handler)
 
 
-def _validate(eval_step, sampler, num_batches, first_batch):
+def _validate(evaluator, num_batches, first_batch):
     """Mean accuracy and query loss over meta-validation batches.
 
-    Batches first_batch .. first_batch + num_batches - 1 of the sampler, each
-    a pure function of the run's seed and its index.
+    Batches first_batch .. first_batch + num_batches - 1 of the evaluator's
+    sampler, each a pure function of the run's seed and its index.
     """
-    accuracies, losses = [], []
-    dataset = episodes_lib.make_dataset(sampler, first_batch, num_batches)
-    for _, episodes in dataset:
-        accuracy, loss = eval_step(episodes)
-        accuracies.append(accuracy.numpy())
-        losses.append(loss.numpy())
-    return float(np.mean(accuracies)), float(np.mean(losses))
+    episodes = evaluator.evaluate(first_batch, num_batches)
+    return float(np.mean(episodes.accuracy)), float(np.mean(episodes.query_loss))
 
 
 def _best_record(config, step, accuracy):
@@ -232,9 +227,9 @@ class _Session:
                 config.train.num_towers, config.data.metatrain_batch_size
             ),
         )
-        self.eval_step = steps.compile_eval_step(
+        self.evaluator = meta_eval.MetaEvaluator(
             self.model,
-            self.val_sampler.element_spec,
+            self.val_sampler,
             jit_compile=config.train.jit_compile,
             num_towers=runtime.num_towers(
                 config.train.num_towers, config.data.metavalid_batch_size
@@ -354,8 +349,7 @@ class _Session:
             return {}
         num_batches = self.config.train.num_metavalid_batches
         accuracy, loss = _validate(
-            self.eval_step,
-            self.val_sampler,
+            self.evaluator,
             num_batches,
             0 if self.config.train.fixed_metavalid_batches else step * num_batches,
         )

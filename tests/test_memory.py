@@ -10,7 +10,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from leo_tf import config as config_lib
-from leo_tf import memory, steps, train
+from leo_tf import memory, meta_eval, steps, train
 from tests import data_fixtures, run_fixtures
 
 FLAGS = flags.FLAGS
@@ -147,7 +147,7 @@ def test_train_refuses_a_run_too_big_before_tensorflow_works(
         raise AssertionError("a step was compiled")
 
     monkeypatch.setattr(steps, "compile_train_step", no_step)
-    monkeypatch.setattr(steps, "compile_eval_step", no_step)
+    monkeypatch.setattr(meta_eval, "MetaEvaluator", no_step)
     with flagsaver.flagsaver():
         FLAGS.unparse_flags()
         with pytest.raises(SystemExit) as exit_info:

@@ -10,14 +10,14 @@ METAVALID_BATCH_SIZE = 20  # run_fixtures' toy runs; training uses 4, test 50
 def _validation_batches(monkeypatch, tmp_path, **train):
     """Trains a toy run; returns the meta-validation batch indices drawn."""
     drawn = []
-    original = episodes_lib.EpisodeSampler.sample
+    original = episodes_lib.EpisodeSampler.sample_indices
 
-    def sample(self, step):
+    def sample_indices(self, step):
         if self.batch_size == METAVALID_BATCH_SIZE:
             drawn.append(step)
         return original(self, step)
 
-    monkeypatch.setattr(episodes_lib.EpisodeSampler, "sample", sample)
+    monkeypatch.setattr(episodes_lib.EpisodeSampler, "sample_indices", sample_indices)
     data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
     config = run_fixtures.toy_run_config(
         data_path,

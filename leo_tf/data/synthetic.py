@@ -47,6 +47,7 @@ import tempfile
 
 import numpy as np
 
+from leo_tf import baseline
 from leo_tf.data import embeddings as embeddings_lib
 from leo_tf.data import episodes as episodes_lib
 from leo_tf.paths import default_data_path
@@ -346,13 +347,11 @@ def nearest_class_mean_accuracy(
     while len(accuracies) < num_episodes:
         batch = sampler.sample(step)
         step += 1
-        # Queries are unit vectors already; so are the normalised means.
-        means = episodes_lib.l2_normalize(batch.tr_input.mean(axis=2))  # [B, N, P]
-        # Plain einsum: BLAS-backed forms spend most of their time waking
-        # BLAS threads for B small products.
-        similarity = np.einsum("bnvp,bmp->bnvm", batch.val_input, means)
-        correct = similarity.argmax(axis=-1) == batch.val_output[..., 0]
-        accuracies.extend(correct.mean(axis=(1, 2)))  # [B]
+        accuracies.extend(
+            baseline.nearest_class_mean_accuracy(
+                batch.tr_input, batch.val_input, batch.val_output
+            )
+        )  # [B]
     accuracies = np.array(accuracies[:num_episodes])
     return (
         float(accuracies.mean()),
