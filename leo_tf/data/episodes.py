@@ -364,8 +364,8 @@ def make_dataset(
     hangs after the program ends). For that reason the dataset turns off
     tf.data's automatic prefetch injection and map parallelisation; do not
     add `.prefetch()` after it. It turns off tf.data's other default graph
-    rewrites too: a rewrite serialises the dataset, and with it a copy of the
-    embeddings it captures.
+    rewrites too: with them, a 1.17 GB split was held twice (BUILD.md,
+    Performance).
 
     Args:
         sampler: the episode sampler.
