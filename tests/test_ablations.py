@@ -20,7 +20,6 @@ from leo_tf import evaluation
 from leo_tf import export as export_lib
 from leo_tf import trainer
 from leo_tf.model import LEO
-from tests import data_fixtures
 from tests import model_fixtures as fx
 
 FLAGS = flags.FLAGS
@@ -123,15 +122,16 @@ def _fresh_flags():
     FLAGS.unparse_flags()
 
 
-def test_the_generator_alone_trains_evaluates_and_exports(tmp_path, _fresh_flags):
+def test_the_generator_alone_trains_evaluates_and_exports(
+    toy_data, tmp_path, _fresh_flags
+):
     """--inner_unroll_length=0 --finetuning_unroll_length=0 end to end: the
     SavedModel's logits are the queries' products with the decoded codes."""
-    data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
     config_lib.define_flags()
     FLAGS(
         [
             "leo_tf.train",
-            f"--data_path={data_path}",
+            f"--data_path={toy_data}",
             "--dataset_name=toy",
             f"--checkpoint_path={tmp_path / 'run'}",
             "--inner_unroll_length=0",

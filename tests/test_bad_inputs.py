@@ -282,16 +282,15 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def existing(tmp_path_factory):
-    """A toy data set and a 10-step run directory made from it."""
-    root = tmp_path_factory.mktemp("existing")
-    data = data_fixtures.write_toy_dataset(root / "data")
+def existing(toy_data, tmp_path_factory):
+    """The toy data set and a 10-step run directory made from it."""
+    run = tmp_path_factory.mktemp("existing") / "run"
     trainer.train(
         run_fixtures.toy_run_config(
-            data, root / "run", num_steps_limit=10, checkpoint_steps=10
+            toy_data, run, num_steps_limit=10, checkpoint_steps=10
         )
     )
-    return data, root / "run"
+    return toy_data, run
 
 
 _snapshot = run_fixtures.snapshot

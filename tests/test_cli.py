@@ -1,6 +1,5 @@
 """Every way a command can fail ends in one line `leo_tf.<prog>: error: ...`."""
 
-import subprocess
 import sys
 
 import pytest
@@ -10,7 +9,7 @@ from absl.testing import flagsaver
 
 from leo_tf import cli, export, train
 from leo_tf import config as config_lib
-from tests import data_fixtures, run_fixtures
+from tests import run_fixtures
 
 FLAGS = flags.FLAGS
 # A TensorFlow error from a compiled function, as TensorFlow words it.
@@ -104,13 +103,12 @@ def _entry_point(monkeypatch, module, *args):
 
 @pytest.mark.parametrize("seed", [-1, 2**31 - 2, 2**70])
 def test_train_refuses_a_seed_out_of_range_in_one_line(
-    capsys, monkeypatch, tmp_path, seed
+    capsys, monkeypatch, toy_data, tmp_path, seed
 ):
-    data = data_fixtures.write_toy_dataset(tmp_path / "data")
     status = _entry_point(
         monkeypatch,
         train,
-        f"--data_path={data}",
+        f"--data_path={toy_data}",
         "--dataset_name=toy",
         f"--checkpoint_path={tmp_path / 'run'}",
         "--num_steps_limit=1",
@@ -135,15 +133,11 @@ def test_export_flag_that_does_not_parse_is_one_line(capsys, monkeypatch, tmp_pa
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.slow
 def test_embed_refuses_a_seed_out_of_range_in_one_line(tmp_path):
     """A child process: leo_tf.embed's flags clash with the training flags."""
-    completed = subprocess.run(
-        [sys.executable, "-m", "leo_tf.embed", f"--data_path={tmp_path}", "--seed=-1"],
-        env=run_fixtures.subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    completed = run_fixtures.run_module(
+        "leo_tf.embed", f"--data_path={tmp_path}", "--seed=-1", timeout=120
     )
     assert completed.returncode == 1
     assert "Traceback" not in completed.stderr
@@ -154,15 +148,9 @@ def test_embed_refuses_a_seed_out_of_range_in_one_line(tmp_path):
 
 
 def test_flags_are_checked_before_tensorflow_is_imported():
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, leo_tf.config; print('tensorflow' in sys.modules)",
-        ],
-        env=run_fixtures.subprocess_env(),
-        capture_output=True,
-        text=True,
+    """A fresh interpreter without TensorFlow: cheap, not slow."""
+    completed = run_fixtures.run_python(
+        "import sys, leo_tf.config; print('tensorflow' in sys.modules)",
         timeout=60,
         check=True,
     )

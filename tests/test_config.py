@@ -2,9 +2,6 @@
 validation, the flagfiles."""
 
 import dataclasses
-import pathlib
-import subprocess
-import sys
 
 import pytest
 from absl import flags
@@ -18,7 +15,6 @@ from tests import run_fixtures
 
 FLAGS = flags.FLAGS
 config_lib.define_flags()
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The authors' config.py and runner.py defaults (github.com/deepmind/leo).
 AUTHORS_DEFAULTS = {
@@ -183,7 +179,7 @@ def test_evaluation_mode_accepts_checkpoint_steps_zero(tmp_path):
 
 TRAIN_FLAGFILES = sorted(
     path
-    for path in (REPO / "flags").glob("*.cfg")
+    for path in (run_fixtures.REPO / "flags").glob("*.cfg")
     if not path.name.startswith("regression_")  # python -m leo_tf.regression
 )
 
@@ -321,12 +317,5 @@ def test_library_imports_define_no_flag_and_load_no_tensorflow():
         "print(sorted(name for name in names if name in flags.FLAGS))\n"
         "print('tensorflow' in sys.modules)\n"
     )
-    completed = subprocess.run(
-        [sys.executable, "-c", script],
-        env=run_fixtures.subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    completed = run_fixtures.run_python(script, timeout=60, check=True)
     assert completed.stdout.split("\n")[:2] == ["[]", "False"]

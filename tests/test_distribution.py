@@ -3,11 +3,8 @@
 import dataclasses
 import json
 import os
-import pathlib
 import re
 import socket
-import subprocess
-import sys
 import textwrap
 import types
 
@@ -15,9 +12,7 @@ import pytest
 
 from leo_tf import config as config_lib
 from leo_tf import trainer
-from tests import data_fixtures, run_fixtures
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests import run_fixtures
 
 # Runs in a fresh process: logical devices must be set before TensorFlow
 # initialises.
@@ -62,15 +57,9 @@ _MIRRORED_VS_SINGLE = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 def test_mirrored_step_equals_single_device_step():
-    process = subprocess.run(
-        [sys.executable, "-c", _MIRRORED_VS_SINGLE],
-        cwd=REPO,
-        env=run_fixtures.subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    process = run_fixtures.run_python(_MIRRORED_VS_SINGLE)
     assert process.returncode == 0, process.stderr[-3000:]
     result = json.loads(process.stdout.strip().splitlines()[-1])
     assert result["replicas"] == 2
@@ -99,36 +88,23 @@ def _run_two_workers(tmp_path, data_path, directory, num_steps):
     cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
     workers = []
     for index in range(2):
-        env = run_fixtures.subprocess_env()
-        env["TF_CONFIG"] = json.dumps(
-            {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        temporary = tmp_path / f"tmp{index}"
+        os.makedirs(temporary, exist_ok=True)
+        env = {
+            "TF_CONFIG": json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            ),
+            "TMPDIR": str(temporary),
+        }
+        flags = run_fixtures.toy_run_flags(
+            data_path,
+            directory,
+            distribution="multi_worker",
+            num_steps_limit=num_steps,
+            checkpoint_steps=3,
+            summary_steps=3,
         )
-        env["TMPDIR"] = str(tmp_path / f"tmp{index}")
-        os.makedirs(env["TMPDIR"], exist_ok=True)
-        workers.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "leo_tf.train",
-                    "--distribution=multi_worker",
-                    f"--data_path={data_path}",
-                    f"--checkpoint_path={directory}",
-                    "--dataset_name=toy",
-                    "--num_latents=8",
-                    "--metatrain_batch_size=4",
-                    "--metavalid_batch_size=20",
-                    f"--num_steps_limit={num_steps}",
-                    "--checkpoint_steps=3",
-                    "--summary_steps=3",
-                ],
-                cwd=REPO,
-                env=env,
-                text=True,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-        )
+        workers.append(run_fixtures.start_module("leo_tf.train", *flags, env=env))
     outputs = []
     try:
         for worker in workers:
@@ -148,8 +124,9 @@ def _digests(outputs, step):
     ]
 
 
-def test_two_worker_run_agrees_on_weights_and_only_the_chief_writes(tmp_path):
-    data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
+@pytest.mark.slow
+def test_two_worker_run_agrees_on_weights_and_only_the_chief_writes(toy_data, tmp_path):
+    data_path = toy_data
     directory = tmp_path / "run"
     outputs, chief_pid = _run_two_workers(tmp_path, data_path, directory, 6)
     digests = _digests(outputs, 6)
@@ -181,9 +158,8 @@ def test_two_worker_run_agrees_on_weights_and_only_the_chief_writes(tmp_path):
     assert list((tmp_path / "tmp1").iterdir()) == []
 
 
-def test_meta_batch_must_split_evenly_over_replicas(tmp_path):
-    data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
-    config = run_fixtures.toy_run_config(data_path, tmp_path / "run")
+def test_meta_batch_must_split_evenly_over_replicas(toy_data, tmp_path):
+    config = run_fixtures.toy_run_config(toy_data, tmp_path / "run")
     config = dataclasses.replace(
         config,
         data=dataclasses.replace(config.data, metatrain_batch_size=5),

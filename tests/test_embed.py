@@ -11,8 +11,6 @@ import os
 import pathlib
 import pickle
 import re
-import subprocess
-import sys
 import time
 
 import keras
@@ -27,9 +25,9 @@ from leo_tf.embedding import pipeline
 from leo_tf.embedding import pretrain
 from leo_tf.embedding import splits as splits_lib
 from leo_tf.embedding import writer
+from tests import run_fixtures
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_DATA = run_fixtures.REPO.parent / "shared" / "data"
 PACKED_OMNIGLOT = SHARED_DATA / "omniglot_28.npz"
 
 # A fake Omniglot: real alphabet names, 2 characters each, 5 drawings.
@@ -552,6 +550,7 @@ def test_conv4_embedding_width_is_filters_times_remaining_pixels():
     assert backbones.conv4((28, 28, 1), filters=8).output.shape == (None, 8)
 
 
+@pytest.mark.slow
 def test_wrn_28_10_gives_640_features_and_takes_a_training_step():
     config = pretrain.TrainConfig(backbone="wrn", augment_shift=0, augment_rotation=0)
     extractor = pretrain.build_feature_extractor(
@@ -587,22 +586,10 @@ def test_wrn_28_10_gives_640_features_and_takes_a_training_step():
 
 
 def run_cli(*args, timeout=300):
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-        TF_CPP_MIN_LOG_LEVEL="2",
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "leo_tf.embed", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_fixtures.run_module("leo_tf.embed", *args, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_cli_writes_pickles_and_prints_per_split_counts(fake_omniglot, tmp_path):
     packed_path, _ = fake_omniglot
     completed = run_cli(
@@ -635,6 +622,7 @@ def test_cli_writes_pickles_and_prints_per_split_counts(fake_omniglot, tmp_path)
     assert sum(c["name"].endswith("/rot180") for c in classes["classes"].values()) == 16
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_fail_with_one_message_and_write_nothing(tmp_path):
     completed = run_cli(f"--data_path={tmp_path}", timeout=120)
     assert completed.returncode != 0

@@ -1,8 +1,5 @@
 """Tests for leo_tf.data.episodes: N-way K-shot sampling and the tf.data pipeline."""
 
-import os
-import subprocess
-import sys
 import textwrap
 import time
 
@@ -13,8 +10,7 @@ import tensorflow as tf
 from leo_tf.data import embeddings
 from leo_tf.data import episodes
 from leo_tf.data.embeddings import DataError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import run_fixtures
 
 
 def make_classes(counts, dim=8, seed=0):
@@ -403,11 +399,11 @@ def test_python_runs_only_when_a_batch_is_asked_for():
     assert sampler.sampled == [4, 5, 6]
 
 
-def test_process_exits_while_a_batch_is_being_sampled(tmp_path):
+@pytest.mark.slow
+def test_process_exits_while_a_batch_is_being_sampled():
     # A program that ends with a live iterator over the dataset exits: the
     # dataset never calls Python from a tf.data thread of its own.
-    script = tmp_path / "exit.py"
-    script.write_text(textwrap.dedent("""
+    script = textwrap.dedent("""
         import time
         import numpy as np
         from leo_tf.data import embeddings, episodes
@@ -426,14 +422,7 @@ def test_process_exits_while_a_batch_is_being_sampled(tmp_path):
         ITERATOR = iter(episodes.make_dataset(sampler, first_step=0))
         next(ITERATOR)
         print("done", flush=True)
-    """))
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    """)
+    result = run_fixtures.run_python(script, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "done" in result.stdout

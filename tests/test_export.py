@@ -15,22 +15,23 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
+from absl.testing import flagsaver
 
 from leo_tf import checkpoints, evaluation, trainer, uncertainty
 from leo_tf import export as export_lib
 from leo_tf.data import meta_dataset
 from leo_tf.model import LEO
-from tests import data_fixtures, run_fixtures
+from tests import run_fixtures
 
 DIM = 16
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(toy_data, tmp_path_factory):
     """A briefly trained run directory and its SavedModel export."""
     root = tmp_path_factory.mktemp("export")
-    data_path = data_fixtures.write_toy_dataset(root / "data", dim=DIM)
-    config = run_fixtures.toy_run_config(data_path, root / "run")
+    config = run_fixtures.toy_run_config(toy_data, root / "run")
     trainer.train(config)
     export_dir = export_lib.export(config.train.checkpoint_path, root / "exported")
     return config, export_dir
@@ -82,6 +83,7 @@ _LOADER = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 def test_saved_model_out_of_process_matches_in_process_model(trained, tmp_path):
     config, export_dir = trained
     rng = np.random.default_rng(0)
@@ -97,9 +99,7 @@ def test_saved_model_out_of_process_matches_in_process_model(trained, tmp_path):
     script = tmp_path / "load.py"
     script.write_text(_LOADER)
     # A working directory without leo_tf on the path.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    process = subprocess.run(
+    process = run_fixtures.run_command(
         [
             sys.executable,
             str(script),
@@ -107,11 +107,8 @@ def test_saved_model_out_of_process_matches_in_process_model(trained, tmp_path):
             str(tmp_path / "tasks.npz"),
             str(tmp_path / "out.npz"),
         ],
+        env={"PYTHONPATH": None},
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert process.returncode == 0, process.stderr
     outputs = np.load(tmp_path / "out.npz")
@@ -172,10 +169,11 @@ def test_metadata_signature_and_asset(trained):
     assert asset["training_config"]["data"]["dataset_name"] == "toy"
 
 
+@pytest.mark.slow
 def test_saved_model_cli_shows_the_promised_signature(trained):
     _, export_dir = trained
     cli = pathlib.Path(sys.executable).with_name("saved_model_cli")
-    process = subprocess.run(
+    process = run_fixtures.run_command(
         [
             str(cli),
             "show",
@@ -186,10 +184,7 @@ def test_saved_model_cli_shows_the_promised_signature(trained):
             "--signature_def",
             "serving_default",
         ],
-        capture_output=True,
-        text=True,
         timeout=120,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
     assert process.returncode == 0, process.stderr
     text = " ".join(process.stdout.split())
@@ -236,20 +231,24 @@ def test_bad_inputs_raise_errors_naming_the_problem(
     assert message in str(error.value)
 
 
-def test_cli_refuses_what_overwrite_must_not_replace(trained, tmp_path):
+def _run_export_command(*args):
+    """The exit status of `leo_tf.export args...`, run in this process."""
+    with flagsaver.flagsaver():
+        flags.FLAGS.unparse_flags()
+        with pytest.raises(SystemExit) as exit_info:
+            export_lib.run(["leo_tf.export", *args])
+    flags.FLAGS.unparse_flags()
+    return exit_info.value.code
+
+
+def test_cli_refuses_what_overwrite_must_not_replace(trained, tmp_path, capsys):
     config, export_dir = trained
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
     previous = tmp_path / "previous"
     shutil.copytree(export_dir, previous)
-    command = [
-        sys.executable,
-        "-m",
-        "leo_tf.export",
-        f"--checkpoint_path={config.train.checkpoint_path}",
-    ]
-    for target, flags, message in [
+    for target, overwrite, message in [
         (
             foreign,
             ["--overwrite"],
@@ -259,15 +258,13 @@ def test_cli_refuses_what_overwrite_must_not_replace(trained, tmp_path):
         (previous, [], "holds a previous SavedModel (pass --overwrite to replace it)"),
     ]:
         before = _tree(target)
-        refused = subprocess.run(
-            command + [f"--export_dir={target}"] + flags,
-            env=run_fixtures.subprocess_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
+        status = _run_export_command(
+            f"--checkpoint_path={config.train.checkpoint_path}",
+            f"--export_dir={target}",
+            *overwrite,
         )
-        assert refused.returncode != 0
-        assert f"--export_dir={target}: {message}" in refused.stderr
+        assert status != 0
+        assert f"--export_dir={target}: {message}" in capsys.readouterr().err
         assert _tree(target) == before
 
     export_lib.export(config.train.checkpoint_path, previous, overwrite=True)

@@ -10,12 +10,13 @@ import tensorflow as tf
 from leo_tf import checkpoints, steps, trainer
 from leo_tf import noise as noise_lib
 from leo_tf.data import episodes as episodes_lib
-from tests import data_fixtures, run_fixtures
+from tests import run_fixtures
 
 
 @pytest.fixture(scope="module")
-def data_path(tmp_path_factory):
-    return data_fixtures.write_toy_dataset(tmp_path_factory.mktemp("data"))
+def data_path(toy_data):
+    """The shared toy data set (conftest), under this module's name for it."""
+    return toy_data
 
 
 def _nan_guard_count(directory):

@@ -2,12 +2,12 @@
 
 from leo_tf import trainer
 from leo_tf.data import episodes as episodes_lib
-from tests import data_fixtures, run_fixtures
+from tests import run_fixtures
 
 METAVALID_BATCH_SIZE = 20  # run_fixtures' toy runs; training uses 4, test 50
 
 
-def _validation_batches(monkeypatch, tmp_path, **train):
+def _validation_batches(monkeypatch, data_path, tmp_path, **train):
     """Trains a toy run; returns the meta-validation batch indices drawn."""
     drawn = []
     original = episodes_lib.EpisodeSampler.sample_indices
@@ -18,7 +18,6 @@ def _validation_batches(monkeypatch, tmp_path, **train):
         return original(self, step)
 
     monkeypatch.setattr(episodes_lib.EpisodeSampler, "sample_indices", sample_indices)
-    data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
     config = run_fixtures.toy_run_config(
         data_path,
         tmp_path / "run",
@@ -31,13 +30,19 @@ def _validation_batches(monkeypatch, tmp_path, **train):
     return drawn
 
 
-def test_each_checkpoint_validates_on_new_batches_by_default(monkeypatch, tmp_path):
-    drawn = _validation_batches(monkeypatch, tmp_path)
+def test_each_checkpoint_validates_on_new_batches_by_default(
+    monkeypatch, toy_data, tmp_path
+):
+    drawn = _validation_batches(monkeypatch, toy_data, tmp_path)
     # 10 batches at step 2, 10 others at step 4: a pure function of the step,
     # so a resumed run draws the same ones.
     assert drawn == list(range(20, 30)) + list(range(40, 50))
 
 
-def test_fixed_metavalid_batches_reuses_the_same_batches(monkeypatch, tmp_path):
-    drawn = _validation_batches(monkeypatch, tmp_path, fixed_metavalid_batches=True)
+def test_fixed_metavalid_batches_reuses_the_same_batches(
+    monkeypatch, toy_data, tmp_path
+):
+    drawn = _validation_batches(
+        monkeypatch, toy_data, tmp_path, fixed_metavalid_batches=True
+    )
     assert drawn == list(range(10)) * 2

@@ -2,55 +2,46 @@
 nothing; SIGTERM and SIGINT checkpoint and exit cleanly."""
 
 import json
+import logging
+import os
 import pathlib
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests import data_fixtures, run_fixtures
+from leo_tf import steps, trainer
+from tests import run_fixtures
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-LIMIT = 300
+# Long enough for every kill to land before the end: the toy run's
+# meta-validation accuracy sets 8 records (promotions) by step 115.
+LIMIT = 120
 CRASH_POINTS = ("save:done", "promote:staged", "promote:moved", "promote:linked")
-NUM_RANDOM_KILLS = 3
+NUM_RANDOM_KILLS = 1
 
 
-def _command(data_path, directory, *extra):
+def _flags(data_path, directory, *extra):
+    """The toy run to LIMIT steps, small validations, checkpoints every 5."""
     return [
-        sys.executable,
-        "-u",
-        "-m",
-        "leo_tf.train",
-        f"--data_path={data_path}",
-        f"--checkpoint_path={directory}",
-        "--dataset_name=toy",
-        "--num_latents=8",
-        "--metatrain_batch_size=4",
-        "--metavalid_batch_size=10",
-        "--checkpoint_steps=5",
-        "--summary_steps=1",
-        f"--num_steps_limit={LIMIT}",
-        "--dropout_rate=0.2",
-        "--outer_lr=1e-3",
+        *run_fixtures.toy_run_flags(
+            data_path,
+            directory,
+            metavalid_batch_size=10,
+            checkpoint_steps=5,
+            summary_steps=1,
+            num_steps_limit=LIMIT,
+        ),
         *extra,
     ]
 
 
 def _run_to_completion(data_path, directory, *extra):
     """Runs training to its end in a subprocess; returns the CompletedProcess."""
-    process = subprocess.run(
-        _command(data_path, directory, *extra),
-        cwd=REPO,
-        env=run_fixtures.subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    process = run_fixtures.run_module(
+        "leo_tf.train", *_flags(data_path, directory, *extra), timeout=600
     )
     assert process.returncode == 0, process.stderr[-3000:]
     return process
@@ -80,17 +71,11 @@ def _check_best_checkpoint(directory):
     return metrics
 
 
-def _launch(data_path, directory, crash_point=None):
-    env = run_fixtures.subprocess_env(
-        **({"LEO_TF_CRASH_AT": crash_point} if crash_point else {})
-    )
-    return subprocess.Popen(
-        _command(data_path, directory),
-        cwd=REPO,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+def _launch(data_path, directory, *extra, crash_point=None):
+    return run_fixtures.start_module(
+        "leo_tf.train",
+        *_flags(data_path, directory, *extra),
+        env={"LEO_TF_CRASH_AT": crash_point} if crash_point else {},
     )
 
 
@@ -114,21 +99,19 @@ def _final_weights(directory):
     }
 
 
-def test_sigkill_at_random_moments_and_crash_points_loses_nothing(tmp_path, request):
-    data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
+@pytest.mark.slow
+def test_sigkill_at_random_moments_and_crash_points_loses_nothing(
+    toy_data, tmp_path, request
+):
+    data_path = toy_data
     directory = tmp_path / "run"
     straight = tmp_path / "straight"
     # The uninterrupted run to compare with, side by side with the kills (its
     # output goes to a file: an unread pipe would fill up and stall it).
     straight_log = tmp_path / "straight.log"
     with straight_log.open("w") as log:
-        straight_process = subprocess.Popen(
-            _command(data_path, straight),
-            cwd=REPO,
-            env=run_fixtures.subprocess_env(),
-            text=True,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+        straight_process = run_fixtures.start_module(
+            "leo_tf.train", *_flags(data_path, straight), stdout=log, stderr=log
         )
     request.addfinalizer(straight_process.kill)  # if the test fails before it ends
     rng = random.Random(0)
@@ -138,7 +121,7 @@ def test_sigkill_at_random_moments_and_crash_points_loses_nothing(tmp_path, requ
     best_accuracies = []
     for crash_point in schedule:
         expected_resume = tf.train.latest_checkpoint(str(directory))
-        process = _launch(data_path, directory, crash_point)
+        process = _launch(data_path, directory, crash_point=crash_point)
         if crash_point:
             _, stderr = process.communicate(timeout=300)
         else:
@@ -155,7 +138,7 @@ def test_sigkill_at_random_moments_and_crash_points_loses_nothing(tmp_path, requ
     final = _run_to_completion(data_path, directory)
     assert f"Resuming from {expected_resume} at step" in final.stderr
     assert f"step {LIMIT}/{LIMIT}" in final.stdout
-    assert kills == len(schedule) == 7
+    assert kills == len(schedule) == len(CRASH_POINTS) + NUM_RANDOM_KILLS
     metrics = _check_best_checkpoint(directory)
     # The best-so-far record only ever improves across restarts.
     assert best_accuracies == sorted(best_accuracies)
@@ -175,35 +158,84 @@ def test_sigkill_at_random_moments_and_crash_points_loses_nothing(tmp_path, requ
     assert leftovers == []
 
 
+def _signal_at_step(monkeypatch, signal_number, at_step):
+    """Makes the compiled training step send this process `signal_number`
+    right after its `at_step`-th call, as a preemption would."""
+    compile_train_step = steps.compile_train_step
+
+    def signalling_compile(*args, **kwargs):
+        step_fn = compile_train_step(*args, **kwargs)
+        calls = []
+
+        def step(episodes, noise):
+            metrics = step_fn(episodes, noise)
+            calls.append(1)
+            if len(calls) == at_step:
+                os.kill(os.getpid(), signal_number)
+            return metrics
+
+        return step
+
+    monkeypatch.setattr(steps, "compile_train_step", signalling_compile)
+
+
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_sigint_checkpoint_and_exit_cleanly(tmp_path, signal_number):
-    data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
+def test_sigterm_and_sigint_checkpoint_and_stop(
+    toy_data, tmp_path, monkeypatch, caplog, signal_number
+):
+    """In process: the trainer's own handler saves the step and stops; a
+    handler of the test's records a signal that reached past it."""
     directory = tmp_path / "run"
-    process = subprocess.Popen(
-        _command(data_path, directory, "--checkpoint_steps=1000"),
-        cwd=REPO,
-        env=run_fixtures.subprocess_env(),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    config = run_fixtures.toy_run_config(
+        toy_data, directory, num_steps_limit=LIMIT, checkpoint_steps=1000
     )
-    for line in process.stdout:
-        if line.startswith("step 3/"):
-            break
-    process.send_signal(signal_number)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-3000:]
+    _signal_at_step(monkeypatch, signal_number, at_step=3)
+    unhandled = []
+    previous = signal.signal(signal_number, lambda number, frame: unhandled.append(1))
+    try:
+        with caplog.at_level(logging.INFO):
+            outcome = trainer.train(config)
+    finally:
+        signal.signal(signal_number, previous)
+    assert unhandled == []
     name = signal.Signals(signal_number).name
-    assert f"{name} received: saving step" in stderr
+    assert outcome == {"step": 3, "stopped_by": name}
+    assert f"{name} received: saving step 3 and stopping" in caplog.text
     prefix = tf.train.latest_checkpoint(str(directory))
-    assert prefix is not None
-    step = int(_value(tf.train.load_checkpoint(prefix), "step"))
-    assert step >= 3 and prefix.endswith(f"ckpt-{step}")
+    assert prefix == str(directory / "ckpt-3")
+    assert _value(tf.train.load_checkpoint(prefix), "step") == 3
     assert not (directory / ".lock").exists()  # released on the way out
     if signal_number != signal.SIGTERM:
         return  # resuming from a signal's checkpoint is checked once
 
-    resumed = _run_to_completion(
-        data_path, directory, "--checkpoint_steps=1000", f"--num_steps_limit={step + 2}"
-    )
-    assert f"Resuming from {prefix} at step {step}" in resumed.stderr
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        resumed = trainer.train(
+            run_fixtures.toy_run_config(
+                toy_data, directory, num_steps_limit=5, checkpoint_steps=1000
+            )
+        )
+    assert f"Resuming from {prefix} at step 3" in caplog.text
+    assert resumed["step"] == 5
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_command_with_a_checkpoint_and_exit_status_0(
+    toy_data, tmp_path
+):
+    """The same, to the real command in a child process."""
+    directory = tmp_path / "run"
+    process = _launch(toy_data, directory, "--checkpoint_steps=1000")
+    for line in process.stdout:
+        if line.startswith("step 3/"):
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "SIGTERM received: saving step" in stderr
+    prefix = tf.train.latest_checkpoint(str(directory))
+    assert prefix is not None
+    step = int(_value(tf.train.load_checkpoint(prefix), "step"))
+    assert step >= 3 and prefix.endswith(f"ckpt-{step}")
+    assert not (directory / ".lock").exists()

@@ -8,8 +8,6 @@ import os
 import shutil
 import socket
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -218,18 +216,10 @@ def test_regression_flagfiles_parse_and_validate(flagfile):
 
 def test_command_line_reports_a_bad_flag_in_one_line_before_writing(tmp_path):
     directory = tmp_path / "run"
-    process = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "leo_tf.regression",
-            f"--checkpoint_path={directory}",
-            "--metatrain_batch_size=0",
-        ],
-        capture_output=True,
-        text=True,
-        env=run_fixtures.subprocess_env(),
-        cwd=run_fixtures.REPO,
+    process = run_fixtures.run_module(
+        "leo_tf.regression",
+        f"--checkpoint_path={directory}",
+        "--metatrain_batch_size=0",
         timeout=120,
     )
 
@@ -240,19 +230,14 @@ def test_command_line_reports_a_bad_flag_in_one_line_before_writing(tmp_path):
     assert not directory.exists()
 
 
+@pytest.mark.slow
 def test_command_line_trains_and_evaluates_a_run(tmp_path):
     """The real command, in a process of its own: the regression flags share
     names with leo_tf.train's, which it must not define."""
     directory = tmp_path / "run"
     values = {**dataclasses.asdict(_config(directory)), "num_steps_limit": 2}
-    process = subprocess.run(
-        [sys.executable, "-m", "leo_tf.regression"]
-        + [f"--{name}={value}" for name, value in values.items()],
-        capture_output=True,
-        text=True,
-        env=run_fixtures.subprocess_env(),
-        cwd=run_fixtures.REPO,
-        timeout=300,
+    process = run_fixtures.run_module(
+        "leo_tf.regression", *[f"--{name}={value}" for name, value in values.items()]
     )
     assert process.returncode == 0, process.stderr[-2000:]
     results = json.loads((directory / "regression_results.json").read_text())

@@ -17,14 +17,15 @@ import tensorflow as tf
 
 from leo_tf import checkpoints, evaluation, steps, trainer
 from leo_tf import config as config_lib
-from tests import data_fixtures, run_fixtures
+from tests import run_fixtures
 
 DATA_FILE = "ckpt-{}.data-00000-of-00001"
 
 
 @pytest.fixture(scope="module")
-def data_path(tmp_path_factory):
-    return data_fixtures.write_toy_dataset(tmp_path_factory.mktemp("data"))
+def data_path(toy_data):
+    """The shared toy data set (conftest), under this module's name for it."""
+    return toy_data
 
 
 @pytest.fixture(scope="module")

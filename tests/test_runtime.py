@@ -1,13 +1,10 @@
 """Process-wide TensorFlow settings."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import tensorflow as tf
 
 from leo_tf import runtime
+from tests import run_fixtures
 
 
 def test_automatic_towers_are_a_divisor_of_the_batch_up_to_the_cores(monkeypatch):
@@ -29,24 +26,18 @@ def test_one_tower_when_a_gpu_is_visible(monkeypatch):
 
 def _onednn_enabled_after_importing_leo_tf_then_tensorflow(environment_value):
     """Whether TensorFlow runs oneDNN kernels in a fresh process."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    if environment_value is not None:
-        env["TF_ENABLE_ONEDNN_OPTS"] = environment_value
     script = (
         "import leo_tf, tensorflow\n"
         "from tensorflow.python.util import _pywrap_util_port\n"
         "print(_pywrap_util_port.IsMklEnabled())\n"
     )
-    process = subprocess.run(
-        [sys.executable, "-c", script],
-        env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        capture_output=True,
-        text=True,
-        check=True,
+    process = run_fixtures.run_python(
+        script, env={"TF_ENABLE_ONEDNN_OPTS": environment_value}, check=True
     )
     return process.stdout.strip().splitlines()[-1] == "True"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "environment_value, expected", [(None, True), ("0", False), ("1", True)]
 )

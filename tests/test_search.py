@@ -322,14 +322,15 @@ def test_bad_space_entries_are_named_in_one_line(entry, problem):
     assert "\n" not in str(error.value)
 
 
-def test_space_values_invalid_for_training_fail_before_anything_is_written(tmp_path):
-    data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
+def test_space_values_invalid_for_training_fail_before_anything_is_written(
+    toy_data, tmp_path
+):
     space = search.parse_space(
         ["outer_lr:loguniform:1e-4:1e-3", "dropout_rate:uniform:0:1"]
     )
 
     with pytest.raises(search.SearchError) as error:
-        search.run_search(_base_args(data_path), space, tmp_path / "s", 2, seed=0)
+        search.run_search(_base_args(toy_data), space, tmp_path / "s", 2, seed=0)
 
     assert str(error.value).startswith(
         "--space=dropout_rate:uniform:0:1: --dropout_rate=1.0: must be 0 or in"

@@ -1,8 +1,6 @@
 """The outer-loop step: NaN guard, clipping, Adam, determinism, tracing."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -225,20 +223,14 @@ def test_gradients_taken_per_term_equal_the_gradient_of_the_total():
         )
 
 
+@pytest.mark.slow
 def test_gradients_of_towers_side_by_side_are_bit_for_bit_reproducible():
     # Summed by the tape, the gradients of two towers running side by side
     # differed in their last bits between calls with equal inputs
     # (relation-network and encoder kernels, in a quarter to a half of the
     # calls on these shapes; README, Reproducibility). In a fresh process,
     # with leo_tf's thread settings.
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.tower_gradient_repeats", "30"],
-        cwd=run_fixtures.REPO,
-        env=run_fixtures.subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_fixtures.run_module("tests.tower_gradient_repeats", 30, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     changed = json.loads(result.stdout.strip().splitlines()[-1])
     assert changed == {}, f"calls whose gradient changed, per variable: {changed}"

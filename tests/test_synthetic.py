@@ -7,7 +7,6 @@ import pathlib
 import pickle
 import re
 import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -16,8 +15,8 @@ import pytest
 from leo_tf.data import embeddings
 from leo_tf.data import synthetic
 from leo_tf.data.embeddings import DataError
+from tests import run_fixtures
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLITS = ("train", "val", "test")
 
 
@@ -276,20 +275,10 @@ def test_nearest_class_mean_is_perfect_on_separated_classes():
     assert mean == 1.0 and ci95 == 0.0
 
 
+@pytest.mark.slow
 def test_command_line_writes_and_prints_the_baselines(tmp_path):
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "leo_tf.data.synthetic",
-            f"--data_path={tmp_path}",
-            "--num_episodes=50",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_fixtures.run_module(
+        "leo_tf.data.synthetic", f"--data_path={tmp_path}", "--num_episodes=50"
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert pathlib.Path(

@@ -2,44 +2,33 @@
 
 import concurrent.futures
 import json
-import os
-import pathlib
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests import data_fixtures
+from tests import run_fixtures
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# Small, fast settings: 16-d toy embeddings, short intervals.
-_FAST = [
-    "--dataset_name=toy",
-    "--num_latents=8",
-    "--metatrain_batch_size=4",
-    "--metavalid_batch_size=20",
-    "--metatest_batch_size=500",
-    "--checkpoint_steps=10",
-    "--summary_steps=5",
-    "--dropout_rate=0.2",
-    "--outer_lr=1e-3",
-]
+def _flags(data_path, directory, *extra):
+    """The toy run's flags with summaries every 5 steps and the command's
+    default 10,000-episode meta-test, then `extra`."""
+    return [
+        *run_fixtures.toy_run_flags(
+            data_path,
+            directory,
+            summary_steps=5,
+            metatest_batch_size=500,
+            num_metatest_episodes=10000,
+        ),
+        *extra,
+    ]
 
 
 def run_cli(*args, check=True):
     """Runs the training CLI; returns the CompletedProcess (text)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
-    process = subprocess.run(
-        [sys.executable, "-m", "leo_tf.train", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    process = run_fixtures.run_module("leo_tf.train", *args)
     if check and process.returncode != 0:
         raise AssertionError(
             f"exit {process.returncode}\n{process.stdout}\n{process.stderr}"
@@ -48,15 +37,10 @@ def run_cli(*args, check=True):
 
 
 @pytest.fixture(scope="module")
-def data_path(tmp_path_factory):
-    return data_fixtures.write_toy_dataset(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def trained(data_path, tmp_path_factory):
+def trained(toy_data, tmp_path_factory):
     """A 20-step run, then the same run resumed to 30 steps."""
     directory = tmp_path_factory.mktemp("run") / "leo"
-    common = [f"--data_path={data_path}", f"--checkpoint_path={directory}", *_FAST]
+    common = _flags(toy_data, directory)
     first = run_cli(*common, "--num_steps_limit=20")
     second = run_cli(*common, "--num_steps_limit=30")
     return directory, common, first, second
@@ -84,6 +68,7 @@ def _histogram_tags(directory):
     return tags
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_events_and_best_metrics(trained):
     directory, _, first, _ = trained
     assert sorted(p.name for p in directory.glob("ckpt-*.index")) == [
@@ -104,6 +89,7 @@ def test_training_writes_checkpoints_events_and_best_metrics(trained):
     assert "step 20/20 | loss" in first.stdout
 
 
+@pytest.mark.slow
 def test_tensorboard_has_the_named_scalars_and_histograms(trained):
     directory = trained[0]
     scalars = _scalars(directory)
@@ -131,6 +117,7 @@ def test_tensorboard_has_the_named_scalars_and_histograms(trained):
     }
 
 
+@pytest.mark.slow
 def test_second_invocation_resumes_at_the_saved_step(trained):
     directory, _, _, second = trained
     assert "Resuming from" in second.stderr and "at step 20" in second.stderr
@@ -139,6 +126,7 @@ def test_second_invocation_resumes_at_the_saved_step(trained):
     assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 30
 
 
+@pytest.mark.slow
 def test_interrupted_run_equals_an_uninterrupted_one(trained, tmp_path):
     directory, common, _, _ = trained
     straight = tmp_path / "straight"
@@ -154,6 +142,7 @@ def test_interrupted_run_equals_an_uninterrupted_one(trained, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_evaluation_mode_writes_results_and_prints_them_last(trained):
     directory, common, _, _ = trained
     process = run_cli(*common, "--evaluation_mode")
@@ -177,17 +166,12 @@ def test_evaluation_mode_writes_results_and_prints_them_last(trained):
     )
 
 
-def test_same_seed_gives_identical_metrics(data_path, tmp_path):
+@pytest.mark.slow
+def test_same_seed_gives_identical_metrics(toy_data, tmp_path):
     runs = {"a": "--seed=7", "b": "--seed=7", "c": "--seed=8"}
 
     def run(name):
-        run_cli(
-            f"--data_path={data_path}",
-            f"--checkpoint_path={tmp_path / name}",
-            *_FAST,
-            runs[name],
-            "--num_steps_limit=10",
-        )
+        run_cli(*_flags(toy_data, tmp_path / name, runs[name], "--num_steps_limit=10"))
         scalars = _scalars(tmp_path / name)
         return scalars["train/loss"], scalars["validation/accuracy"]
 
@@ -198,23 +182,17 @@ def test_same_seed_gives_identical_metrics(data_path, tmp_path):
     assert outputs[0] != outputs[2]
 
 
-def test_invalid_flag_fails_in_one_line_before_tensorflow_loads(data_path, tmp_path):
+def test_invalid_flag_fails_in_one_line_before_tensorflow_loads(toy_data, tmp_path):
     """The real command, nothing written; `-X importtime` lists every module
-    the process imported: TensorFlow is not among them. (The messages of
-    each flag are tested in-process in test_config.py.)"""
+    the process imported: TensorFlow is not among them, so the child process
+    is cheap, not slow. (The messages of each flag are tested in-process in
+    test_config.py.)"""
     directory = tmp_path / "run"
     directory.mkdir()
     (directory / "keep.txt").write_text("untouched")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
-    process = subprocess.run(
+    process = run_fixtures.run_command(
         [sys.executable, "-X", "importtime", "-m", "leo_tf.train"]
-        + [f"--data_path={data_path}", f"--checkpoint_path={directory}"]
-        + [*_FAST, "--num_classes=1"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        + _flags(toy_data, directory, "--num_classes=1")
     )
     assert process.returncode == 1
     lines = process.stderr.strip().splitlines()
