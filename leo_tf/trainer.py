@@ -248,8 +248,9 @@ class _Session:
                 "Step %d already reaches --num_steps_limit=%d", first_step, limit
             )
             return {"step": first_step}
-        # Episodes are sampled ahead by the sampler's own thread, noise by
-        # tf.data's: both are pure functions of (seed, step).
+        # Episodes' indices are sampled on request and gathered in TensorFlow,
+        # noise is drawn ahead by tf.data: both are pure functions of
+        # (seed, step).
         dataset = tf.data.Dataset.zip(
             episodes_lib.make_dataset(
                 self.train_sampler, first_step, limit - first_step
