@@ -258,8 +258,9 @@ class _TrainingLoop:
         """(step, episodes), noise of steps first_step .. limit - 1."""
         config = self.config
         spec = self.data.train_sampler.element_spec
-        # Episodes are sampled ahead by the sampler's own thread, noise by
-        # tf.data's: both are pure functions of (seed, step).
+        # Episodes' indices are sampled on request and gathered in TensorFlow,
+        # noise is drawn ahead by tf.data: both are pure functions of
+        # (seed, step).
         return tf.data.Dataset.zip(
             episodes_lib.make_dataset(
                 self.data.train_sampler, first_step, limit - first_step

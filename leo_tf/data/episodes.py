@@ -16,8 +16,6 @@ preemption sees exactly the batches it would have seen, and replicas with
 different streams see different episodes.
 """
 
-import threading
-import time
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -123,8 +121,9 @@ class EpisodeSampler:
 
     Every example is L2-normalised once, here, and all of them are stored in
     one float32 array `[total, D]` with each class in a contiguous block, so
-    sampling a batch is: draw indices, then two gathers straight into the
-    `[B, N, K, D]` and `[B, N, V, D]` outputs.
+    sampling a batch is: draw indices (`sample_indices`), then two gathers
+    into the `[B, N, K, D]` and `[B, N, V, D]` outputs, by numpy (`sample`)
+    or by TensorFlow from `embeddings_tensor`, the same memory (`make_dataset`).
     """
 
     def __init__(
@@ -188,9 +187,10 @@ class EpisodeSampler:
         self.embedding_dim = classes.embedding_dim
         self._counts = np.array(classes.examples_per_class, dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(self._counts)[:-1]])
-        self._embeddings = np.empty(
-            (classes.num_examples, self.embedding_dim), dtype=np.float32
+        self._embeddings = _aligned_empty(
+            (classes.num_examples, self.embedding_dim), np.float32
         )  # [total, D]
+        self._embeddings_tensor = None
         for offset, array in zip(self._offsets, classes.embeddings.values()):
             self._embeddings[offset : offset + len(array)] = l2_normalize(array)
 
@@ -209,12 +209,26 @@ class EpisodeSampler:
         labels = np.arange(n, dtype=np.int32)[None, :, None, None]
         self._tr_labels = np.broadcast_to(labels, self._shapes.tr_output)
         self._val_labels = np.broadcast_to(labels, self._shapes.val_output)
-        self._layout = _AlignedLayout(self._shapes, self._dtypes)
 
     @property
     def normalized_embeddings(self) -> np.ndarray:
         """float32 `[total, D]`: every example, unit norm, class by class."""
         return self._embeddings
+
+    @property
+    def embeddings_tensor(self) -> tf.Tensor:
+        """`normalized_embeddings` as a tf.Tensor on the CPU, sharing its memory.
+
+        Made on first use, through DLPack: TensorFlow's own conversion of a
+        numpy array copies it, and a second copy of a tieredImageNet training
+        split would be another 1.2 GB.
+        """
+        if self._embeddings_tensor is None:
+            with tf.device("/cpu:0"):
+                self._embeddings_tensor = tf.experimental.dlpack.from_dlpack(
+                    self._embeddings.__dlpack__()
+                )
+        return self._embeddings_tensor
 
     @property
     def class_offsets(self) -> np.ndarray:
@@ -270,15 +284,13 @@ class EpisodeSampler:
             val_output int32 `[B, N, V, 1]`.
         """
         _, rows = self.sample_indices(step)
-        out = self._layout.new_arrays()
         k = self.num_tr_examples_per_class
-        # Every row index is valid: mode="clip" only spares numpy the
-        # bounds-checking copy that the default mode="raise" makes with `out`.
-        np.take(self._embeddings, rows[..., :k], axis=0, out=out.tr_input, mode="clip")
-        np.take(self._embeddings, rows[..., k:], axis=0, out=out.val_input, mode="clip")
-        np.copyto(out.tr_output, self._tr_labels)
-        np.copyto(out.val_output, self._val_labels)
-        return out
+        return Episodes(
+            np.take(self._embeddings, rows[..., :k], axis=0),
+            self._tr_labels.copy(),
+            np.take(self._embeddings, rows[..., k:], axis=0),
+            self._val_labels.copy(),
+        )
 
 
 def _check_int(name, value, minimum):
@@ -290,32 +302,17 @@ def _check_int(name, value, minimum):
         raise ValueError(f"{name}: expected an int >= {minimum}, found " f"{value!r}")
 
 
-class _AlignedLayout:
-    """Allocates arrays of fixed shapes in one buffer, each 64-byte aligned.
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data is 64-byte aligned.
 
-    TensorFlow takes over an aligned array returned by `tf.numpy_function`
-    without copying it; an unaligned one it copies, which for a 1.5 GB
-    evaluation batch costs as much as sampling it.
+    TensorFlow (Eigen) expects aligned buffers; DLPack hands this one over
+    as it is.
     """
-
-    def __init__(self, shapes: Episodes, dtypes: Episodes):
-        self._parts = []  # (start byte, size in bytes, shape, dtype)
-        start = 0
-        for shape, dtype in zip(shapes, dtypes):
-            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-            self._parts.append((start, size, shape, dtype))
-            start += -(-size // _ALIGNMENT) * _ALIGNMENT
-        self._num_bytes = start
-
-    def new_arrays(self) -> Episodes:
-        buffer = np.empty(self._num_bytes + _ALIGNMENT, dtype=np.uint8)
-        base = -buffer.ctypes.data % _ALIGNMENT
-        return Episodes(
-            *(
-                buffer[base + start : base + start + size].view(dtype).reshape(shape)
-                for start, size, shape, dtype in self._parts
-            )
-        )
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    buffer = np.empty(size + _ALIGNMENT, dtype=np.uint8)
+    base = -buffer.ctypes.data % _ALIGNMENT
+    return buffer[base : base + size].view(dtype).reshape(shape)
 
 
 def eval_num_val_examples(
@@ -349,173 +346,65 @@ def eval_num_val_examples(
     return total - num_tr_examples_per_class
 
 
-class _Prefetcher:
-    """Samples the steps after the last one asked for, in a daemon thread.
-
-    `get(step)` returns `sampler.sample(step)`: from the thread's results when
-    it has sampled (or is sampling) that step, else sampled on the spot, so
-    the results never depend on timing, only the speed does. The thread keeps
-    up to `depth` steps ahead of the last request (never past `last_step`)
-    and follows any jump or restart. It is a daemon thread outside
-    TensorFlow: an exiting interpreter neither waits for it nor can deadlock
-    with it. After `idle_seconds` without a request it drops what it holds
-    and ends (a later request starts a new one), so a dataset that is no
-    longer read does not keep batches, possibly GBs, alive.
-    """
-
-    def __init__(
-        self,
-        sampler: "EpisodeSampler",
-        depth: int,
-        last_step: int | None = None,
-        idle_seconds: float = 30.0,
-    ):
-        self._sampler = sampler
-        self._depth = depth
-        self._last_step = last_step
-        self._idle_seconds = idle_seconds
-        self._condition = threading.Condition()
-        self._ready = {}  # step -> Episodes
-        self._first_wanted = None  # the step the consumer asks for next
-        self._in_flight = None  # the step the thread is sampling
-        self._last_request = time.monotonic()
-        self._thread = None
-        self._failed = False
-
-    def _wanted(self) -> range:
-        if self._first_wanted is None:
-            return range(0)
-        stop = self._first_wanted + self._depth
-        if self._last_step is not None:
-            stop = min(stop, self._last_step + 1)
-        return range(self._first_wanted, stop)
-
-    def _next_step(self):
-        """The step to sample next, or None once idle too long."""
-        while True:
-            todo = [s for s in self._wanted() if s not in self._ready]
-            if todo:
-                return todo[0]
-            idle = time.monotonic() - self._last_request
-            if idle >= self._idle_seconds:
-                return None
-            self._condition.wait(self._idle_seconds - idle)
-
-    def _run(self):
-        while True:
-            with self._condition:
-                step = self._in_flight = self._next_step()
-                if step is None:
-                    self._ready.clear()
-                    self._thread = None
-                    return
-            try:
-                episodes = self._sampler.sample(step)
-            except Exception:  # pylint: disable=broad-except
-                episodes = None  # get() samples it again and raises
-            with self._condition:
-                self._in_flight = None
-                if episodes is None:
-                    self._failed = True
-                    self._thread = None
-                elif step in self._wanted():
-                    self._ready[step] = episodes
-                self._condition.notify_all()
-                if self._failed:
-                    return
-            episodes = None  # else held while idle, possibly GBs
-
-    def get(self, step: int) -> Episodes:
-        with self._condition:
-            self._last_request = time.monotonic()
-            if self._thread is None and not self._failed:
-                self._thread = threading.Thread(
-                    target=self._run, name="leo_tf-episode-prefetch", daemon=True
-                )
-                self._thread.start()
-            self._first_wanted = step
-            for stale in [s for s in self._ready if s not in self._wanted()]:
-                del self._ready[stale]
-            self._condition.notify_all()
-            while step not in self._ready and self._in_flight == step:
-                self._condition.wait()
-            episodes = self._ready.pop(step, None)
-            self._first_wanted = step + 1
-            self._condition.notify_all()
-        if episodes is None:
-            episodes = self._sampler.sample(step)
-        return episodes
-
-
 def make_dataset(
-    sampler: EpisodeSampler,
-    first_step: int,
-    num_steps: int | None = None,
-    *,
-    prefetch: int = 2,
+    sampler: EpisodeSampler, first_step: int, num_steps: int | None = None
 ) -> tf.data.Dataset:
     """The meta-batches of steps `first_step`, `first_step + 1`, ... as tf.data.
 
     Each element is `(step, episodes)`: an int64 scalar and `Episodes` of
     tensors equal to `sampler.sample(step)`, with static shapes.
 
-    Sampling overlaps the consumer: a Python daemon thread samples the next
-    `prefetch` steps ahead, and the dataset's `tf.numpy_function` only hands
-    over the two input arrays (aligned, so TensorFlow takes them without a
-    copy); the labels, the same for every batch, are built in TensorFlow.
-    The prefetching is deliberately not tf.data's: a tf.data worker thread
-    that calls into Python while the interpreter exits deadlocks the exit
-    (the process hangs after the program ends). For the same reason the
-    dataset turns off tf.data's automatic prefetch injection and map
-    parallelisation; do not add `.prefetch()` after it. A finite dataset
-    samples nothing past its last step, and a dataset left unread for 30 s
-    frees the batches sampled ahead.
+    Only the indices come from Python: a `tf.numpy_function` calls
+    `sampler.sample_indices(step)` (int64 `[B, N, K + V]`, a few KB), and
+    TensorFlow gathers the rows from `sampler.embeddings_tensor`, the split's
+    normalised embeddings held once, in the sampler's own memory. The labels,
+    the same for every batch, are built in TensorFlow. Python runs only
+    inside the consumer's own request: a tf.data worker thread that calls
+    into Python while the interpreter exits deadlocks the exit (the process
+    hangs after the program ends). For that reason the dataset turns off
+    tf.data's automatic prefetch injection and map parallelisation; do not
+    add `.prefetch()` after it. It turns off tf.data's other default graph
+    rewrites too: with them, a 1.17 GB split was held twice (BUILD.md,
+    Performance).
 
     Args:
         sampler: the episode sampler.
         first_step: the first step, e.g. the restored global step.
         num_steps: how many steps; None for an endless dataset.
-        prefetch: meta-batches to sample ahead (at least 1). An evaluation
-            batch of 200 x 5-way 1-shot with V=599 is 1.5 GB; mind memory.
 
     Returns:
         `tf.data.Dataset` of `(step, Episodes)`.
     """
-    if int(prefetch) != prefetch or prefetch < 1:
-        raise ValueError(f"prefetch: expected a positive int, found " f"{prefetch!r}")
     if num_steps is None:
         steps = tf.data.Dataset.counter(start=first_step, dtype=tf.int64)
     else:
         steps = tf.data.Dataset.range(first_step, first_step + num_steps)
-    last_step = None if num_steps is None else first_step + num_steps - 1
-    prefetcher = _Prefetcher(sampler, int(prefetch), last_step=last_step)
     spec = sampler.element_spec
+    b, n, k = spec.tr_input.shape[:3]
+    rows_shape = [b, n, k + spec.val_input.shape[2]]
+    embeddings = sampler.embeddings_tensor
 
-    def get_inputs(step):
-        episodes = prefetcher.get(int(step))
-        return episodes.tr_input, episodes.val_input
+    def sample_rows(step):
+        return sampler.sample_indices(int(step))[1]
 
     def labels(shape):
         # The same for every batch: label n for the n-th class.
-        n = shape[1]
         return tf.broadcast_to(
             tf.reshape(tf.range(n, dtype=tf.int32), [1, n, 1, 1]), shape
         )
 
     def to_episodes(step):
-        tr_input, val_input = tf.numpy_function(
-            get_inputs, [step], [tf.float32, tf.float32], stateful=True
-        )
-        tr_input.set_shape(spec.tr_input.shape)
-        val_input.set_shape(spec.val_input.shape)
+        rows = tf.numpy_function(sample_rows, [step], tf.int64, stateful=True)
+        rows.set_shape(rows_shape)
         return step, Episodes(
-            tr_input,
+            tf.gather(embeddings, rows[..., :k]),
             labels(spec.tr_output.shape),
-            val_input,
+            tf.gather(embeddings, rows[..., k:]),
             labels(spec.val_output.shape),
         )
 
     options = tf.data.Options()
+    options.experimental_optimization.apply_default_optimizations = False
     options.experimental_optimization.inject_prefetch = False
     options.experimental_optimization.map_parallelization = False
     return steps.map(to_episodes).with_options(options)
