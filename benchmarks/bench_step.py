@@ -19,7 +19,7 @@ its steady state. Variants:
             meta-validation and meta-test loop (meta_eval.MetaEvaluator)
             as users run it: new batches of indices, the split's examples
             held in TensorFlow, the nearest-class-mean baseline included;
-  map_fn    the literal per-episode formulation of tests/reference_leo.py
+  map_fn    the literal per-episode formulation of leo_tf/reference.py
             under tf.map_fn, with the same outer update, same pipeline (in
             evaluation, on one materialised batch, reused);
   torch     the equivalent PyTorch eager step of benchmarks/torch_leo.py
@@ -118,8 +118,7 @@ def _tf_worker(variant, setting, args):
         model = LEO(model_config, DIM, seed=0)
         optimizer = steps.make_optimizer(OptimizerConfig())
     if variant == "map_fn":
-        sys.path.insert(0, str(REPO))
-        from tests.reference_leo import ReferenceModel
+        from leo_tf.reference import ReferenceModel
 
         model = ReferenceModel(model)
     spec = sampler.element_spec

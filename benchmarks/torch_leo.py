@@ -1,7 +1,7 @@
 """An equivalent LEO meta-training step in PyTorch eager mode (benchmark only).
 
-The same equations as `leo_tf.model` (spec items 1-11), vectorised over the
-meta-batch like leo_tf and with the same split first relation layer, written
+The same equations as `leo_tf.model`, vectorised over the meta-batch like
+leo_tf and with the same split first relation layer, written
 the way a PyTorch user would: both inner loops differentiate the summed
 support loss with `torch.autograd.grad(create_graph=True)` (second order),
 random numbers are drawn inside the step, and `torch.optim.Adam` applies the

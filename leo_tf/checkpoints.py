@@ -1,5 +1,6 @@
-"""The run directory: ownership, checkpoints and their integrity, the best
-checkpoint, and the JSON records.
+"""Run-directory files: lock, atomic writes, records, checkpoint integrity, promotion.
+
+The mechanics under run_directory.RunDirectory, which the commands use.
 
 Layout under `checkpoint_path`:
 

@@ -1,7 +1,7 @@
 """Meta-test evaluation of a training directory (--evaluation_mode).
 
 Restores the best checkpoint (else, or if it is damaged, the newest intact
-checkpoint, saying so), averages meta-test accuracy over
+checkpoint, saying so: run_directory.RunDirectory), averages meta-test accuracy over
 num_metatest_episodes episodes (whole batches of metatest_batch_size; the
 authors' 10000) with a 95% interval of 1.96 std / sqrt(episodes), computes
 the nearest-class-mean baseline on the same episodes, and writes
@@ -15,51 +15,18 @@ run's (checkpoints.FIXED_FOR_EVALUATION); the task (data set, N, K) may
 differ, and test_results.json records both the evaluated and the trained one.
 """
 
-import pathlib
-
-import tensorflow as tf
 from absl import logging
 
-from leo_tf import baseline, checkpoints, meta_eval, runtime
+from leo_tf import baseline, checkpoints, meta_eval, run_directory, runtime
 from leo_tf.data import meta_dataset
-from leo_tf.model import LEO
 
 _TASK_FIELDS = ("dataset_name", "num_classes", "num_tr_examples_per_class")
-
-
-def _checkpoint_to_evaluate(directory):
-    """(prefix, "best" or "latest"): best_checkpoint if it reads back whole,
-    else the newest intact checkpoint, saying why."""
-    best = checkpoints.best_checkpoint_prefix(directory)
-    if best is None:
-        logging.warning(
-            "No best_checkpoint in %s: evaluating the latest intact checkpoint",
-            directory,
-        )
-    else:
-        try:
-            checkpoints.verify_checkpoint(best)
-            return best, "best"
-        except checkpoints.CheckpointError as error:
-            logging.warning(
-                "best_checkpoint unusable, %s; evaluating the latest intact "
-                "checkpoint instead",
-                error,
-            )
-    prefix = checkpoints.latest_intact_checkpoint(directory)
-    if prefix is None:
-        raise checkpoints.CheckpointError(
-            f"--checkpoint_path={directory}: no checkpoint to evaluate "
-            "(train first, or point at a training directory)"
-        )
-    logging.warning("Evaluating %s", prefix)
-    return prefix, "latest"
 
 
 def _training_task(directory, config):
     """The task the run was trained on, from config.json; warns if it is not
     the one evaluated."""
-    saved = checkpoints.read_config(directory)
+    saved = directory.read_config()
     if saved is None:
         return None
     trained = {name: saved["data"][name] for name in _TASK_FIELDS}
@@ -87,23 +54,19 @@ def evaluate(config):
     num_metatest_episodes episodes (rounded down to whole batches), the
     nearest-class-mean baseline on the same episodes, and what was evaluated.
     """
-    directory = pathlib.Path(config.train.checkpoint_path)
-    checkpoints.check_usable(directory, for_writing=False)
-    checkpoints.check_usable(directory, for_writing=True)
+    directory = run_directory.RunDirectory(config.train.checkpoint_path)
+    directory.check_usable(for_writing=False)
+    directory.check_usable(for_writing=True)
     test_classes = meta_dataset.load_classes(config.data, "test")
     embedding_dim = test_classes.embedding_dim
-    checkpoints.check_compatible(
-        directory, config, embedding_dim, checkpoints.FIXED_FOR_EVALUATION
-    )
+    directory.check_compatible(config, embedding_dim, checkpoints.FIXED_FOR_EVALUATION)
     training_task = _training_task(directory, config)
-    prefix, source = _checkpoint_to_evaluate(directory)
+    leo = run_directory.build_leo(config.model, embedding_dim)
+    prefix, source, step = directory.restore_for_reading(leo, "best", "evaluate")
+    model = leo.model
     sampler = meta_dataset.eval_sampler(
         config.data, test_classes, "test", config.train.seed
     )
-    model = LEO(config.model, embedding_dim)
-    step = tf.Variable(0, dtype=tf.int64, trainable=False)
-    checkpoint = tf.train.Checkpoint(model=model, step=step)
-    checkpoint.restore(prefix).expect_partial().assert_existing_objects_matched()
     batch_size = config.data.metatest_batch_size
     evaluator = meta_eval.MetaEvaluator(
         model,
@@ -124,7 +87,7 @@ def evaluate(config):
         "num_episodes": num_batches * batch_size,
         "checkpoint": str(prefix),
         "checkpoint_source": source,
-        "step": int(step.numpy()),
+        "step": step,
         "dataset_name": config.data.dataset_name,
         "num_classes": config.data.num_classes,
         "num_tr_examples_per_class": config.data.num_tr_examples_per_class,
@@ -135,7 +98,7 @@ def evaluate(config):
         "training_task": training_task,
     }
     try:
-        checkpoints.write_json_atomically(directory / checkpoints.RESULTS_FILE, results)
+        directory.write_results(results)
     except checkpoints.CheckpointError as error:
         raise checkpoints.CheckpointError(f"{error}; {result_line(results)}") from error
     return results

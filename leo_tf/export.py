@@ -31,6 +31,9 @@ signature (no inputs) and the asset `leo_metadata.json` tell a consumer D,
 the unroll lengths, the training flags and the checkpoint step. The
 SavedModel loads with `tf.saved_model.load` in a process without leo_tf.
 
+The checkpoint is best_checkpoint by default, or the latest intact one,
+saying so, if it is missing or damaged (run_directory.RunDirectory).
+
 An export never touches its sources: an --export_dir that is, contains or
 lies inside the run directory, the exported checkpoint's directory or the
 run's data is refused, and so is one that holds anything but a previous
@@ -56,9 +59,6 @@ from leo_tf import config as config_lib
 
 METADATA_ASSET = "leo_metadata.json"
 SAVED_MODEL_FILE = "saved_model.pb"
-# A trainer promoting a new best removes the previous best's files; an
-# export that was reading them resolves the checkpoint again.
-RESTORE_ATTEMPTS = 3
 _LISTED_ENTRIES = 3
 # What tf.saved_model.save writes at the top of a SavedModel directory.
 _SAVED_MODEL_ENTRIES = frozenset(
@@ -86,68 +86,53 @@ class ExportOptions:
     )
 
 
-def resolve_checkpoint(checkpoint_path, which):
-    """The checkpoint prefix to export, its directory's symlinks resolved.
+def restore_model(directory, model_config, embedding_dim, which):
+    """LEO restored from checkpoint `which`: (model, prefix, step).
 
-    Resolved, the best checkpoint is `.best/step-N/ckpt-N`: a promotion can
-    remove those files (see restore_model) but not swap them for others.
+    Args:
+      directory: the run's RunDirectory.
+      model_config: the ModelConfig of its config.json.
+      embedding_dim: its D.
+      which: "best" (best_checkpoint, else the latest intact checkpoint,
+        saying so), "latest" (the latest intact checkpoint) or a checkpoint
+        prefix.
+
+    The prefix returned has its directory's symlinks resolved: the best
+    checkpoint's is `.best/step-N/ckpt-N`.
     """
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from leo_tf import run_directory  # pylint: disable=g-import-not-at-top
 
-    from leo_tf import checkpoints  # pylint: disable=g-import-not-at-top
+    leo = run_directory.build_leo(model_config, embedding_dim)
+    if which in ("best", "latest"):
+        prefix, _, step = directory.restore_for_reading(leo, which, "export")
+        return leo.model, _with_real_directory(prefix), step
+    prefix = _with_real_directory(which)
+    return leo.model, prefix, _restore_prefix(leo, which, prefix)
 
-    if which == "best":
-        prefix = checkpoints.best_checkpoint_prefix(checkpoint_path)
-        if prefix is None:
-            raise ExportError(
-                f"--checkpoint_path={checkpoint_path}: no best_checkpoint "
-                "(pass --checkpoint=latest to export the latest checkpoint)"
-            )
-    elif which == "latest":
-        prefix = checkpoints.indexed_checkpoint(checkpoint_path)
-        if prefix is None:
-            raise ExportError(f"--checkpoint_path={checkpoint_path}: no checkpoint")
-    elif not tf.io.gfile.exists(f"{which}.index"):
-        raise ExportError(f"--checkpoint={which}: no such checkpoint ({which}.index)")
-    else:
-        prefix = which
+
+def _with_real_directory(prefix):
+    """A checkpoint prefix in its directory with every symlink resolved."""
     prefix = pathlib.Path(prefix)
     return str(prefix.parent.resolve() / prefix.name)
 
 
-def restore_model(model, checkpoint_path, which):
-    """Restores `model` from checkpoint `which`; returns (prefix, step).
-
-    The best or latest checkpoint is resolved again if its files vanish
-    while they are read (a trainer promoted a new best or pruned old
-    checkpoints meanwhile), up to RESTORE_ATTEMPTS times.
-    """
+def _restore_prefix(leo, which, prefix):
+    """Restores `leo` from --checkpoint=which, a prefix; the step."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-    attempts = RESTORE_ATTEMPTS if which in ("best", "latest") else 1
-    for _ in range(attempts):
-        prefix = resolve_checkpoint(checkpoint_path, which)
-        step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        try:
-            tf.train.Checkpoint(model=model, step=step).restore(
-                prefix
-            ).expect_partial().assert_existing_objects_matched()
-        except tf.errors.NotFoundError:
-            logging.warning("%s vanished while being read; resolving again", prefix)
-            continue
-        except (tf.errors.OpError, IndexError, ValueError) as error:
-            # A truncated data file raises IndexError ("Read less bytes ...").
-            raise ExportError(
-                f"--checkpoint={which}: cannot read {prefix}: {_one_line(error)}"
-            ) from error
-        return prefix, int(step.numpy())
-    if attempts == 1:
-        raise ExportError(f"--checkpoint={which}: files of {prefix} are missing")
-    raise ExportError(
-        f"--checkpoint_path={checkpoint_path}: the {which} checkpoint was "
-        f"replaced while being read, {attempts} times in a row (last {prefix}); "
-        "try again"
-    )
+    if not tf.io.gfile.exists(f"{which}.index"):
+        raise ExportError(f"--checkpoint={which}: no such checkpoint ({which}.index)")
+    try:
+        return leo.restore(prefix)
+    except tf.errors.NotFoundError as error:
+        raise ExportError(
+            f"--checkpoint={which}: files of {prefix} are missing"
+        ) from error
+    except (tf.errors.OpError, IndexError, ValueError) as error:
+        # A truncated data file raises IndexError ("Read less bytes ...").
+        raise ExportError(
+            f"--checkpoint={which}: cannot read {prefix}: {_one_line(error)}"
+        ) from error
 
 
 def _one_line(error):
@@ -570,13 +555,14 @@ def export(checkpoint_path, export_dir, which="best", overwrite=False):
     written, except the removal of leftovers of killed exports.
     """
     from leo_tf import checkpoints  # pylint: disable=g-import-not-at-top
-    from leo_tf.model import LEO  # pylint: disable=g-import-not-at-top
+    from leo_tf import run_directory  # pylint: disable=g-import-not-at-top
 
     checkpoint_path = pathlib.Path(checkpoint_path)
     export_dir = pathlib.Path(export_dir)
     if not checkpoint_path.is_dir():
         raise ExportError(f"--checkpoint_path={checkpoint_path}: not a directory")
-    config = checkpoints.read_config(checkpoint_path)  # validated
+    directory = run_directory.RunDirectory(checkpoint_path)
+    config = directory.read_config()  # validated
     if config is None:
         raise ExportError(
             f"--checkpoint_path={checkpoint_path}: no {checkpoints.CONFIG_FILE} "
@@ -587,14 +573,12 @@ def export(checkpoint_path, export_dir, which="best", overwrite=False):
     remove_leftovers(export_dir)
     check_replaceable(export_dir, overwrite)
 
-    model_config = config_lib.ModelConfig(
-        **{
-            field.name: config["model"][field.name]
-            for field in dataclasses.fields(config_lib.ModelConfig)
-        }
+    model, prefix, step = restore_model(
+        directory,
+        run_directory.model_config_of(config),
+        config["embedding_dim"],
+        which,
     )
-    model = LEO(model_config, config["embedding_dim"])
-    prefix, step = restore_model(model, checkpoint_path, which)
     metadata = {
         "embedding_dim": config["embedding_dim"],
         "inner_unroll_length": config["model"]["inner_unroll_length"],

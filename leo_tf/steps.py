@@ -1,8 +1,8 @@
 """The compiled meta-training step (evaluation: meta_eval.py).
 
 The meta-training step differentiates the meta-batch loss through both inner
-loops (second order), replaces NaN gradients by a weight-decay pull (spec
-item 10), clips each gradient tensor by value then by norm (item 11), and
+loops (second order), replaces NaN gradients by a weight-decay pull (the
+authors' guard), clips each gradient tensor by value then by norm, and
 applies Adam. On CPUs the meta-batch runs as towers side by side, and the
 steps give the model the batched matmul that suits the host (`host_matmul`).
 """

@@ -35,17 +35,17 @@ def main(argv):
 def _run(config):
     """Trains and/or evaluates; the meta-test results, or None if not tested."""
     # pylint: disable=g-import-not-at-top
-    from leo_tf import distribution, evaluation, trainer
+    from leo_tf import distribute, evaluation, trainer
 
     # pylint: enable=g-import-not-at-top
     if config.train.evaluation_mode:
         return evaluation.evaluate(config)
-    strategy = distribution.make_strategy(config.train.distribution)
+    strategy = distribute.make_strategy(config.train.distribution)
     outcome = trainer.train(config, strategy)
     if (
         not config.train.evaluate_after_training
         or "stopped_by" in outcome
-        or not distribution.is_chief(strategy)
+        or not distribute.is_chief(strategy)
     ):
         return None
     return evaluation.evaluate(config)

@@ -3,6 +3,7 @@
 import dataclasses
 import errno
 import json
+import logging
 import os
 import pathlib
 import re
@@ -552,7 +553,7 @@ def test_export_gives_up_on_a_best_checkpoint_that_keeps_changing(
         run_copy,
         [[(10, 11), (10, 12)], [(20, 21), (20, 22)], [(10, 13), (10, 14)]],
     )
-    with pytest.raises(export_lib.ExportError) as error:
+    with pytest.raises(checkpoints.CheckpointError) as error:
         export_lib.export(run_copy, tmp_path / "model")
     assert re.fullmatch(
         f"--checkpoint_path={run_copy}: the best checkpoint was replaced while "
@@ -561,6 +562,22 @@ def test_export_gives_up_on_a_best_checkpoint_that_keeps_changing(
         str(error.value),
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_export_falls_back_from_a_damaged_best_to_the_latest_intact(
+    run_copy, tmp_path, caplog
+):
+    damaged = pathlib.Path(
+        f"{checkpoints.best_checkpoint_prefix(run_copy)}.data-00000-of-00001"
+    )
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        export_lib.export(run_copy, tmp_path / "model")
+    assert f"best_checkpoint unusable, {damaged}: damaged (" in caplog.text
+    assert "exporting the latest intact checkpoint instead" in caplog.text
+    metadata = _exported_metadata(tmp_path / "model")
+    assert metadata["checkpoint"] == str(run_copy.resolve() / "ckpt-20")
+    assert metadata["checkpoint_step"] == 20
 
 
 def test_unreadable_checkpoint_is_named(run_copy, tmp_path):

@@ -5,9 +5,9 @@ import pytest
 import tensorflow as tf
 
 from leo_tf import model as model_lib
+from leo_tf import reference as reference_leo
 from leo_tf import runtime, steps
 from tests import model_fixtures as fx
-from tests import reference_leo
 
 
 def _softmax(logits):

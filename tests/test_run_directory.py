@@ -6,16 +6,18 @@ import dataclasses
 import errno
 import json
 import logging
+import math
 import os
 import pathlib
 import shutil
 import socket
 import subprocess
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
-from leo_tf import checkpoints, evaluation, steps, trainer
+from leo_tf import checkpoints, evaluation, run_directory, steps, trainer
 from leo_tf import config as config_lib
 from tests import run_fixtures
 
@@ -611,3 +613,216 @@ def test_a_new_run_may_start_beside_flagfiles_and_summaries(data_path, tmp_path)
     outcome = trainer.train(run_fixtures.toy_run_config(data_path, folder))
     assert outcome["step"] == 20
     assert (folder / checkpoints.CONFIG_FILE).is_file()
+
+
+# --- RunDirectory in process: checkpoint resolution and the best record ------
+
+
+def _tiny_checkpoint(directory, step, value=None):
+    """Writes checkpoint `directory`/ckpt-<step> of a step variable and a
+    [2] weight; its prefix."""
+    weight = tf.Variable(
+        [step, value if value is not None else -step], dtype=tf.float32
+    )
+    step_variable = tf.Variable(step, dtype=tf.int64)
+    prefix = str(directory / f"ckpt-{step}")
+    tf.train.Checkpoint(step=step_variable, weight=weight).write(prefix)
+    return prefix
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """ckpt-1 and ckpt-2 (the latest), ckpt-1 promoted to best with accuracy 0.6."""
+    directory = tmp_path / "tiny"
+    directory.mkdir()
+    first = _tiny_checkpoint(directory, 1)
+    _tiny_checkpoint(directory, 2)
+    checkpoints.promote_to_best(
+        directory, first, {"step": 1, "metavalid_accuracy": 0.6}
+    )
+    return directory
+
+
+def _best_data_file(directory):
+    return pathlib.Path(
+        f"{checkpoints.best_checkpoint_prefix(directory)}.data-00000-of-00001"
+    )
+
+
+def test_reader_takes_the_best_checkpoint_when_it_is_intact(tiny_run, caplog):
+    directory = run_directory.RunDirectory(tiny_run)
+    with caplog.at_level(logging.WARNING):
+        prefix, source = directory.checkpoint_to_read("best", "evaluate")
+    assert source == "best"
+    assert prefix == str(tiny_run.resolve() / ".best" / "step-1" / "ckpt-1")
+    assert caplog.text == ""
+    assert directory.checkpoint_to_read("latest", "export") == (
+        str(tiny_run / "ckpt-2"),
+        "latest",
+    )
+
+
+def test_reader_falls_back_from_a_damaged_best_to_the_latest_intact_saying_so(
+    tiny_run, caplog
+):
+    damaged = _best_data_file(tiny_run)
+    _truncate(damaged)
+    directory = run_directory.RunDirectory(tiny_run)
+    with caplog.at_level(logging.WARNING):
+        prefix, source = directory.checkpoint_to_read("best", "export")
+    assert (prefix, source) == (str(tiny_run / "ckpt-2"), "latest")
+    assert f"best_checkpoint unusable, {damaged}: damaged (" in caplog.text
+    assert "exporting the latest intact checkpoint instead" in caplog.text
+    assert f"Exporting {tiny_run / 'ckpt-2'}" in caplog.text
+
+
+def test_reader_without_a_best_checkpoint_takes_the_latest_intact_one(tmp_path, caplog):
+    _tiny_checkpoint(tmp_path, 1)
+    _tiny_checkpoint(tmp_path, 2)
+    _truncate(tmp_path / DATA_FILE.format(2))
+    directory = run_directory.RunDirectory(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        prefix, source = directory.checkpoint_to_read("best", "evaluate")
+    assert (prefix, source) == (str(tmp_path / "ckpt-1"), "latest")
+    assert f"No best_checkpoint in {tmp_path}: evaluating the latest" in caplog.text
+    assert f"Skipping checkpoint {tmp_path / 'ckpt-2'}" in caplog.text
+
+
+def test_reader_without_any_checkpoint_is_refused(tmp_path):
+    with pytest.raises(
+        checkpoints.CheckpointError,
+        match=rf"--checkpoint_path={tmp_path}: no checkpoint to export \(train",
+    ):
+        run_directory.RunDirectory(tmp_path).checkpoint_to_read("best", "export")
+
+
+class _VanishingReader:
+    """Stands for a CheckpointedLEO whose first `vanishing` restores find the
+    files gone, as when a trainer promotes twice meanwhile."""
+
+    def __init__(self, vanishing):
+        self.vanishing = vanishing
+        self.restored = []
+
+    def restore(self, prefix):
+        self.restored.append(prefix)
+        if len(self.restored) <= self.vanishing:
+            raise tf.errors.NotFoundError(None, None, f"{prefix}: gone")
+        return 7
+
+
+def test_reader_resolves_a_vanished_checkpoint_again(tiny_run, caplog):
+    reader = _VanishingReader(vanishing=2)
+    directory = run_directory.RunDirectory(tiny_run)
+    with caplog.at_level(logging.WARNING):
+        prefix, source, step = directory.restore_for_reading(reader, "best", "export")
+    assert (source, step) == ("best", 7)
+    assert reader.restored == [prefix] * 3
+    assert caplog.text.count("vanished while being read; resolving again") == 2
+
+
+def test_reader_gives_up_on_a_checkpoint_that_keeps_vanishing(tiny_run):
+    reader = _VanishingReader(vanishing=run_directory.RESTORE_ATTEMPTS)
+    with pytest.raises(
+        checkpoints.CheckpointError,
+        match=rf"the latest checkpoint was replaced while being read, 3 times "
+        rf"in a row \(last {tiny_run / 'ckpt-2'}\); try again",
+    ):
+        run_directory.RunDirectory(tiny_run).restore_for_reading(
+            reader, "latest", "evaluate"
+        )
+
+
+def test_best_record_is_read_compared_strictly_and_promoted(tiny_run):
+    directory = run_directory.RunDirectory(tiny_run)
+    assert directory.best_record is None
+    directory.load_best_record()
+    assert directory.best_record == {"step": 1, "metavalid_accuracy": 0.6}
+    assert directory.describe_best() == "0.6000 at step 1"
+    assert not directory.beats_best(0.5)
+    assert not directory.beats_best(0.6)  # a tie keeps the earlier checkpoint
+    assert directory.beats_best(0.61)
+
+    record = {"step": 2, "metavalid_accuracy": 0.75, "checkpoint": "ckpt-2"}
+    directory.promote(str(tiny_run / "ckpt-2"), record)
+
+    assert directory.best_record == record
+    assert checkpoints.best_metrics(tiny_run) == record
+    assert checkpoints.best_checkpoint_prefix(tiny_run) == str(
+        tiny_run.resolve() / ".best" / "step-2" / "ckpt-2"
+    )
+    reread = run_directory.RunDirectory(tiny_run)
+    reread.load_best_record()
+    assert reread.best_record == record
+
+
+def test_a_damaged_best_checkpoint_leaves_no_best_record(tiny_run, caplog):
+    _truncate(_best_data_file(tiny_run))
+    directory = run_directory.RunDirectory(tiny_run)
+    with caplog.at_level(logging.WARNING):
+        directory.load_best_record()
+    assert directory.best_record is None
+    assert "the next validated checkpoint replaces it" in caplog.text
+    assert directory.beats_best(0.0)
+
+
+@pytest.mark.parametrize(
+    "accuracy,promoted", [(float("nan"), False), (0.5, False), (0.7, True)]
+)
+def test_restored_checkpoint_is_promoted_only_if_validated_and_better(
+    tiny_run, accuracy, promoted
+):
+    directory = run_directory.RunDirectory(tiny_run)
+    directory.load_best_record()
+    record = {"step": 2, "metavalid_accuracy": accuracy}
+    directory.promote_if_better(str(tiny_run / "ckpt-2"), record)
+    assert checkpoints.best_metrics(tiny_run)["step"] == (2 if promoted else 1)
+
+
+def test_unvalidated_checkpoint_is_not_promoted_even_without_a_best(tmp_path):
+    prefix = _tiny_checkpoint(tmp_path, 3)
+    directory = run_directory.RunDirectory(tmp_path)
+    directory.load_best_record()
+    directory.promote_if_better(prefix, {"step": 3, "metavalid_accuracy": math.nan})
+    assert checkpoints.best_checkpoint(tmp_path) is None
+    directory.promote_if_better(prefix, {"step": 3, "metavalid_accuracy": 0.25})
+    assert checkpoints.best_metrics(tmp_path)["step"] == 3
+
+
+def test_best_record_states_the_estimate_it_was_chosen_by(tmp_path):
+    config = run_fixtures.toy_run_config(tmp_path, tmp_path / "run")
+    record = run_directory.best_record(config, 40, 0.8125)
+    assert record == {
+        "step": 40,
+        "metavalid_accuracy": 0.8125,
+        "checkpoint": "ckpt-40",
+        "dataset_name": "toy",
+        "num_classes": 5,
+        "num_tr_examples_per_class": 1,
+        # 10 batches (the default) of metavalid_batch_size 20.
+        "num_metavalid_episodes": 200,
+    }
+
+
+def test_reader_restores_what_training_saved(tmp_path):
+    model_config = config_lib.ModelConfig(num_latents=4)
+    trained = run_directory.build_leo(
+        model_config, 6, seed=1, optimizer_config=config_lib.OptimizerConfig()
+    )
+    trained.step.assign(12)
+    trained.validation_accuracy.assign(0.5)
+    prefix = trained.checkpoint.save(str(tmp_path / "ckpt"))  # as training saves
+
+    reader = run_directory.build_leo(model_config, 6, seed=2)
+    assert reader.optimizer is None and reader.validation_accuracy is None
+    assert reader.restore(prefix) == 12
+    for saved, restored in zip(
+        trained.model.trainable_variables, reader.model.trainable_variables
+    ):
+        np.testing.assert_array_equal(saved.numpy(), restored.numpy())
+
+    resumed = run_directory.build_leo(
+        model_config, 6, seed=3, optimizer_config=config_lib.OptimizerConfig()
+    )
+    assert resumed.restore(prefix) == 12
+    assert resumed.validation_accuracy.numpy() == 0.5

@@ -56,10 +56,10 @@ class ClassEmbeddings:
     """The examples of one split, grouped by class.
 
     Attributes:
-        source: the file path(s) the examples came from, for error messages.
-        embeddings: class id -> float32 array `[n_c, D]` (raw, not
-            normalised); classes in sorted order, examples in file order.
-            `n_c` may differ between classes, `D` may not.
+      source: the file path(s) the examples came from, for error messages.
+      embeddings: class id -> float32 array `[n_c, D]` (raw, not
+        normalised); classes in sorted order, examples in file order.
+        `n_c` may differ between classes, `D` may not.
     """
 
     source: str
@@ -192,13 +192,13 @@ class _PickledArray:
         """The array, once its declared size is known to match its data.
 
         Args:
-            path, field: the file and its field, for messages.
-            file_size: the file's size in bytes, an upper bound on the
-                number of elements (dtypes of 0 bytes hold none).
+          path, field: the file and its field, for messages.
+          file_size: the file's size in bytes, an upper bound on the
+            number of elements (dtypes of 0 bytes hold none).
 
         Raises:
-            DataError: naming `path` and `field`, when the shape or dtype is
-                malformed or the declared size differs from the data present.
+          DataError: naming `path` and `field`, when the shape or dtype is
+            malformed or the declared size differs from the data present.
         """
         where = f"{path}: field {field!r}"
         shape = _declared_shape(where, self.shape)
@@ -411,9 +411,9 @@ def not_a_file_problem(path) -> str | None:
     FIFO blocks until someone writes to it).
 
     Returns:
-        None for a regular file (or a link to one); else e.g. "expected a
-        file, found a FIFO (named pipe)" or "expected a file, found a broken
-        symbolic link to 'target'".
+      None for a regular file (or a link to one); else e.g. "expected a
+      file, found a FIFO (named pipe)" or "expected a file, found a broken
+      symbolic link to 'target'".
     """
     try:
         mode = os.stat(path).st_mode
@@ -656,16 +656,16 @@ def read_embedding_file(path, embedding_dim: int | None = 640) -> ClassEmbedding
     """Reads and validates one embedding pickle.
 
     Args:
-        path: the `.pkl` file.
-        embedding_dim: the expected width D of `embeddings`; None accepts any.
+      path: the `.pkl` file.
+      embedding_dim: the expected width D of `embeddings`; None accepts any.
 
     Returns:
-        `ClassEmbeddings`: one float32 array `[n_c, D]` per class id.
+      `ClassEmbeddings`: one float32 array `[n_c, D]` per class id.
 
     Raises:
-        DataError: the file is missing or unreadable, is not a pickle, refers
-            to anything but numpy arrays and builtin values, or has a missing
-            or malformed field.
+      DataError: the file is missing or unreadable, is not a pickle, refers
+        to anything but numpy arrays and builtin values, or has a missing
+        or malformed field.
     """
     return _group_by_class([_read_rows(path, embedding_dim)])
 
@@ -678,7 +678,7 @@ def read_rows(path) -> tuple:
     does not look for duplicate image file names.
 
     Returns:
-        (class ids str `[n]`, embeddings float32 `[n, D]`), in file order.
+      (class ids str `[n]`, embeddings float32 `[n, D]`), in file order.
     """
     rows = _read_rows(path, embedding_dim=None)
     return np.array(rows.class_ids), rows.embeddings
@@ -696,16 +696,16 @@ def load_split(
     """Reads one split of a data set; with `train_on_val`, train + val.
 
     Args:
-        data_path: the folder holding `<dataset_name>/<embedding_crop>/`.
-        dataset_name: "miniImageNet", "tieredImageNet", "synthetic", ...
-        embedding_crop: "center" or "multiview".
-        split: "train", "val" or "test".
-        train_on_val: for split "train", also read the val examples, as the
-            authors do; ignored for the other splits.
-        embedding_dim: the expected width D; None accepts any.
+      data_path: the folder holding `<dataset_name>/<embedding_crop>/`.
+      dataset_name: "miniImageNet", "tieredImageNet", "synthetic", ...
+      embedding_crop: "center" or "multiview".
+      split: "train", "val" or "test".
+      train_on_val: for split "train", also read the val examples, as the
+        authors do; ignored for the other splits.
+      embedding_dim: the expected width D; None accepts any.
 
     Returns:
-        `ClassEmbeddings`: one float32 array `[n_c, D]` per class id.
+      `ClassEmbeddings`: one float32 array `[n_c, D]` per class id.
     """
     if split not in SPLITS:
         raise DataError(f"split: expected one of {SPLITS}, found {split!r}")
@@ -726,15 +726,15 @@ def check_episode_requirements(
     """Checks that `classes` can supply N-way episodes.
 
     Args:
-        classes: the split's examples.
-        num_classes: N, the distinct classes in an episode.
-        examples_per_class: the distinct examples an episode draws from each
-            of its classes (support + query).
-        split: the split's name, for the message ("" to leave it out).
+      classes: the split's examples.
+      num_classes: N, the distinct classes in an episode.
+      examples_per_class: the distinct examples an episode draws from each
+        of its classes (support + query).
+      split: the split's name, for the message ("" to leave it out).
 
     Raises:
-        DataError: fewer than N classes, or a class with fewer examples than
-            an episode draws; the message names the smallest classes.
+      DataError: fewer than N classes, or a class with fewer examples than
+        an episode draws; the message names the smallest classes.
     """
     where = f"{classes.source}: split {split!r}" if split else classes.source
     if classes.num_classes < num_classes:

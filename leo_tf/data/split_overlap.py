@@ -31,9 +31,9 @@ class Fingerprint:
     """What the overlap check needs of a split.
 
     Attributes:
-        source: the file(s) the split came from, for messages.
-        class_ids: str `[n]`, the class of each example.
-        hashes: int64 `[n]`, a hash of each example's float32 bytes.
+      source: the file(s) the split came from, for messages.
+      class_ids: str `[n]`, the class of each example.
+      hashes: int64 `[n]`, a hash of each example's float32 bytes.
     """
 
     source: str
@@ -64,12 +64,12 @@ def file_fingerprint(path, classes=None) -> Fingerprint:
     """The fingerprint of the split file `path`, computed once per version.
 
     Args:
-        path: a split's pickle.
-        classes: its `ClassEmbeddings` when they were just read, to save
-            reading the file again; None reads it.
+      path: a split's pickle.
+      classes: its `ClassEmbeddings` when they were just read, to save
+        reading the file again; None reads it.
 
     Raises:
-        DataError: the file is missing or malformed.
+      DataError: the file is missing or malformed.
     """
     status = os.stat(path)
     key = (str(path), status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
@@ -89,13 +89,13 @@ def check_disjoint(name: str, split: Fingerprint, other_name: str, other: Finger
     """Refuses two splits that share a class id or an identical example.
 
     Args:
-        name, split: the split named in the message first, and its
-            fingerprint.
-        other_name, other: the split it is compared with.
+      name, split: the split named in the message first, and its
+        fingerprint.
+      other_name, other: the split it is compared with.
 
     Raises:
-        DataError: naming both files, the shared classes (up to five), or the
-            number of identical examples and a class holding one on each side.
+      DataError: naming both files, the shared classes (up to five), or the
+        number of identical examples and a class holding one on each side.
     """
     where = f"{split.source}: split {name!r}"
     against = f"split {other_name!r} ({other.source})"

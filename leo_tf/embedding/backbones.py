@@ -39,12 +39,12 @@ def conv4(input_shape, filters: int = 64, name: str = "conv4") -> keras.Model:
     """The 4-block conv net of the few-shot literature.
 
     Args:
-        input_shape: (H, W, C).
-        filters: channels of every block.
-        name: model name.
+      input_shape: (H, W, C).
+      filters: channels of every block.
+      name: model name.
 
     Returns:
-        Keras model float32 [B, H, W, C] -> [B, filters * (H//16) * (W//16)].
+      Keras model float32 [B, H, W, C] -> [B, filters * (H//16) * (W//16)].
     """
     height, width = input_shape[:2]
     if height < 16 or width < 16:
@@ -89,14 +89,14 @@ def wide_resnet(
     """Wide residual network WRN-depth-width (Zagoruyko & Komodakis 2016).
 
     Args:
-        input_shape: (H, W, C), e.g. (84, 84, 3).
-        depth: total conv depth; (depth - 4) must be divisible by 6.
-        width: widening factor k.
-        dropout_rate: dropout between the two convs of each block.
-        name: model name.
+      input_shape: (H, W, C), e.g. (84, 84, 3).
+      depth: total conv depth; (depth - 4) must be divisible by 6.
+      width: widening factor k.
+      dropout_rate: dropout between the two convs of each block.
+      name: model name.
 
     Returns:
-        Keras model float32 [B, H, W, C] -> [B, 64 * width].
+      Keras model float32 [B, H, W, C] -> [B, 64 * width].
     """
     if (depth - 4) % 6:
         raise ValueError(f"WRN depth must be 6n + 4, found {depth}")

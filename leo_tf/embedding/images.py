@@ -2,8 +2,9 @@
 
 Three sources, all ending in the same in-memory form:
 
-* `load_packed_omniglot`: the packed Omniglot arrays (`omniglot_28.npz`, see
-    shared/data/README.md). Class name `"<alphabet>/<character>"`, group
+* `load_packed_omniglot`: the packed Omniglot arrays (`omniglot_28.npz`:
+    images uint8 [n, 28, 28] and per-row char_id, drawing, alphabet and
+    character). Class name `"<alphabet>/<character>"`, group
     `<alphabet>`; rows sorted by class name, then drawing.
 * `load_image_folder`: a directory of image files read with TFDS'
     `tfds.folder_dataset.ImageFolder`. Two layouts:
@@ -55,10 +56,10 @@ class ImageSet:
     """Labelled images from one source.
 
     Attributes:
-        images: uint8 [n, H, W, C].
-        class_names: str [n], the class of each image (unique class identity).
-        groups: str [n], a coarser grouping of classes (Omniglot: the alphabet);
-            "" where the source has none. Every class lies in exactly one group.
+      images: uint8 [n, H, W, C].
+      class_names: str [n], the class of each image (unique class identity).
+      groups: str [n], a coarser grouping of classes (Omniglot: the alphabet);
+        "" where the source has none. Every class lies in exactly one group.
     """
 
     images: np.ndarray
@@ -109,14 +110,14 @@ def convert_images(
     """Converts images to `channels` channels and `image_size`^2 pixels.
 
     Args:
-        images: uint8 [..., H, W, C] (one image or a batch).
-        image_size: side of the square output; 0 keeps H and W. Resizing is
-            bilinear with antialiasing, rounded back to uint8.
-        channels: 1 or 3; 0 keeps C. 3 -> 1 uses the ITU-R 601 luma weights,
-            1 -> 3 repeats the grey channel.
+      images: uint8 [..., H, W, C] (one image or a batch).
+      image_size: side of the square output; 0 keeps H and W. Resizing is
+        bilinear with antialiasing, rounded back to uint8.
+      channels: 1 or 3; 0 keeps C. 3 -> 1 uses the ITU-R 601 luma weights,
+        1 -> 3 repeats the grey channel.
 
     Returns:
-        uint8 [..., S, S, channels] (S = image_size, or H, W when 0).
+      uint8 [..., S, S, channels] (S = image_size, or H, W when 0).
     """
     images = tf.convert_to_tensor(images)
     source_channels = images.shape[-1]
@@ -147,22 +148,22 @@ def convert_images(
 
 
 def load_packed_omniglot(path: str, image_size: int = 0, channels: int = 0) -> ImageSet:
-    """Reads the packed Omniglot arrays (shared/data/README.md).
+    """Reads the packed Omniglot arrays (`omniglot_28.npz`).
 
     Args:
-        path: the .npz file: images uint8 [n, 28, 28], char_id, drawing,
-            alphabet, character per row.
-        image_size, channels: see `convert_images` (the file is 1-channel).
+      path: the .npz file: images uint8 [n, 28, 28], char_id, drawing,
+        alphabet, character per row.
+      image_size, channels: see `convert_images` (the file is 1-channel).
 
     Returns:
-        ImageSet with images uint8 [n, S, S, C], class names
-        "<alphabet>/<character>", groups "<alphabet>"; rows ordered by class name,
-        then drawing (the same order as `load_image_folder` on the original PNGs,
-        whose file names sort in drawing order).
+      ImageSet with images uint8 [n, S, S, C], class names
+      "<alphabet>/<character>", groups "<alphabet>"; rows ordered by class name,
+      then drawing (the same order as `load_image_folder` on the original PNGs,
+      whose file names sort in drawing order).
 
     Raises:
-        ImageSourceError: naming the file and the key, for a file that is not
-            a readable .npz of the arrays above (see `read_packed_arrays`).
+      ImageSourceError: naming the file and the key, for a file that is not
+        a readable .npz of the arrays above (see `read_packed_arrays`).
     """
     arrays = read_packed_arrays(path)
     images = arrays["images"]
@@ -186,10 +187,10 @@ def read_packed_arrays(path: str) -> dict:
     arrays must have one row per image.
 
     Returns:
-        {key: array} with images uint8 [n, H, W] and the others [n].
+      {key: array} with images uint8 [n, H, W] and the others [n].
 
     Raises:
-        ImageSourceError: naming the file, and the key where one is at fault.
+      ImageSourceError: naming the file, and the key where one is at fault.
     """
     if not os.path.lexists(path):
         raise ImageSourceError(f"--packed_omniglot: no such file {path!r}")
@@ -339,7 +340,7 @@ def _read_examples(
     `description` names the data in error messages.
 
     Returns:
-        (images uint8 [n, S, S, C], {feature: np.ndarray [n]} for `features`).
+      (images uint8 [n, S, S, C], {feature: np.ndarray [n]} for `features`).
     """
 
     def convert(example):
@@ -378,17 +379,17 @@ def dataset_to_image_set(
     """Reads a tf.data of {"image", "label"[, group_feature]} into arrays.
 
     Args:
-        dataset: elements {"image": uint8 [H, W, C], "label": int64 [],
-            group_feature: int64 []} (extra features are ignored).
-        label_names: class name of each label value; None uses str(label).
-        group_feature: name of an int feature naming each example's group, or
-            None for no groups.
-        group_names: name of each group value; None uses str(value).
-        image_size, channels: see `convert_images`, applied per example.
-        description: names the data in error messages.
+      dataset: elements {"image": uint8 [H, W, C], "label": int64 [],
+        group_feature: int64 []} (extra features are ignored).
+      label_names: class name of each label value; None uses str(label).
+      group_feature: name of an int feature naming each example's group, or
+        None for no groups.
+      group_names: name of each group value; None uses str(value).
+      image_size, channels: see `convert_images`, applied per example.
+      description: names the data in error messages.
 
     Returns:
-        ImageSet in the dataset's order.
+      ImageSet in the dataset's order.
     """
     features = ["label"] + ([group_feature] if group_feature else [])
     images, values = _read_examples(
@@ -418,16 +419,16 @@ def load_tfds(
     "train" images).
 
     Args:
-        name: TFDS name, e.g. "omniglot".
-        splits: TFDS split names to read and pool, e.g. ["train", "test"].
-        data_dir: TFDS data directory (None: TFDS' default).
-        download: call `download_and_prepare` first (needs network if the data
-            set is not prepared yet).
-        image_size, channels: see `convert_images`.
+      name: TFDS name, e.g. "omniglot".
+      splits: TFDS split names to read and pool, e.g. ["train", "test"].
+      data_dir: TFDS data directory (None: TFDS' default).
+      download: call `download_and_prepare` first (needs network if the data
+        set is not prepared yet).
+      image_size, channels: see `convert_images`.
 
     Returns:
-        ImageSet; class names are the label names, groups the group feature's
-        names (Omniglot: alphabets) or "".
+      ImageSet; class names are the label names, groups the group feature's
+      names (Omniglot: alphabets) or "".
     """
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -490,16 +491,16 @@ def load_image_folder(
     """Reads a folder of class folders with `tfds.folder_dataset.ImageFolder`.
 
     Args:
-        directory: DIR/<class>/<image> (layout "class") or
-            DIR/<group>/<class>/<image> (layout "group/class"); .png/.jpg/.jpeg.
-        layout: one of FOLDER_LAYOUTS.
-        image_size, channels: see `convert_images`. With channels 0 images are
-            decoded with 3 channels (ImageFolder's default); 1 or 3 decodes to that
-            many channels directly.
+      directory: DIR/<class>/<image> (layout "class") or
+        DIR/<group>/<class>/<image> (layout "group/class"); .png/.jpg/.jpeg.
+      layout: one of FOLDER_LAYOUTS.
+      image_size, channels: see `convert_images`. With channels 0 images are
+        decoded with 3 channels (ImageFolder's default); 1 or 3 decodes to that
+        many channels directly.
 
     Returns:
-        ImageSet ordered by (class folder, file name); groups are the group
-        folder names ("" for layout "class").
+      ImageSet ordered by (class folder, file name); groups are the group
+      folder names ("" for layout "class").
     """
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 

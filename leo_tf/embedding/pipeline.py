@@ -178,10 +178,10 @@ class SplitSummary:
     """One written split.
 
     Attributes:
-        path: the pickle.
-        class_ids: class ids in label order (label i is class_ids[i]).
-        class_names: the source class names, same order.
-        counts: images per class, same order.
+      path: the pickle.
+      class_ids: class ids in label order (label i is class_ids[i]).
+      class_names: the source class names, same order.
+      counts: images per class, same order.
     """
 
     path: str
@@ -199,14 +199,14 @@ class EmbedResult:
     """What `run` did.
 
     Attributes:
-        splits: {"train"|"val"|"test": SplitSummary}.
-        head_class_ids: class ids of the softmax head's outputs, in order (the
-            classes the network was trained on).
-        split_rule: how classes were split, in words.
-        embedding_dim: D.
-        seconds: wall time per stage ("load", "train", "embed", "write").
-        history: per-epoch training loss / accuracy.
-        classes_path: the classes.json file.
+      splits: {"train"|"val"|"test": SplitSummary}.
+      head_class_ids: class ids of the softmax head's outputs, in order (the
+        classes the network was trained on).
+      split_rule: how classes were split, in words.
+      embedding_dim: D.
+      seconds: wall time per stage ("load", "train", "embed", "write").
+      history: per-epoch training loss / accuracy.
+      classes_path: the classes.json file.
     """
 
     splits: Dict[str, SplitSummary]
@@ -296,15 +296,15 @@ def _write_outputs(
     """Writes the three pickles and classes.json.
 
     Args:
-        config: the run's configuration.
-        class_split: the class split (its rule is recorded).
-        by_split: {split: ImageSet}, rows grouped by class.
-        blocks: {split: (class names, counts, labels [n])} from `_class_blocks`.
-        ids: {split: class ids in label order}.
-        embeddings: {split: float32 [n, D]}.
+      config: the run's configuration.
+      class_split: the class split (its rule is recorded).
+      by_split: {split: ImageSet}, rows grouped by class.
+      blocks: {split: (class names, counts, labels [n])} from `_class_blocks`.
+      ids: {split: class ids in label order}.
+      embeddings: {split: float32 [n, D]}.
 
     Returns:
-        ({split: SplitSummary}, path of classes.json).
+      ({split: SplitSummary}, path of classes.json).
     """
     output = config.output
     summaries, classes = {}, {}
@@ -360,7 +360,7 @@ def run(config: EmbedConfig) -> EmbedResult:
     """Makes and writes the embeddings. See the module docstring.
 
     Returns:
-        EmbedResult.
+      EmbedResult.
     """
     seconds = {}
     start = time.perf_counter()

@@ -125,15 +125,15 @@ def omniglot_split(
     """Omniglot's background/evaluation split with held-out val alphabets.
 
     Args:
-        class_names: str [n], class of each image.
-        groups: str [n], alphabet of each image; all must be Omniglot alphabets.
-        num_val_alphabets: how many of the background alphabets present become
-            meta-validation (whole alphabets).
-        seed: seeds the choice of validation alphabets.
+      class_names: str [n], class of each image.
+      groups: str [n], alphabet of each image; all must be Omniglot alphabets.
+      num_val_alphabets: how many of the background alphabets present become
+        meta-validation (whole alphabets).
+      seed: seeds the choice of validation alphabets.
 
     Returns:
-        ClassSplit: train = remaining background alphabets' classes, val = the
-        drawn background alphabets' classes, test = evaluation alphabets' classes.
+      ClassSplit: train = remaining background alphabets' classes, val = the
+      drawn background alphabets' classes, test = evaluation alphabets' classes.
     """
     class_to_alphabet = _class_groups(class_names, groups)
     alphabets = set(class_to_alphabet.values())
@@ -171,13 +171,13 @@ def parse_split_sizes(text: str, num_classes: int) -> Tuple[int, int, int]:
     """Class counts (train, val, test) from "a,b,c" counts or fractions.
 
     Args:
-        text: three integers summing to `num_classes` (e.g. "64,16,20"), or three
-            fractions summing to 1 (e.g. "0.64,0.16,0.2"); val and test counts are
-            rounded and train takes the rest.
-        num_classes: how many classes there are.
+      text: three integers summing to `num_classes` (e.g. "64,16,20"), or three
+        fractions summing to 1 (e.g. "0.64,0.16,0.2"); val and test counts are
+        rounded and train takes the rest.
+      num_classes: how many classes there are.
 
     Returns:
-        (num_train, num_val, num_test), each at least 1, summing to num_classes.
+      (num_train, num_val, num_test), each at least 1, summing to num_classes.
     """
     parts = [p.strip() for p in text.split(",")]
     if len(parts) != 3:
@@ -213,12 +213,12 @@ def random_split(class_names: np.ndarray, sizes: str, seed: int) -> ClassSplit:
     """A seeded class-level split.
 
     Args:
-        class_names: str [n], class of each image.
-        sizes: see `parse_split_sizes`.
-        seed: seeds the permutation of the sorted class names.
+      class_names: str [n], class of each image.
+      sizes: see `parse_split_sizes`.
+      seed: seeds the permutation of the sorted class names.
 
     Returns:
-        ClassSplit with the first, next and last classes of the permutation.
+      ClassSplit with the first, next and last classes of the permutation.
     """
     names = sorted(set(class_names.tolist()))
     num_train, num_val, _ = parse_split_sizes(sizes, len(names))
@@ -261,13 +261,13 @@ def add_rotations(image_set: images_lib.ImageSet) -> images_lib.ImageSet:
     """Adds each class's 90/180/270-degree rotations as new classes.
 
     Args:
-        image_set: images uint8 [n, S, S, C] (square).
+      image_set: images uint8 [n, S, S, C] (square).
 
     Returns:
-        ImageSet with 4n rows: the originals and, for each quarter turn k, the
-        images rotated counter-clockwise by k*90 degrees with class name
-        "<class>/rot<k*90>" (e.g. "Latin/character01/rot090"), same group;
-        grouped by sorted class name.
+      ImageSet with 4n rows: the originals and, for each quarter turn k, the
+      images rotated counter-clockwise by k*90 degrees with class name
+      "<class>/rot<k*90>" (e.g. "Latin/character01/rot090"), same group;
+      grouped by sorted class name.
     """
     height, width = image_set.images.shape[1:3]
     if height != width:

@@ -58,12 +58,12 @@ def make_keys(dataset_name: str, row_class_ids: Sequence[str]) -> np.ndarray:
     """Keys for rows grouped by class.
 
     Args:
-        dataset_name: first key field.
-        row_class_ids: str [n], each row's class id.
+      dataset_name: first key field.
+      row_class_ids: str [n], each row's class id.
 
     Returns:
-        str [n], "<dataset_name>-<class_id>-<class_id>_<index>.png", index
-        counting each class's rows from 0 (4+ digits).
+      str [n], "<dataset_name>-<class_id>-<class_id>_<index>.png", index
+      counting each class's rows from 0 (4+ digits).
     """
     seen = {}
     keys = []
@@ -108,10 +108,10 @@ def write_split(
     """Writes one split's pickle atomically.
 
     Args:
-        path: destination .pkl.
-        embeddings: float32 [n, D].
-        keys: str [n].
-        labels: int [n].
+      path: destination .pkl.
+      embeddings: float32 [n, D].
+      keys: str [n].
+      labels: int [n].
     """
     n = embeddings.shape[0]
     if embeddings.ndim != 2 or keys.shape != (n,) or labels.shape != (n,):

@@ -1,12 +1,13 @@
-"""An independent, literal formulation of LEO used to check leo_tf.
+"""LEO written literally, per episode: the reference the model is checked against.
 
-It follows the structure of the authors' TF1 code step by step, one episode
-at a time (`tf.map_fn` over the meta-batch): explicit concatenated pairs in
-the relation network, logits as a mean over k of per-weight products,
-`Normal.log_prob` for the KL, and nested `tf.GradientTape`s over the summed
-softmax cross-entropy in both inner loops. It shares only the variables with
-`leo_tf.model.LEO`, so agreement between the two tests the maths, not the
-code. The benchmark uses it as the "map_fn formulation" baseline.
+Not used by training, evaluation or export. It follows the structure of the
+authors' TF1 code step by step, one episode at a time (`tf.map_fn` over the
+meta-batch): explicit concatenated pairs in the relation network, logits as
+a mean over k of per-weight products, `Normal.log_prob` for the KL, and
+nested `tf.GradientTape`s over the summed softmax cross-entropy in both inner
+loops. It shares only the variables with `leo_tf.model.LEO`, so agreement
+between the two tests the maths, not the code (tests/test_model.py);
+benchmarks/bench_step.py times it as the "map_fn formulation" baseline.
 """
 
 import numpy as np
