@@ -49,18 +49,29 @@ def _assert_all_checkpoints_finite(directory):
 
 
 def _inject_into_training_batches(monkeypatch, faults):
-    """Makes the meta-training sampler return faults[step] in its input."""
-    original = episodes_lib.EpisodeSampler.sample
+    """Makes the meta-training batches of the steps in `faults` carry
+    faults[step] in the first three features of their first support example."""
+    original = episodes_lib.make_dataset
+    fault_steps = tf.constant(list(faults), tf.int64)
+    fault_values = tf.constant(list(faults.values()), tf.float32)
 
-    def sample(self, step):
-        batch = original(self, step)
-        if self.stream == 0 and step in faults:  # the meta-training stream
-            tr_input = batch.tr_input.copy()
-            tr_input[0, 0, 0, :3] = faults[step]
-            batch = batch._replace(tr_input=tr_input)
-        return batch
+    def poison(step, episodes):
+        hit = tf.equal(fault_steps, step)
+        value = tf.reduce_sum(tf.where(hit, fault_values, 0.0))
+        positions = [[0, 0, 0, feature] for feature in range(3)]
+        poisoned = tf.tensor_scatter_nd_update(
+            episodes.tr_input, positions, tf.fill([3], value)
+        )
+        tr_input = tf.where(tf.reduce_any(hit), poisoned, episodes.tr_input)
+        return step, episodes._replace(tr_input=tr_input)
 
-    monkeypatch.setattr(episodes_lib.EpisodeSampler, "sample", sample)
+    def make_dataset(sampler, *args, **kwargs):
+        dataset = original(sampler, *args, **kwargs)
+        if sampler.stream != 0:  # not the meta-training stream
+            return dataset
+        return dataset.map(poison)
+
+    monkeypatch.setattr(episodes_lib, "make_dataset", make_dataset)
 
 
 def test_nan_and_inf_embeddings_are_survived_via_the_guard(
