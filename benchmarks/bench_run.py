@@ -185,9 +185,9 @@ def extrapolate(parts, test_episodes):
     as measured, the other 99 as the later ones.
     """
     training = PAPER_STEPS * parts["train_step_ms"] / 1e3
-    validation = parts["first_validation_s"] + (PAPER_VALIDATIONS - 1) * parts[
-        "validation_s"
-    ]
+    validation = (
+        parts["first_validation_s"] + (PAPER_VALIDATIONS - 1) * parts["validation_s"]
+    )
     test = parts["metatest_s"] * PAPER_TEST_EPISODES / test_episodes
     return {
         "startup_s": parts["startup_s"],
@@ -322,7 +322,9 @@ def main():
     path = pathlib.Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
-        json.dumps({"repo": str(repo), "args": vars(args), "results": results}, indent=2)
+        json.dumps(
+            {"repo": str(repo), "args": vars(args), "results": results}, indent=2
+        )
     )
     print(f"written to {path}")
 

@@ -14,7 +14,11 @@ as often as it is alive at once (float32, 4 bytes an element):
 * the step's activations, kept for the second-order gradient: ~4 support-
   sized tensors per support-loss evaluation (S + F + 1), 8 query-sized, 6 of
   the relation network's pairs [B, NK, NK, 2L];
-* an evaluation batch (V = all remaining examples of a class) 5 times;
+* an evaluation batch's support set 5 times; its queries are scored
+  without building them (meta_eval): the logits of each (episode, class)
+  pair's S = K + V examples against the episode's 2N columns and their
+  scores, twice each, plus the gathered queries, twice, where meta_eval
+  would gather them (at most MAX_GATHERED_BYTES);
 * the weights 12 times (the weights, Adam's two slots, the per-term
   gradients, their sum and the clipped gradients);
 * the embedding files twice (the loaded arrays, the normalised copy);
@@ -35,6 +39,9 @@ from leo_tf.data import embeddings, episodes, meta_dataset
 INT32_MAX = 2**31 - 1
 _BYTES_PER_ELEMENT = 4
 _BASE_BYTES = 2**30
+# The largest query batch meta_eval gathers (larger ones it scores class by
+# class).
+MAX_GATHERED_BYTES = 2**28
 # Address space a run maps beyond its resident memory after the check (thread
 # stacks, allocator arenas): its peak address space exceeded its peak resident
 # memory by 1.9-2.0 GiB, 0.8 GiB of it mapped by the time of the check.
@@ -160,13 +167,14 @@ def eval_tensors(config, embedding_dim, evaluation):
     v, d, l = evaluation.num_val, embedding_dim, model.num_latents
     batch = _flags(config, evaluation.batch_flag)
     name = evaluation.split
-    return [
-        Tensor(
-            f"{name} query batch",
-            (b, n, v, d),
-            5,
-            batch + _flags(config, "num_classes"),
-        ),
+    queries = Tensor(
+        f"{name} gathered query batch",
+        (b, n, v, d),
+        2,
+        batch + _flags(config, "num_classes"),
+    )
+    gathered = [queries] if queries.bytes <= 2 * MAX_GATHERED_BYTES else []
+    return gathered + [
         Tensor(
             f"{name} support batch",
             (b, n, k, d),
@@ -187,8 +195,14 @@ def eval_tensors(config, embedding_dim, evaluation):
         ),
         Tensor(
             f"{name} query logits",
-            (b, n, v, n),
-            4,
+            (b, n, 2 * n, k + v),
+            2,
+            batch + _flags(config, "num_classes"),
+        ),
+        Tensor(
+            f"{name} query scores",
+            (b, n, k + v, 3),
+            2,
             batch + _flags(config, "num_classes"),
         ),
     ]

@@ -31,10 +31,10 @@ import numpy as np
 import tensorflow as tf
 
 from leo_tf import baseline, steps
+from leo_tf.memory import MAX_GATHERED_BYTES
 
 # See prefers_grouped.
 GROUPED_WORK_RATIO = 30
-MAX_GATHERED_BYTES = 2**28
 
 
 class EpisodeResults(NamedTuple):
@@ -81,7 +81,8 @@ class MetaEvaluator:
         self.grouped = prefers_grouped(sampler) if grouped is None else grouped
         dtype = model.compute_dtype
         embeddings = sampler.normalized_embeddings  # [total, D]
-        self._examples = tf.constant(embeddings, dtype=dtype)
+        # The sampler's own memory (no copy), cast only for float64 models.
+        self._examples = tf.cast(sampler.embeddings_tensor, dtype)
         ends = np.append(sampler.class_offsets[1:], len(embeddings))
         self._class_slices = list(zip(sampler.class_offsets, ends))
         self._adapt = tf.function(self._adapted_weights, jit_compile=jit_compile)

@@ -44,43 +44,59 @@ def test_tensor_over_the_int32_limit_is_refused_naming_it_and_its_flags(tmp_path
 
 
 def test_int32_limit_is_exact(tmp_path):
-    # A 2-way evaluation batch of b x 2 x 64 x 16 = b * 2^11 elements.
-    config = _config(tmp_path, num_classes=2, metavalid_batch_size=2**20)
+    # 2-way 1-shot, V = 63: the query logits [b, 2, 4, 64] have b * 2^9 elements.
+    config = _config(tmp_path, num_classes=2, metavalid_batch_size=2**22)
     with pytest.raises(config_lib.ConfigError, match="2,147,483,648 elements"):
-        memory.check_fits(config, 16, [_validation(2**20, 64)], 0, PLENTY)
-    memory.check_fits(config, 16, [_validation(2**20 - 1, 64)], 0, PLENTY)
+        memory.check_fits(config, 16, [_validation(2**22, 63)], 0, PLENTY)
+    memory.check_fits(config, 16, [_validation(2**22 - 1, 63)], 0, PLENTY)
 
 
 def test_estimate_counts_every_tensor_times_its_copies(tmp_path):
     # --evaluation_mode, D = 16, L = 8, S = 5, 50 x 5-way 1-shot, V = 23.
     config = _config(tmp_path, evaluation_mode=True)
     weights = 12 * (16 * 8) + 36 * (16 * 16) + 12 * (8 * 32)
-    query = 5 * (50 * 5 * 23 * 16)
+    gathered_queries = 2 * (50 * 5 * 23 * 16)
     support = 5 * (50 * 5 * 1 * 16)
     latents = (5 + 3) * (50 * 5 * 1 * 8)
     pairs = 3 * (50 * 5 * 5 * 16)
-    logits = 4 * (50 * 5 * 23 * 5)
+    logits = 2 * (50 * 5 * 10 * 24)
+    scores = 2 * (50 * 5 * 24 * 3)
     test = memory.EvalShape("meta-test", "metatest_batch_size", 50, 23)
     tensors = memory.run_tensors(config, 16, [test])
     assert memory.estimated_peak_bytes(tensors, 1000) == (
-        GIB + 2 * 1000 + 4 * (weights + query + support + latents + pairs + logits)
+        GIB
+        + 2 * 1000
+        + 4 * (weights + gathered_queries + support + latents + pairs + logits + scores)
     )
 
 
+def test_query_batch_too_large_to_gather_is_not_counted(tmp_path):
+    # 200 x 5-way 1-shot, V = 599, D = 640: 1.4 GiB of queries, scored class
+    # by class instead of gathered.
+    config = _config(tmp_path, evaluation_mode=True)
+    test = memory.EvalShape("meta-test", "metatest_batch_size", 200, 599)
+    names = [tensor.name for tensor in memory.run_tensors(config, 640, [test])]
+    assert "meta-test query logits" in names
+    assert "meta-test gathered query batch" not in names
+    small = memory.EvalShape("meta-test", "metatest_batch_size", 200, 15)
+    names = [tensor.name for tensor in memory.run_tensors(config, 640, [small])]
+    assert "meta-test gathered query batch" in names
+
+
 def test_run_that_needs_more_memory_than_available_is_refused(tmp_path):
-    # 200 episodes x 5 classes x 599 queries x 640-d, 5 copies: 7.1 GiB.
-    config = _config(tmp_path, metavalid_batch_size=200)
+    # 20000 episodes x 5 classes x 10 columns x 600 examples, 2 copies: 4.5 GiB.
+    config = _config(tmp_path, metavalid_batch_size=20000)
     limit = (4 * GIB, "a 4 GiB test limit")
     with pytest.raises(config_lib.ConfigError) as raised:
-        memory.check_fits(config, 640, [_validation(200, 599)], 0, limit)
+        memory.check_fits(config, 640, [_validation(20000, 599)], 0, limit)
     message = str(raised.value)
-    assert message.startswith("--metavalid_batch_size=200: the run needs about ")
+    assert message.startswith("--metavalid_batch_size=20000: the run needs about ")
     assert (
-        "GiB of memory at its peak (7.1 GiB for the meta-validation query batch "
-        "[200, 5, 599, 640]), more than the 4.0 GiB available (a 4 GiB test "
+        "GiB of memory at its peak (4.5 GiB for the meta-validation query logits "
+        "[20000, 5, 10, 600]), more than the 4.0 GiB available (a 4 GiB test "
         "limit); lower --metavalid_batch_size or --num_classes"
     ) in message
-    memory.check_fits(config, 640, [_validation(200, 599)], 0, (16 * GIB, "more"))
+    memory.check_fits(config, 640, [_validation(20000, 599)], 0, (64 * GIB, "more"))
 
 
 def test_available_memory_is_the_least_limit(tmp_path, monkeypatch):
