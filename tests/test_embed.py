@@ -5,7 +5,6 @@ except the tests marked as reading the real packed Omniglot, which skip when
 `<repo>/../shared/data` is absent.
 """
 
-import dataclasses
 import hashlib
 import json
 import os
