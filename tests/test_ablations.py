@@ -122,6 +122,7 @@ def _fresh_flags():
     FLAGS.unparse_flags()
 
 
+@pytest.mark.slow
 def test_the_generator_alone_trains_evaluates_and_exports(
     toy_data, tmp_path, _fresh_flags
 ):

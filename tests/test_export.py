@@ -282,6 +282,7 @@ def _tree(directory):
     }
 
 
+@pytest.mark.slow
 def test_disk_full_leaves_nothing_half_written(trained, tmp_path, monkeypatch):
     config, _ = trained
     previous = tmp_path / "exported"

@@ -12,6 +12,9 @@ from leo_tf import noise as noise_lib
 from leo_tf.data import episodes as episodes_lib
 from tests import run_fixtures
 
+# Each test trains the toy run in process, faults injected: end to end.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def data_path(toy_data):

@@ -1,5 +1,7 @@
 """Meta-validation batches: new at every checkpoint (authors), or fixed."""
 
+import pytest
+
 from leo_tf import trainer
 from leo_tf.data import episodes as episodes_lib
 from tests import run_fixtures
@@ -30,6 +32,7 @@ def _validation_batches(monkeypatch, data_path, tmp_path, **train):
     return drawn
 
 
+@pytest.mark.slow
 def test_each_checkpoint_validates_on_new_batches_by_default(
     monkeypatch, toy_data, tmp_path
 ):
@@ -39,6 +42,7 @@ def test_each_checkpoint_validates_on_new_batches_by_default(
     assert drawn == list(range(20, 30)) + list(range(40, 50))
 
 
+@pytest.mark.slow
 def test_fixed_metavalid_batches_reuses_the_same_batches(
     monkeypatch, toy_data, tmp_path
 ):

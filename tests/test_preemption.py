@@ -179,6 +179,7 @@ def _signal_at_step(monkeypatch, signal_number, at_step):
     monkeypatch.setattr(steps, "compile_train_step", signalling_compile)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_sigint_checkpoint_and_stop(
     toy_data, tmp_path, monkeypatch, caplog, signal_number

@@ -121,6 +121,7 @@ def interrupted(tmp_path_factory):
     )
 
 
+@pytest.mark.slow
 def test_a_killed_search_rerun_keeps_every_finished_trial_and_resumes(interrupted):
     first, outcome = interrupted["first_results"], interrupted["outcome"]
     search_dir = interrupted["search_dir"]
@@ -142,6 +143,7 @@ def test_a_killed_search_rerun_keeps_every_finished_trial_and_resumes(interrupte
     )
 
 
+@pytest.mark.slow
 def test_failed_and_diverged_trials_are_recorded_with_their_reason(interrupted):
     results = interrupted["outcome"].results
 
@@ -157,10 +159,12 @@ def test_failed_and_diverged_trials_are_recorded_with_their_reason(interrupted):
         assert results[trial]["best_step"] == best["step"]
 
 
+@pytest.mark.slow
 def test_the_test_split_is_never_read(interrupted):
     assert set(interrupted["splits"]) == {"train", "val"}
 
 
+@pytest.mark.slow
 def test_trial_values_are_a_pure_function_of_the_seed_and_trial_index(interrupted):
     space = search.parse_space(SPACE)
     draws = [search.draw_trial(space, 0, trial) for trial in range(NUM_TRIALS)]
@@ -188,6 +192,7 @@ def _trained_config(directory):
     return saved
 
 
+@pytest.mark.slow
 def test_each_trial_flagfile_holds_the_configuration_it_trained(interrupted):
     for trial in (FINISHED, KILLED):
         directory = search.trial_directory(interrupted["search_dir"], trial)
@@ -197,6 +202,7 @@ def test_each_trial_flagfile_holds_the_configuration_it_trained(interrupted):
         assert config.train.checkpoint_path == str(directory.resolve())
 
 
+@pytest.mark.slow
 def test_best_cfg_reproduces_the_winning_trial(interrupted):
     results = interrupted["outcome"].results
     winner = max(
@@ -230,6 +236,7 @@ def _hparams_data(directory):
     ]
 
 
+@pytest.mark.slow
 def test_the_hparams_dashboard_summaries_are_written(interrupted):
     search_dir = interrupted["search_dir"]
     experiments = [d for d in _hparams_data(search_dir) if d.HasField("experiment")]
@@ -262,6 +269,7 @@ def test_the_hparams_dashboard_summaries_are_written(interrupted):
             assert not objective
 
 
+@pytest.mark.slow
 def test_a_changed_command_refuses_the_directory_of_another_search(interrupted):
     search_dir = interrupted["search_dir"]
     before = _snapshot(search_dir)
@@ -276,6 +284,7 @@ def test_a_changed_command_refuses_the_directory_of_another_search(interrupted):
     assert _snapshot(search_dir) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["file", "training run"])
 def test_a_file_or_a_training_run_as_search_dir_is_refused(interrupted, tmp_path, kind):
     search_dir = tmp_path / "target"
