@@ -42,9 +42,9 @@ def episode_accuracy(classes, num_ways, num_shots, rng):
     """Accuracy of cosine NCM on one episode.
 
     Args:
-        classes: list of float32 [n_c, D] (already L2-normalised).
-        num_ways, num_shots: N and K.
-        rng: numpy Generator.
+      classes: list of float32 [n_c, D] (already L2-normalised).
+      num_ways, num_shots: N and K.
+      rng: numpy Generator.
     """
     chosen = rng.choice(len(classes), num_ways, replace=False)
     support, queries, labels = [], [], []

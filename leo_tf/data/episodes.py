@@ -39,10 +39,10 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     """`x / sqrt(max(sum(x^2), 1e-12))` over the last axis (tf.nn.l2_normalize).
 
     Args:
-        x: float32 `[..., D]`.
+      x: float32 `[..., D]`.
 
     Returns:
-        float32 `[..., D]`, a new array.
+      float32 `[..., D]`, a new array.
     """
     x = np.array(x, dtype=np.float32)
     squared_norm = np.einsum("...d,...d->...", x, x)
@@ -72,20 +72,20 @@ def _sample_distinct(
     """Uniformly random ordered samples without replacement, one per row.
 
     Args:
-        rng: the random generator.
-        high: row r samples from `range(high)`, or `range(high[r])` when
-            `high` is an int64 array `[R]`; every population has at least
-            `sample_size` members.
-        num_rows: R.
-        sample_size: S, the values per row.
-        tries: candidate rows of S i.i.d. draws per round (rejection: the
-            first candidate without a repeat is kept; fast when S^2 is small
-            against the population), or 0 to shuffle the whole population
-            (fast when S is close to it).
+      rng: the random generator.
+      high: row r samples from `range(high)`, or `range(high[r])` when
+        `high` is an int64 array `[R]`; every population has at least
+        `sample_size` members.
+      num_rows: R.
+      sample_size: S, the values per row.
+      tries: candidate rows of S i.i.d. draws per round (rejection: the
+        first candidate without a repeat is kept; fast when S^2 is small
+        against the population), or 0 to shuffle the whole population
+        (fast when S is close to it).
 
     Returns:
-        int64 `[R, S]`: distinct values per row, every ordered S-tuple
-        equally likely.
+      int64 `[R, S]`: distinct values per row, every ordered S-tuple
+      equally likely.
     """
     per_row = not np.isscalar(high)
     if tries:
@@ -141,21 +141,21 @@ class EpisodeSampler:
         """Validates the episode shape against the data and indexes it.
 
         Args:
-            classes: the split's examples.
-            num_classes: N.
-            num_tr_examples_per_class: K, support examples per class.
-            num_val_examples_per_class: V, query examples per class.
-            batch_size: B, episodes per meta-batch.
-            seed: non-negative int; with `stream` and the step it fixes the
-                batch.
-            stream: non-negative int telling apart replicas (or any other
-                consumers) that share a seed.
-            split: the split's name, for error messages (optional).
+          classes: the split's examples.
+          num_classes: N.
+          num_tr_examples_per_class: K, support examples per class.
+          num_val_examples_per_class: V, query examples per class.
+          batch_size: B, episodes per meta-batch.
+          seed: non-negative int; with `stream` and the step it fixes the
+            batch.
+          stream: non-negative int telling apart replicas (or any other
+            consumers) that share a seed.
+          split: the split's name, for error messages (optional).
 
         Raises:
-            DataError: the split has fewer than N classes or a class with
-                fewer than K + V examples.
-            ValueError: a size is not positive, or seed or stream negative.
+          DataError: the split has fewer than N classes or a class with
+            fewer than K + V examples.
+          ValueError: a size is not positive, or seed or stream negative.
         """
         sizes = dict(
             num_classes=num_classes,
@@ -249,13 +249,13 @@ class EpisodeSampler:
         """The classes and examples of meta-batch `step`.
 
         Args:
-            step: non-negative int.
+          step: non-negative int.
 
         Returns:
-            classes: int64 `[B, N]`, indices into `class_ids`; label n of
-                episode b is class `classes[b, n]`.
-            rows: int64 `[B, N, K + V]`, rows of `normalized_embeddings`; the
-                first K of each class are its support examples.
+          classes: int64 `[B, N]`, indices into `class_ids`; label n of
+            episode b is class `classes[b, n]`.
+          rows: int64 `[B, N, K + V]`, rows of `normalized_embeddings`; the
+            first K of each class are its support examples.
         """
         _check_int("step", step, minimum=0)
         rng = np.random.default_rng([self.seed, self.stream, int(step)])
@@ -276,12 +276,12 @@ class EpisodeSampler:
         """Meta-batch `step`: a pure function of (seed, stream, step).
 
         Args:
-            step: non-negative int.
+          step: non-negative int.
 
         Returns:
-            `Episodes` of new numpy arrays: tr_input float32 `[B, N, K, D]`,
-            tr_output int32 `[B, N, K, 1]`, val_input float32 `[B, N, V, D]`,
-            val_output int32 `[B, N, V, 1]`.
+          `Episodes` of new numpy arrays: tr_input float32 `[B, N, K, D]`,
+          tr_output int32 `[B, N, K, 1]`, val_input float32 `[B, N, V, D]`,
+          val_output int32 `[B, N, V, 1]`.
         """
         _, rows = self.sample_indices(step)
         k = self.num_tr_examples_per_class
@@ -323,17 +323,17 @@ def eval_num_val_examples(
     """V for meta-validation and meta-test: all remaining examples of a class.
 
     Args:
-        classes: the split's examples.
-        num_tr_examples_per_class: K.
-        total_examples_per_class: the authors' 600 (miniImageNet's class
-            size); a smaller smallest class lowers it to that class's size.
+      classes: the split's examples.
+      num_tr_examples_per_class: K.
+      total_examples_per_class: the authors' 600 (miniImageNet's class
+        size); a smaller smallest class lowers it to that class's size.
 
     Returns:
-        `min(total_examples_per_class, smallest class) - K`, e.g. 599 for
-        miniImageNet 1-shot.
+      `min(total_examples_per_class, smallest class) - K`, e.g. 599 for
+      miniImageNet 1-shot.
 
     Raises:
-        DataError: the smallest class has no examples left after K.
+      DataError: the smallest class has no examples left after K.
     """
     total = min(total_examples_per_class, classes.min_examples_per_class)
     if total <= num_tr_examples_per_class:
@@ -368,12 +368,12 @@ def make_dataset(
     Performance).
 
     Args:
-        sampler: the episode sampler.
-        first_step: the first step, e.g. the restored global step.
-        num_steps: how many steps; None for an endless dataset.
+      sampler: the episode sampler.
+      first_step: the first step, e.g. the restored global step.
+      num_steps: how many steps; None for an endless dataset.
 
     Returns:
-        `tf.data.Dataset` of `(step, Episodes)`.
+      `tf.data.Dataset` of `(step, Episodes)`.
     """
     if num_steps is None:
         steps = tf.data.Dataset.counter(start=first_step, dtype=tf.int64)

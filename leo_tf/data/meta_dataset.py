@@ -80,7 +80,7 @@ def check_disjoint_splits(data_config, split, classes):
     to its own loading to report.
 
     Raises:
-        DataError: naming both files and the shared classes or examples.
+      DataError: naming both files and the shared classes or examples.
     """
 
     def path(name):

@@ -111,10 +111,10 @@ def _split_examples(rng, signal, styles, num_classes):
     """float32 `[num_classes * EXAMPLES_PER_CLASS, D]`, class by class.
 
     Args:
-        rng: the generator, advanced by the draws.
-        signal: float64 `[D, SIGNAL_DIM]` orthonormal basis U.
-        styles: float64 `[NUM_STYLES, D]` orthonormal, orthogonal to U.
-        num_classes: C.
+      rng: the generator, advanced by the draws.
+      signal: float64 `[D, SIGNAL_DIM]` orthonormal basis U.
+      styles: float64 `[NUM_STYLES, D]` orthonormal, orthogonal to U.
+      num_classes: C.
     """
     n = num_classes * EXAMPLES_PER_CLASS
     means = CLASS_SCALE * rng.standard_normal((num_classes, SIGNAL_DIM))
@@ -135,11 +135,11 @@ def write_synthetic(data_path, seed: int = 0) -> pathlib.Path:
     """Writes the synthetic data set under `data_path`, replacing files there.
 
     Args:
-        data_path: the folder to hold `synthetic/center/*.pkl`.
-        seed: the generator's seed; the same seed gives the same files.
+      data_path: the folder to hold `synthetic/center/*.pkl`.
+      seed: the generator's seed; the same seed gives the same files.
 
     Returns:
-        The data set's folder, `<data_path>/synthetic`.
+      The data set's folder, `<data_path>/synthetic`.
     """
     rng = np.random.default_rng(seed)
     signal, styles = _directions(rng)
@@ -202,16 +202,16 @@ def ensure_synthetic(data_path, seed: int = 0) -> pathlib.Path:
     read-only) leaves nothing behind: the next call writes it afresh.
 
     Args:
-        data_path: the folder to hold `synthetic/`.
-        seed: the generator's seed.
+      data_path: the folder to hold `synthetic/`.
+      seed: the generator's seed.
 
     Returns:
-        The data set's folder, `<data_path>/synthetic`.
+      The data set's folder, `<data_path>/synthetic`.
 
     Raises:
-        DataError: `<data_path>/synthetic` exists but is not a complete copy
-            written by this version with this seed, or it cannot be written
-            (the message names --data_path and why).
+      DataError: `<data_path>/synthetic` exists but is not a complete copy
+        written by this version with this seed, or it cannot be written
+        (the message names --data_path and why).
     """
     data_path = pathlib.Path(data_path)
     dataset_dir = data_path / DATASET_NAME
@@ -263,13 +263,13 @@ def fit_lda_projection(
     """Fisher LDA on L2-normalised examples: a linear map learned from `classes`.
 
     Args:
-        classes: the examples to fit on (the train split).
-        num_components: P, the directions kept; at most `num_classes - 1`.
+      classes: the examples to fit on (the train split).
+      num_components: P, the directions kept; at most `num_classes - 1`.
 
     Returns:
-        float32 `[D, P]`: the directions that best separate the class means
-        relative to the within-class spread, scaled to unit within-class
-        variance.
+      float32 `[D, P]`: the directions that best separate the class means
+      relative to the within-class spread, scaled to unit within-class
+      variance.
     """
     x = [
         episodes_lib.l2_normalize(a).astype(np.float64)
@@ -310,19 +310,19 @@ def nearest_class_mean_accuracy(
     V = `eval_num_val_examples`.
 
     Args:
-        classes: the split to evaluate on.
-        num_classes: N.
-        num_tr_examples_per_class: K.
-        num_episodes: episodes to average over.
-        seed: the sampler's seed.
-        projection: optional float32 `[D, P]`, e.g. `fit_lda_projection`
-            of the train split: examples are L2-normalised, projected, and
-            the episodes drawn from the projected examples.
-        batch_size: episodes sampled at a time.
+      classes: the split to evaluate on.
+      num_classes: N.
+      num_tr_examples_per_class: K.
+      num_episodes: episodes to average over.
+      seed: the sampler's seed.
+      projection: optional float32 `[D, P]`, e.g. `fit_lda_projection`
+        of the train split: examples are L2-normalised, projected, and
+        the episodes drawn from the projected examples.
+      batch_size: episodes sampled at a time.
 
     Returns:
-        (mean accuracy, 95% interval half-width = 1.96 * std / sqrt(episodes)),
-        both fractions.
+      (mean accuracy, 95% interval half-width = 1.96 * std / sqrt(episodes)),
+      both fractions.
     """
     if projection is not None:
         classes = embeddings_lib.ClassEmbeddings(

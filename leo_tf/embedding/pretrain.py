@@ -87,10 +87,10 @@ class TrainedClassifier:
     """The result of `train_classifier`.
 
     Attributes:
-        extractor: images float32 [B, H, W, C] (0..255) -> features [B, D].
-        classifier: images -> logits [B, num_classes] (augmentation, extractor,
-            head); the head is the layer named "head".
-        history: per-epoch "loss" and "accuracy" on augmented training batches.
+      extractor: images float32 [B, H, W, C] (0..255) -> features [B, D].
+      classifier: images -> logits [B, num_classes] (augmentation, extractor,
+        head); the head is the layer named "head".
+      history: per-epoch "loss" and "accuracy" on augmented training batches.
     """
 
     extractor: keras.Model
@@ -110,10 +110,10 @@ def build_feature_extractor(
     """Normalisation + backbone: float32 [B, H, W, C] (0..255) -> [B, D].
 
     Args:
-        config: backbone choice and width.
-        image_shape: (H, W, C).
-        mean, variance: per-channel pixel statistics [C] of the meta-train images,
-            fixed (not trained).
+      config: backbone choice and width.
+      image_shape: (H, W, C).
+      mean, variance: per-channel pixel statistics [C] of the meta-train images,
+        fixed (not trained).
     """
     backbone = backbones.build_backbone(
         config.backbone,
@@ -191,13 +191,13 @@ def train_classifier(
     """Fits backbone + linear softmax head on the meta-train images.
 
     Args:
-        images: uint8 [n, H, W, C], meta-train images only.
-        labels: int [n], class index in [0, num_classes).
-        num_classes: number of meta-train classes (the head's width).
-        config: see TrainConfig.
+      images: uint8 [n, H, W, C], meta-train images only.
+      labels: int [n], class index in [0, num_classes).
+      num_classes: number of meta-train classes (the head's width).
+      config: see TrainConfig.
 
     Returns:
-        TrainedClassifier.
+      TrainedClassifier.
     """
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(
@@ -256,12 +256,12 @@ def extract_features(
     """Embeds images in inference mode.
 
     Args:
-        extractor: from `train_classifier`.
-        images: uint8 [n, H, W, C].
-        batch_size: images per forward pass.
+      extractor: from `train_classifier`.
+      images: uint8 [n, H, W, C].
+      batch_size: images per forward pass.
 
     Returns:
-        float32 [n, D].
+      float32 [n, D].
     """
     embed = tf.function(lambda x: extractor(tf.cast(x, tf.float32), training=False))
     dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
