@@ -45,7 +45,6 @@ import argparse
 import json
 import os
 import pathlib
-import pickle
 import re
 import subprocess
 import sys
@@ -53,6 +52,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from leo_tf.embedding import writer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SPLIT_CLASSES = {"train": 64, "val": 16, "test": 20}
@@ -82,21 +83,18 @@ def write_embeddings(data_path, seed=0):
     for split, num_classes in SPLIT_CLASSES.items():
         class_ids = [f"n{first + c:08d}" for c in range(num_classes)]
         first += num_classes
-        contents = {
-            "embeddings": rng.random(
-                (num_classes * EXAMPLES_PER_CLASS, DIM), dtype=np.float32
-            ),
-            "keys": np.array(
+        writer.write_split(
+            str(folder / f"{split}_embeddings.pkl"),
+            rng.random((num_classes * EXAMPLES_PER_CLASS, DIM), dtype=np.float32),
+            np.array(
                 [
                     f"miniImageNet-{c}-{c}_{i:05d}.JPEG"
                     for c in class_ids
                     for i in range(EXAMPLES_PER_CLASS)
                 ]
             ),
-            "labels": np.repeat(np.arange(num_classes), EXAMPLES_PER_CLASS),
-        }
-        with open(folder / f"{split}_embeddings.pkl", "wb") as stream:
-            pickle.dump(contents, stream, protocol=4)
+            np.repeat(np.arange(num_classes), EXAMPLES_PER_CLASS),
+        )
 
 
 def run_training(repo, data_path, run_path, shots, args):
