@@ -37,6 +37,7 @@ from absl import logging
 
 from leo_tf import cli
 from leo_tf import config as config_lib
+from leo_tf.embedding import episodic
 from leo_tf.embedding import images
 from leo_tf.embedding import pipeline
 from leo_tf.embedding import splits
@@ -66,7 +67,9 @@ def main(argv):
         raise cli.Failure(f"unexpected arguments: {' '.join(argv[1:])}")
     with cli.reported(ValueError):
         config = config_from_flags()
-    with cli.reported(images.ImageSourceError, splits.SplitError):
+    with cli.reported(
+        images.ImageSourceError, splits.SplitError, episodic.EpisodeError
+    ):
         result = pipeline.run(config)
     print(f"class split: {result.split_rule}")
     for split, summary in result.splits.items():
