@@ -119,7 +119,9 @@ def test_finetuning_trains_the_extractor_and_scale_and_lowers_the_loss():
     assert len(history["episode_loss"]) == 10  # one entry per 4 episodes
     assert history["episode_loss"][-1] < history["episode_loss"][0]
     assert history["scale"][-1] != config.episodic_scale
-    changed = [not np.array_equal(a, b) for a, b in zip(before, extractor.get_weights())]
+    changed = [
+        not np.array_equal(a, b) for a, b in zip(before, extractor.get_weights())
+    ]
     assert all(changed)  # conv kernels, batch-norm weights and statistics
 
 

@@ -81,9 +81,7 @@ class TrainConfig:
         "cosine loss (see embedding/episodic.py; 0: off).",
         at_least(0),
     )
-    episodic_ways: int = option(
-        20, "Classes per fine-tuning episode.", at_least(2)
-    )
+    episodic_ways: int = option(60, "Classes per fine-tuning episode.", at_least(2))
     episodic_shots: int = option(
         1, "Support images per class of a fine-tuning episode.", at_least(1)
     )
@@ -91,13 +89,13 @@ class TrainConfig:
         5, "Query images per class of a fine-tuning episode.", at_least(1)
     )
     episodic_learning_rate: float = option(
-        5e-4,
+        1e-4,
         "Adam's initial learning rate for the fine-tuning episodes "
         "(cosine-decayed to 0).",
         finite_above(0.0),
     )
     episodic_scale: float = option(
-        10.0,
+        50.0,
         "Initial value of the learned scale of the episodes' cosine logits.",
         finite_above(0.0),
     )
