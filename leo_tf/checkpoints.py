@@ -525,16 +525,32 @@ def check_compatible(directory, config, embedding_dim, fixed):
             f"for {saved['embedding_dim']}-d embeddings "
             f"({saved['data']['dataset_name']}); use another --checkpoint_path"
         )
+    check_unchanged(
+        directory,
+        {name: saved[section][name] for section, name in fixed},
+        {name: getattr(getattr(config, section), name) for section, name in fixed},
+    )
+
+
+def check_unchanged(directory, saved, current):
+    """ConfigError naming every flag whose value in `current` differs from
+    the run's.
+
+    Args:
+      directory: the run directory.
+      saved: {flag name: value} as the run's config.json holds them.
+      current: {flag name: value} of this invocation.
+    """
     changed = [
-        (name, saved[section][name], getattr(getattr(config, section), name))
-        for section, name in fixed
-        if saved[section][name] != getattr(getattr(config, section), name)
+        (name, saved.get(name), value)
+        for name, value in current.items()
+        if saved.get(name) != value
     ]
     if changed:
         raise ConfigError(
             f"--checkpoint_path={directory}: this run was made with "
             + ", ".join(f"{name}={old}" for name, old, _ in changed)
-            + " (its config.json), not "
+            + f" (its {CONFIG_FILE}), not "
             + ", ".join(f"--{name}={new}" for name, _, new in changed)
             + "; pass the run's values, or use another --checkpoint_path"
         )
