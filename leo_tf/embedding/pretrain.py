@@ -87,35 +87,23 @@ def build_augmentation(config: TrainConfig, image_shape) -> keras.Sequential:
     Out-of-image pixels repeat the nearest edge pixel (background for
     Omniglot). Returns an identity model when every augmentation is 0.
     """
+    # (name, layer, its factors), in the order they apply; seeds seed + 1, ...
+    augmentations = (
+        ("rotate", keras.layers.RandomRotation, (config.augment_rotation / 360.0,)),
+        ("zoom", keras.layers.RandomZoom, (config.augment_zoom,)),
+        ("shift", keras.layers.RandomTranslation, (config.augment_shift,) * 2),
+    )
     layers = [keras.Input(shape=tuple(image_shape))]
-    if config.augment_rotation:
-        layers.append(
-            keras.layers.RandomRotation(
-                config.augment_rotation / 360.0,
-                fill_mode="nearest",
-                seed=config.seed + 1,
-                name="rotate",
+    for offset, (name, layer, factors) in enumerate(augmentations, start=1):
+        if factors[0]:
+            layers.append(
+                layer(
+                    *factors,
+                    fill_mode="nearest",
+                    seed=config.seed + offset,
+                    name=name,
+                )
             )
-        )
-    if config.augment_zoom:
-        layers.append(
-            keras.layers.RandomZoom(
-                config.augment_zoom,
-                fill_mode="nearest",
-                seed=config.seed + 2,
-                name="zoom",
-            )
-        )
-    if config.augment_shift:
-        layers.append(
-            keras.layers.RandomTranslation(
-                config.augment_shift,
-                config.augment_shift,
-                fill_mode="nearest",
-                seed=config.seed + 3,
-                name="shift",
-            )
-        )
     return keras.Sequential(layers, name="augment")
 
 
