@@ -1,5 +1,7 @@
-"""Flags: derived from the typed configs, the authors' names and defaults,
-validation, the flagfiles."""
+"""The flags: derived from the typed configs, with the authors' names and defaults.
+
+Also their validation and the flagfiles.
+"""
 
 import dataclasses
 

@@ -1,6 +1,8 @@
-"""Bad data refused early and cheaply: arrays whose declared size the file
-cannot hold, files that are not regular files, splits that share classes or
-examples, and broken packed image files."""
+"""Bad data refused early and cheaply, naming the file.
+
+Arrays whose declared size the file cannot hold, files that are not regular
+files, splits that share classes or examples, and broken packed image files.
+"""
 
 import codecs
 import dataclasses

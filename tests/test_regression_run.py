@@ -1,5 +1,8 @@
-"""Few-shot regression runs: reproducible resumable training, the evaluation's
-files, the figure, and errors for bad flags and directories."""
+"""Few-shot regression runs: resumable training, evaluation, figure, errors.
+
+Reproducible resumable training, the evaluation's files, the figure, and
+errors for bad flags and directories.
+"""
 
 import dataclasses
 import glob

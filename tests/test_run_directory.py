@@ -1,6 +1,8 @@
-"""The run directory as a database: one writer, intact checkpoints, valid
-records, no silent change of task on resume, and failing writes that leave
-nothing half-written."""
+"""The run directory as a database: one writer, intact checkpoints, valid records.
+
+Also no silent change of task on resume, and failing writes that leave
+nothing half-written.
+"""
 
 import dataclasses
 import errno

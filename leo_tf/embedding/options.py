@@ -1,5 +1,4 @@
-"""The configuration of `python -m leo_tf.embed`: frozen dataclasses whose
-fields are its flags.
+"""The configuration of `python -m leo_tf.embed`: its flags as frozen dataclasses.
 
 Four sections, each field an `option` (leo_tf/config.py) holding its flag's
 default, help and checks: SourceConfig (where the images come from),

@@ -1,4 +1,6 @@
-"""`python -m leo_tf.regression --flagfile=flags/regression_5shot.cfg`.
+"""`python -m leo_tf.regression`: few-shot regression with LEO and MAML.
+
+    python -m leo_tf.regression --flagfile=flags/regression_5shot.cfg
 
 Meta-trains LEO and the MAML baseline on few-shot regression (resuming from
 the latest checkpoint under --checkpoint_path), then evaluates both on
