@@ -424,8 +424,8 @@ class TrainConfig:
     )
     num_metatest_episodes: int = option(
         10000,
-        "leo_tf: meta-test episodes to average over (the authors' 10000), in "
-        "whole batches of metatest_batch_size.",
+        "leo_tf: meta-test episodes to average over (the authors' 10000), "
+        "drawn in batches of metatest_batch_size, the last one trimmed.",
         at_least(1),
         _INT64,
     )

@@ -94,6 +94,18 @@ def test_unparsable_flag_is_one_line(capsys):
     assert err.startswith("leo_tf.test: error: flag --seed=abc: invalid literal")
 
 
+@pytest.mark.parametrize(
+    "name, problem", [("missing.cfg", "no such file"), ("folder", "is a directory")]
+)
+def test_unreadable_flagfile_is_one_line_naming_it(capsys, tmp_path, name, problem):
+    (tmp_path / "folder").mkdir()
+    path = tmp_path / name
+    assert _run(_raising(AssertionError("not reached")), f"--flagfile={path}") == 1
+    assert capsys.readouterr().err == (
+        f"leo_tf.test: error: --flagfile={path}: {problem}\n"
+    )
+
+
 def _entry_point(monkeypatch, module, *args):
     """The exit status of `module.run()`, the console entry point, with args."""
     monkeypatch.setattr(sys, "argv", [module.__name__, *args])

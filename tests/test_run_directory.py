@@ -456,6 +456,16 @@ def test_free_flags_may_change_on_resume_and_the_task_may_not(data_path, run, tm
     assert (run / "config.json").read_text() == saved
 
 
+def test_evaluation_averages_exactly_the_asked_number_of_episodes(data_path, run):
+    """30 episodes, fewer than the batch of 50: not a whole batch."""
+    results = evaluation.evaluate(
+        _config(data_path, run, "train", num_metatest_episodes=30)
+    )
+
+    assert results["num_episodes"] == 30
+    assert "(95% interval, 30 episodes, 5-way 1-shot" in evaluation.result_line(results)
+
+
 def test_evaluation_refuses_other_unroll_lengths_but_evaluates_another_task(
     data_path, run
 ):
