@@ -242,6 +242,52 @@ def test_no_intact_checkpoint_is_refused_naming_each(data_path, run, no_training
     assert run_fixtures.snapshot(run) == before
 
 
+def _replace_by_a_directory(path):
+    path.unlink()
+    (path / "notes").mkdir(parents=True)
+
+
+def test_resume_refuses_a_directory_in_place_of_a_newer_checkpoint_file(
+    data_path, run, no_training
+):
+    """Resuming from ckpt-10 would save step 20 over the directory: refused
+    before any training step, naming the file, nothing touched."""
+    data = run / DATA_FILE.format(20)
+    _replace_by_a_directory(data)
+    before = run_fixtures.snapshot(run)
+
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        trainer.train(_config(data_path, run, "train", num_steps_limit=30))
+
+    assert str(error.value) == (
+        f"{data}: a directory, not a checkpoint file; resuming from "
+        f"{run / 'ckpt-10'} would save ckpt-20 over it: move it away, then rerun"
+    )
+    assert run_fixtures.snapshot(run) == before
+
+
+def test_evaluation_falls_back_from_a_directory_in_place_of_a_checkpoint_file(
+    data_path, run, caplog
+):
+    best = _best_step(run)
+    best_data = run / ".best" / f"step-{best}" / DATA_FILE.format(best)
+    _replace_by_a_directory(best_data)
+    _replace_by_a_directory(run / DATA_FILE.format(20))
+
+    with caplog.at_level(logging.WARNING):
+        results = evaluation.evaluate(_config(data_path, run))
+
+    assert (
+        f"best_checkpoint unusable, {best_data}: a directory, not a checkpoint "
+        "file; evaluating the latest intact checkpoint instead" in caplog.text
+    )
+    assert (
+        f"Skipping checkpoint {run / 'ckpt-20'}: {run / DATA_FILE.format(20)}: a "
+        "directory, not a checkpoint file" in caplog.text
+    )
+    assert results["checkpoint"] == str(run / "ckpt-10")
+
+
 @pytest.mark.parametrize("damage", ["deleted", "emptied"])
 def test_missing_checkpoint_index_is_rebuilt_not_a_restart_from_step_0(
     data_path, run, caplog, damage
