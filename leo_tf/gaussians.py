@@ -50,7 +50,7 @@ def kl_estimate(distribution, standard_noise, samples):
     )
     log_q = standard.log_prob(standard_noise) - tf.math.log(distribution.scale)
     log_prior = standard.log_prob(samples)
-    return mean_per_episode(log_q - log_prior)
+    return ops.mean_per_episode(log_q - log_prior)
 
 
 def latent_regularisers(adaptation, latent_noise):
@@ -69,9 +69,4 @@ def latent_regularisers(adaptation, latent_noise):
 
 def encoder_penalty(latents, adapted_latents):
     """mean (z - stop_gradient(z'))^2 `[B]` of codes before and after adapting."""
-    return mean_per_episode(tf.square(latents - tf.stop_gradient(adapted_latents)))
-
-
-def mean_per_episode(values):
-    """[B, ...] -> [B]."""
-    return tf.reduce_mean(tf.reshape(values, [tf.shape(values)[0], -1]), axis=1)
+    return ops.mean_per_episode(tf.square(latents - tf.stop_gradient(adapted_latents)))

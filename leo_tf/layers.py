@@ -245,6 +245,23 @@ def network_kernels(encoder, relation_network, decoder):
     return [encoder.kernel, *relation_network.kernels, decoder.kernel]
 
 
+def weight_penalties(model):
+    """(l2, orthogonality, their weighted sum), scalars, of a LEO model's networks.
+
+    l2: sum over `model.weight_matrices` of sum(w^2) / 2; orthogonality: of
+    `model.decoder`; weights: `model.config`'s l2_penalty_weight and
+    orthogonality_penalty_weight.
+    """
+    l2 = tf.add_n([tf.nn.l2_loss(w) for w in model.weight_matrices])
+    orthogonality = model.decoder.orthogonality_penalty()
+    config = model.config
+    weighted = (
+        config.l2_penalty_weight * l2
+        + config.orthogonality_penalty_weight * orthogonality
+    )
+    return l2, orthogonality, weighted
+
+
 def apply_dropout(inputs, dropout_mask):
     """inputs * mask, mask a pre-drawn scaled keep mask; None: no dropout."""
     return inputs if dropout_mask is None else inputs * dropout_mask

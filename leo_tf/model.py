@@ -124,12 +124,14 @@ class LEO(keras.layers.Layer):
         class_weights: [B, N, D]; dropout_mask: like inputs, or None.
         """
         inputs = layers.apply_dropout(inputs, dropout_mask)
-        flat_inputs = ops.flatten_examples(inputs)
-        logits = self.matmul(flat_inputs, class_weights, transpose_b=True)
+        flat = ops.flatten_examples(inputs)  # [B, G * M, D]
+        logits = self.matmul(flat, class_weights, transpose_b=True)
         shape = tf.concat([tf.shape(inputs)[:3], tf.shape(class_weights)[1:2]], 0)
         return tf.reshape(logits, shape)
 
-    def support_loss_gradient(self, tr_input, tr_onehot, class_weights, dropout_mask):
+    def support_loss_gradient(
+        self, tr_input, tr_onehot, class_weights, dropout_mask=None
+    ):
         """d/dc[n] of the SUM of the support cross-entropies: sum_x (p - y)_n x.
 
         tr_input, dropout_mask: [B, N, K, D]; tr_onehot: [B, N, K, N] labels;
@@ -142,7 +144,7 @@ class LEO(keras.layers.Layer):
         flat = ops.flatten_examples
         return self.matmul(flat(residual), flat(inputs), transpose_a=True)
 
-    def leo_inner_loop(self, tr_input, tr_onehot, latents, noise, decoder_halves):
+    def leo_inner_loop(self, tr_input, tr_onehot, latents, noise, decoder_halves=None):
         """S steps of z <- z - inner_lr * dL_tr/dz on codes `[B, N, K, L]`.
 
         L_tr, the summed support loss of the weights decoded (re-sampled in
@@ -172,12 +174,10 @@ class LEO(keras.layers.Layer):
         first = self.config.inner_unroll_length
         for step in range(self.config.finetuning_unroll_length):
             dropout_mask = _pick(noise.support_dropout, first + step)
-            class_gradient = self.support_loss_gradient(
+            gradient = self.support_loss_gradient(
                 tr_input, tr_onehot, class_weights, dropout_mask
             )
-            class_weights = class_weights - self.finetuning_lr * (
-                class_gradient / num_shots
-            )
+            class_weights = class_weights - self.finetuning_lr * (gradient / num_shots)
         return class_weights
 
     def adapt(self, tr_input, tr_output, noise=_NO_NOISE):
@@ -213,9 +213,9 @@ class LEO(keras.layers.Layer):
         logits = self.predict(val_input, adaptation.class_weights, noise.query_dropout)
         labels = episodes.val_output[..., 0]
         cross_entropy = ops.softmax_cross_entropy(labels, logits)
-        query_loss = gaussians.mean_per_episode(cross_entropy)
+        query_loss = ops.mean_per_episode(cross_entropy)
         correct = tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels)
-        accuracy = gaussians.mean_per_episode(tf.cast(correct, self.compute_dtype))
+        accuracy = ops.mean_per_episode(tf.cast(correct, self.compute_dtype))
         kl, encoder_penalty = gaussians.latent_regularisers(adaptation, noise.latent)
         loss = (
             query_loss
@@ -231,16 +231,8 @@ class LEO(keras.layers.Layer):
         return self.objective(self.run_episodes(episodes, noise))
 
     def objective(self, outputs):
-        """MetaBatchLoss: mean of EpisodeOutputs' losses `[B]` + weighted penalties.
-
-        l2: sum over the weight matrices of sum(w^2) / 2.
-        """
-        l2 = tf.add_n([tf.nn.l2_loss(w) for w in self.weight_matrices])
-        orthogonality = self.decoder.orthogonality_penalty()
-        penalties = (
-            self.config.l2_penalty_weight * l2
-            + self.config.orthogonality_penalty_weight * orthogonality
-        )
+        """MetaBatchLoss: mean of EpisodeOutputs' losses `[B]` + weighted penalties."""
+        l2, orthogonality, penalties = layers.weight_penalties(self)
         total = tf.reduce_mean(outputs.loss) + penalties
         return MetaBatchLoss(total, outputs, l2, orthogonality, penalties)
 

@@ -243,19 +243,11 @@ class LEORegressor(keras.layers.Layer):
         )
         return TaskLosses(loss, query_nll, query_mse, kl, encoder_penalty)
 
-    def penalties(self):
-        """l2_penalty_weight * sum(w^2)/2 + orthogonality_penalty_weight * ortho."""
-        l2 = tf.add_n([tf.nn.l2_loss(w) for w in self.weight_matrices])
-        return (
-            self.config.l2_penalty_weight * l2
-            + self.config.orthogonality_penalty_weight
-            * self.decoder.orthogonality_penalty()
-        )
-
     def meta_loss(self, batch, noise):
-        """(scalar objective, TaskLosses): mean task loss plus the penalties."""
+        """(scalar objective, TaskLosses): mean task loss plus the weight penalties."""
         losses = self.task_losses(batch, noise)
-        return tf.reduce_mean(losses.loss) + self.penalties(), losses
+        penalties = layers.weight_penalties(self)[2]
+        return tf.reduce_mean(losses.loss) + penalties, losses
 
     def sampled_predictions(self, support_x, support_y, inputs, noises):
         """Predictions of independently sampled adaptations.
