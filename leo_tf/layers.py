@@ -1,4 +1,4 @@
-"""Keras layers of LEO: the encoder, the relation network and the decoder.
+"""Keras layers of LEO: the encoder, the relation network, the decoder, their penalties.
 
 Every linear map is bias-free and Glorot-uniform initialised, as in the
 authors' code. Shapes use B episodes, N classes, K examples per class,
