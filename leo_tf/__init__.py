@@ -8,6 +8,7 @@ Modules (the library never imports a command; commands import the library):
     noise.py          a step's random numbers, from (seed, step)
     layers.py         Keras layers: Encoder, RelationNetwork, Decoder
     ops.py            tensor kernels under the equations, in their fastest form
+    gaussians.py      LEO's Gaussians: parameters, samples, KL, encoder penalty
     model.py          LEO as Section 3 of the paper, one method per equation
     reference.py      LEO written literally per episode, to check model.py
     steps.py          compiled steps: towers, second-order gradients, NaN guard

@@ -152,11 +152,8 @@ class MetaEvaluator:
         parts = zip(
             tf.split(support, self._num_towers), tf.split(labels, self._num_towers)
         )
-        matmul = steps.host_matmul()
-        return tf.concat(
-            [self._model.adapt(x, y, matmul=matmul).class_weights for x, y in parts],
-            axis=0,
-        )
+        with steps.host_products(self._model) as model:
+            return tf.concat([model.adapt(x, y).class_weights for x, y in parts], 0)
 
     def _score_batch(self, support, prototypes, classes, query_rows):
         """Accuracy, query loss and baseline accuracy per episode, each [B]."""
