@@ -73,6 +73,16 @@ def _best_step(run):
     return checkpoints.best_metrics(run)["step"]
 
 
+def _resume_refusal(data_path, run):
+    """The message of the CheckpointError that resuming `run` raises, which
+    must leave everything under `run` as it was."""
+    before = run_fixtures.snapshot(run)
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        trainer.train(_config(data_path, run, "train", num_steps_limit=30))
+    assert run_fixtures.snapshot(run) == before
+    return str(error.value)
+
+
 def _enospc(path):
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
@@ -230,16 +240,12 @@ def test_resume_skips_a_damaged_latest_checkpoint_naming_it(
 def test_no_intact_checkpoint_is_refused_naming_each(data_path, run, no_training):
     _truncate(run / DATA_FILE.format(20))
     (run / "ckpt-10.index").write_bytes(b"\0" * 100)
-    before = run_fixtures.snapshot(run)
 
-    with pytest.raises(checkpoints.CheckpointError) as error:
-        trainer.train(_config(data_path, run, "train", num_steps_limit=30))
+    message = _resume_refusal(data_path, run)
 
-    message = str(error.value)
     assert f"--checkpoint_path={run}: no intact checkpoint" in message
     assert f"{run / DATA_FILE.format(20)}: damaged" in message
     assert f"{run / 'ckpt-10.index'}: damaged" in message
-    assert run_fixtures.snapshot(run) == before
 
 
 def _replace_by_a_directory(path):
@@ -254,16 +260,11 @@ def test_resume_refuses_a_directory_in_place_of_a_newer_checkpoint_file(
     before any training step, naming the file, nothing touched."""
     data = run / DATA_FILE.format(20)
     _replace_by_a_directory(data)
-    before = run_fixtures.snapshot(run)
 
-    with pytest.raises(checkpoints.CheckpointError) as error:
-        trainer.train(_config(data_path, run, "train", num_steps_limit=30))
-
-    assert str(error.value) == (
+    assert _resume_refusal(data_path, run) == (
         f"{data}: a directory, not a checkpoint file; resuming from "
         f"{run / 'ckpt-10'} would save ckpt-20 over it: move it away, then rerun"
     )
-    assert run_fixtures.snapshot(run) == before
 
 
 def test_evaluation_falls_back_from_a_directory_in_place_of_a_checkpoint_file(
@@ -613,17 +614,12 @@ def _failing_replace(monkeypatch, file_name):
 def test_disk_full_writing_config_json_changes_nothing(
     data_path, run, monkeypatch, no_training
 ):
-    before = run_fixtures.snapshot(run)
     _failing_replace(monkeypatch, "config.json")
 
-    with pytest.raises(checkpoints.CheckpointError) as error:
-        trainer.train(_config(data_path, run, "train", num_steps_limit=30))
-
-    assert str(error.value) == (
+    assert _resume_refusal(data_path, run) == (
         f"could not write {run / 'config.json'}: [Errno 28] No space left on "
         f"device: '{run / 'config.json'}'"
     )
-    assert run_fixtures.snapshot(run) == before
 
 
 def test_disk_full_writing_test_results_names_the_file_and_keeps_the_figures(
