@@ -29,6 +29,8 @@ Modules (the library never imports a command; commands import the library):
     train.py          `python -m leo_tf.train`: train and/or evaluate
     export.py         `python -m leo_tf.export`: a checkpoint -> SavedModel
     search.py         `python -m leo_tf.search`: random hyperparameter search
+    search_space.py   its options and space: --space entries, seeded draws
+    trials.py         its trials: trained in turn, recorded, the best kept
     embed.py          `python -m leo_tf.embed`: images -> embedding pickles
     embedding/        what leo_tf.embed uses: image sources, splits, backbones,
                       pre-training, pickle writing
