@@ -4,9 +4,10 @@ The meta-training step differentiates the meta-batch loss through both inner
 loops (second order), replaces NaN gradients by a weight-decay pull (the
 authors' guard), clips each gradient tensor by value then by norm, and
 applies Adam. On CPUs the meta-batch runs as towers side by side, and the
-steps give the model the batched matmul that suits the host (`host_matmul`).
+steps give the model the batched matmul that suits the host (`host_products`).
 """
 
+import contextlib
 from typing import NamedTuple
 
 import keras
@@ -91,6 +92,20 @@ def host_matmul():
     return ops.per_episode_matmul if runtime.unbatched_matmuls() else tf.matmul
 
 
+@contextlib.contextmanager
+def host_products(model):
+    """Within it, `model.matmul` is `host_matmul()`; on leaving, the model's own.
+
+    What the model traces inside (the steps, meta-evaluation) takes the
+    host's form; the model alone traces the same ops on every host.
+    """
+    own, model.matmul = model.matmul, host_matmul()
+    try:
+        yield model
+    finally:
+        model.matmul = own
+
+
 def meta_batch_part(episodes, noise, index, num_parts):
     """Part `index` (int or int tensor) of a meta-batch cut in equal parts.
 
@@ -118,7 +133,7 @@ def meta_batch_part(episodes, noise, index, num_parts):
     )
 
 
-def run_towers(model, episodes, noise, num_towers, matmul):
+def run_towers(model, episodes, noise, num_towers):
     """`model.run_episodes` on each of num_towers equal parts of the meta-batch.
 
     The parts' ops are independent, so a CPU's inter-op threads compute them
@@ -126,9 +141,9 @@ def run_towers(model, episodes, noise, num_towers, matmul):
     num_towers EpisodeOutputs of B / num_towers episodes, in batch order.
     """
     if num_towers == 1:
-        return [model.run_episodes(episodes, noise, matmul)]
+        return [model.run_episodes(episodes, noise)]
     return [
-        model.run_episodes(*meta_batch_part(episodes, noise, i, num_towers), matmul)
+        model.run_episodes(*meta_batch_part(episodes, noise, i, num_towers))
         for i in range(num_towers)
     ]
 
@@ -138,7 +153,7 @@ def _concatenated(towers):
     return EpisodeOutputs(*(tf.concat(parts, 0) for parts in zip(*towers)))
 
 
-def meta_batch_loss(model, episodes, noise, num_towers, matmul):
+def meta_batch_loss(model, episodes, noise, num_towers):
     """The model's MetaBatchLoss over towers, and the terms of its total.
 
     The terms are scalars whose sum is the total (up to rounding): each
@@ -146,7 +161,7 @@ def meta_batch_loss(model, episodes, noise, num_towers, matmul):
     depends on its own ops, so their gradients can be taken one by one
     (`_scaled_gradients`).
     """
-    towers = run_towers(model, episodes, noise, num_towers, matmul)
+    towers = run_towers(model, episodes, noise, num_towers)
     objective = model.objective(_concatenated(towers))
     # mean over the B episodes = sum over towers of (tower's loss sum) / B
     losses = objective.episodes.loss
@@ -162,7 +177,7 @@ def _build_optimizer(optimizer, variables):
         optimizer.build(variables)
 
 
-def _scaled_gradients(model, episodes, noise, scale, num_towers, matmul):
+def _scaled_gradients(model, episodes, noise, scale, num_towers):
     """Gradients of scale * meta-batch loss, and the (unscaled) objective.
 
     The gradient of each of the objective's terms (each tower's share of the
@@ -175,7 +190,7 @@ def _scaled_gradients(model, episodes, noise, scale, num_towers, matmul):
     Reproducibility).
     """
     with tf.GradientTape(persistent=True) as tape:
-        objective, terms = meta_batch_loss(model, episodes, noise, num_towers, matmul)
+        objective, terms = meta_batch_loss(model, episodes, noise, num_towers)
         terms = [term * scale for term in terms]
     variables = model.trainable_variables
     per_term = [tape.gradient(term, variables) for term in terms]
@@ -235,12 +250,12 @@ def train_step_fn(model, optimizer, config, num_towers=1):
     num_towers: see `run_towers`.
     """
     _build_optimizer(optimizer, model.trainable_variables)
-    matmul = host_matmul()
 
     def step(episodes, noise):
-        gradients, objective = _scaled_gradients(
-            model, episodes, noise, 1.0, num_towers, matmul
-        )
+        with host_products(model):
+            gradients, objective = _scaled_gradients(
+                model, episodes, noise, 1.0, num_towers
+            )
         gradients, gradient_norm, fired = _guard_and_clip(
             model, config, objective.total, gradients
         )
@@ -268,14 +283,13 @@ def distributed_train_step_fn(strategy, model, optimizer, config):
     with strategy.scope():
         _build_optimizer(optimizer, model.trainable_variables)
     replicas = strategy.num_replicas_in_sync
-    matmul = host_matmul()
 
     def replica_step(episodes, noise):
         context = tf.distribute.get_replica_context()
         replica = context.replica_id_in_sync_group
         episodes, noise = meta_batch_part(episodes, noise, replica, replicas)
         gradients, objective = _scaled_gradients(
-            model, episodes, noise, 1 / replicas, 1, matmul
+            model, episodes, noise, 1 / replicas, 1
         )
         total = tf.distribute.ReduceOp.SUM
         gradients = context.all_reduce(total, gradients)
@@ -295,7 +309,9 @@ def distributed_train_step_fn(strategy, model, optimizer, config):
         )
 
     def step(episodes, noise):
-        metrics = strategy.run(replica_step, (episodes, noise))
+        # Set outside strategy.run, whose replicas may trace in threads.
+        with host_products(model):
+            metrics = strategy.run(replica_step, (episodes, noise))
         # Every replica holds the same reduced metrics: report the first's.
         return tf.nest.map_structure(
             lambda x: strategy.experimental_local_results(x)[0], metrics

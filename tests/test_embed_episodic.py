@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from leo_tf import config as config_lib
 from leo_tf.embedding import episodic
+from leo_tf.embedding import options
 from leo_tf.embedding import pipeline
 from leo_tf.embedding import pretrain
 from tests import test_embed
@@ -59,7 +60,7 @@ def test_episodes_draw_distinct_classes_and_distinct_images_of_each():
 
 
 def test_episodes_that_the_classes_cannot_fill_are_named_errors():
-    config = pretrain.TrainConfig(
+    config = options.TrainConfig(
         episodic_episodes=1, episodic_ways=5, episodic_shots=2, episodic_queries=3
     )
     with pytest.raises(episodic.EpisodeError, match=r"--episodic_ways=5: .* only 4"):
@@ -85,7 +86,7 @@ def test_episodes_that_the_classes_cannot_fill_are_named_errors():
 )
 def test_bad_episodic_options_are_rejected_by_name(field, value, problem):
     with pytest.raises(config_lib.ConfigError, match=rf"--{field}={value}: {problem}"):
-        config_lib.check(pretrain.TrainConfig(**{field: value}))
+        config_lib.check(options.TrainConfig(**{field: value}))
 
 
 def separable_images(num_classes, per_class, seed=0):
@@ -100,7 +101,7 @@ def separable_images(num_classes, per_class, seed=0):
 
 def test_finetuning_trains_the_extractor_and_scale_and_lowers_the_loss():
     images, labels = separable_images(num_classes=6, per_class=6)
-    config = pretrain.TrainConfig(
+    config = options.TrainConfig(
         conv_filters=4,
         augment_shift=0.0,
         augment_rotation=0.0,
@@ -164,7 +165,7 @@ def config_with_episodes(config, data_path, ways):
         config.train, episodic_episodes=2, episodic_ways=ways, episodic_queries=2
     )
     return dataclasses.replace(
-        config, train=train, output=pipeline.OutputConfig(str(data_path))
+        config, train=train, output=options.OutputConfig(str(data_path))
     )
 
 

@@ -177,6 +177,19 @@ def test_host_matmul_is_per_episode_on_cpus_and_batched_on_gpus(monkeypatch):
     assert steps.host_matmul() is tf.matmul
 
 
+@pytest.mark.parametrize("has_gpu", [False, True])
+def test_host_products_set_the_hosts_matmul_only_within(monkeypatch, has_gpu):
+    monkeypatch.setattr(runtime, "_has_gpu", lambda: has_gpu)
+    model = fx.small_model()
+    with steps.host_products(model):
+        assert model.matmul is steps.host_matmul()
+    assert model.matmul is ops.per_episode_matmul
+    with pytest.raises(ValueError, match="inside"):
+        with steps.host_products(model):
+            raise ValueError("inside")
+    assert model.matmul is ops.per_episode_matmul
+
+
 @pytest.mark.parametrize("matmul", [ops.per_episode_matmul, tf.matmul])
 def test_towers_give_the_same_results_as_one_batch(matmul):
     model = fx.small_model(dtype="float64")
@@ -184,7 +197,8 @@ def test_towers_give_the_same_results_as_one_batch(matmul):
     noise = fx.noise_for(episodes, model.config, dtype=tf.float64)
     with tf.GradientTape(persistent=True) as tape:
         one = model.meta_batch_loss(episodes, noise)
-        two, _ = steps.meta_batch_loss(model, episodes, noise, 2, matmul)
+        model.matmul = matmul
+        two, _ = steps.meta_batch_loss(model, episodes, noise, 2)
     for name in ("loss", "accuracy", "kl", "encoder_penalty", "logits"):
         np.testing.assert_allclose(
             getattr(two.episodes, name).numpy(),
@@ -207,10 +221,8 @@ def test_gradients_taken_per_term_equal_the_gradient_of_the_total():
         objective = model.meta_batch_loss(episodes, noise)
     expected = tape.gradient(objective.total, model.trainable_variables)
 
-    _, terms = steps.meta_batch_loss(model, episodes, noise, 3, ops.per_episode_matmul)
-    gradients, scaled = steps._scaled_gradients(
-        model, episodes, noise, 0.5, 3, ops.per_episode_matmul
-    )
+    _, terms = steps.meta_batch_loss(model, episodes, noise, 3)
+    gradients, scaled = steps._scaled_gradients(model, episodes, noise, 0.5, 3)
 
     assert len(terms) == 4  # three towers' shares, then the penalties
     assert sum(t.numpy() for t in terms) == pytest.approx(

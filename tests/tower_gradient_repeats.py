@@ -29,11 +29,10 @@ def main(calls):
     episodes = fx.random_episodes(0, batch=12, classes=20, shots=5, queries=15, dim=64)
     noise = fx.noise_for(episodes, model.config)
 
-    matmul = steps.host_matmul()
-
     @tf.function
     def gradients():
-        return steps._scaled_gradients(model, episodes, noise, 1.0, 2, matmul)[0]
+        with steps.host_products(model):
+            return steps._scaled_gradients(model, episodes, noise, 1.0, 2)[0]
 
     first = [g.numpy() for g in gradients()]
     changed = {}

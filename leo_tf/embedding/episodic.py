@@ -41,7 +41,7 @@ def check_episodes_fit(counts: Sequence[int], config) -> None:
 
     Args:
       counts: images per meta-train class [num_classes].
-      config: pretrain.TrainConfig with episodic_* fields.
+      config: options.TrainConfig with episodic_* fields.
     """
     if len(counts) < config.episodic_ways:
         raise EpisodeError(
@@ -115,7 +115,7 @@ def finetune(
       images: uint8 [n, H, W, C], meta-train images only.
       labels: int [n], class index in [0, num_classes).
       num_classes: number of meta-train classes.
-      config: pretrain.TrainConfig (episodic_* fields, augmentation, seed).
+      config: options.TrainConfig (episodic_* fields, augmentation, seed).
 
     Returns:
       {"episode_loss", "episode_accuracy", "scale"}: means over each block of
