@@ -200,6 +200,10 @@ def _torch_worker(setting, args):
     import numpy as np
     import torch
 
+    # Before TensorFlow (the sampler imports it): torch.optim loads Triton
+    # through torch._dynamo, and Triton crashes when loaded after TensorFlow.
+    import torch._dynamo  # noqa: F401
+
     sys.path.insert(0, str(REPO / "benchmarks"))
     import torch_leo
     from leo_tf.config import ModelConfig, OptimizerConfig
@@ -299,7 +303,13 @@ class _Worker:
             command.append("--jit_compile")
         if args.torch_threads:
             command.append(f"--torch_threads={args.torch_threads}")
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": path}
+        if variant == "torch":
+            # PyTorch's OpenMP threads spin while they wait: on cores shared
+            # with other processes (the other variants' pipelines, anything
+            # else) its steps then ran 10-100x slower.
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self._process = subprocess.Popen(
             command,

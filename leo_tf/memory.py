@@ -16,9 +16,10 @@ as often as it is alive at once (float32, 4 bytes an element):
   the relation network's pairs [B, NK, NK, 2L];
 * an evaluation batch's support set 5 times; its queries are scored
   without building them (meta_eval): the logits of each (episode, class)
-  pair's S = K + V examples against the episode's 2N columns and their
-  scores, twice each, plus the gathered queries, twice, where meta_eval
-  would gather them (at most MAX_GATHERED_BYTES);
+  pair's S = K + V examples against the episode's N columns (2N with the
+  baseline, which only the meta-test reports) and their scores, twice each,
+  plus the gathered queries, twice, where meta_eval would gather them (at
+  most MAX_GATHERED_BYTES);
 * the weights 12 times (the weights, Adam's two slots, the per-term
   gradients, their sum and the clipped gradients);
 * the embedding files twice (the loaded arrays, the normalised copy);
@@ -167,6 +168,7 @@ def eval_tensors(config, embedding_dim, evaluation):
     v, d, l = evaluation.num_val, embedding_dim, model.num_latents
     batch = _flags(config, evaluation.batch_flag)
     name = evaluation.split
+    groups = 2 if name == "meta-test" else 1  # meta_eval's with_baseline
     queries = Tensor(
         f"{name} gathered query batch",
         (b, n, v, d),
@@ -195,13 +197,13 @@ def eval_tensors(config, embedding_dim, evaluation):
         ),
         Tensor(
             f"{name} query logits",
-            (b, n, 2 * n, k + v),
+            (b, n, groups * n, k + v),
             2,
             batch + _flags(config, "num_classes"),
         ),
         Tensor(
             f"{name} query scores",
-            (b, n, k + v, 3),
+            (b, n, k + v, groups + 1),
             2,
             batch + _flags(config, "num_classes"),
         ),
