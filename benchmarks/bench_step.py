@@ -16,9 +16,10 @@ its steady state. Variants:
 
   shipped   leo_tf's compiled steps, fed by its tf.data pipeline (episodes
             and noise drawn ahead of the step); in evaluation, its
-            meta-validation and meta-test loop (meta_eval.MetaEvaluator)
-            as users run it: new batches of indices, the split's examples
-            held in TensorFlow, the nearest-class-mean baseline included;
+            meta-validation loop (meta_eval.MetaEvaluator) as a training
+            run uses it: new batches of indices, the split's examples held
+            in TensorFlow, LEO alone (the meta-test adds the
+            nearest-class-mean baseline);
   map_fn    the literal per-episode formulation of leo_tf/reference.py
             under tf.map_fn, with the same outer update, same pipeline (in
             evaluation, on one materialised batch, reused);
@@ -161,6 +162,7 @@ def _tf_worker(variant, setting, args):
         evaluator = meta_eval.MetaEvaluator(
             model,
             sampler,
+            with_baseline=False,
             jit_compile=args.jit_compile,
             num_towers=runtime.num_towers(towers, setting["batch"]),
         )

@@ -37,6 +37,7 @@ from leo_tf.memory import MAX_GATHERED_BYTES
 
 # See prefers_grouped.
 GROUPED_WORK_RATIO = 30
+CLASS_OVERHEAD_WORK = 2.5e6
 
 
 class EpisodeResults(NamedTuple):
@@ -256,20 +257,25 @@ class MetaEvaluator:
 def prefers_grouped(sampler):
     """Whether to score the queries class by class rather than gather them.
 
-    Grouped, a query costs about 2N S D multiply-adds (every example of its
-    class, S on average, against its episode's 2N columns, the baseline's
-    included) at matmul speed;
-    gathered, its D floats are copied and streamed through narrow matmuls at
-    memory speed, which took as long as GROUPED_WORK_RATIO times fewer
-    multiply-adds (5-way 1-shot, 20 classes of 600: gathered was faster at
-    V=15 and V=100, grouped at V=599). Gathered query sets larger than
-    MAX_GATHERED_BYTES are never built.
+    Grouped, an (episode, class) pair costs about 2N S D multiply-adds (every
+    example of its class, S on average, against its episode's 2N columns,
+    the baseline's included) at matmul speed, and each of the split's C
+    classes adds the fixed cost of its ops, worth CLASS_OVERHEAD_WORK
+    multiply-adds (~50 us; 659 classes of 20, Omniglot's test split: 118
+    against 80 ms per batch of 200, 181 against 38 s to trace); gathered, a
+    pair's V query examples (D floats each) are copied and streamed through
+    narrow matmuls at memory speed, which took as long as GROUPED_WORK_RATIO
+    times as many multiply-adds (5-way 1-shot, 20 classes of 600: gathered
+    was faster at V=15 and V=100, grouped at V=599). Gathered query sets
+    larger than MAX_GATHERED_BYTES are never built.
     """
-    mean_class_size = len(sampler.normalized_embeddings) / len(sampler.class_offsets)
-    grouped_work = 2 * sampler.num_classes * mean_class_size
-    queries = sampler.batch_size * sampler.num_classes
+    num_all = len(sampler.class_offsets)
+    mean_class_size = len(sampler.normalized_embeddings) / num_all
+    pairs = sampler.batch_size * sampler.num_classes
+    overhead = num_all * CLASS_OVERHEAD_WORK / (pairs * sampler.embedding_dim)
+    grouped_work = 2 * sampler.num_classes * mean_class_size + overhead
     queries_bytes = (
-        4 * queries * sampler.num_val_examples_per_class * sampler.embedding_dim
+        4 * pairs * sampler.num_val_examples_per_class * sampler.embedding_dim
     )
     return (
         grouped_work <= GROUPED_WORK_RATIO * sampler.num_val_examples_per_class

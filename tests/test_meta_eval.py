@@ -170,17 +170,21 @@ def test_equal_logits_go_to_the_lowest_label():
 
 
 def test_prefers_grouped_scoring_for_all_remaining_queries_only():
-    def sampler(num_val, num_classes=5, class_size=600, batch_size=200):
+    def sampler(num_val, num_classes=5, class_size=600, split_classes=20, dim=640):
         return types.SimpleNamespace(
-            normalized_embeddings=np.empty((20 * class_size, 0)),
-            class_offsets=np.arange(20) * class_size,
+            normalized_embeddings=np.empty((split_classes * class_size, 0)),
+            class_offsets=np.arange(split_classes) * class_size,
             num_classes=num_classes,
             num_val_examples_per_class=num_val,
-            batch_size=batch_size,
-            embedding_dim=640,
+            batch_size=200,
+            embedding_dim=dim,
         )
 
     assert meta_eval.prefers_grouped(sampler(599))  # miniImageNet meta-test
     assert not meta_eval.prefers_grouped(sampler(15))
     # Gathering 20-way queries would take 6 GB.
     assert meta_eval.prefers_grouped(sampler(599, num_classes=20))
+    # Omniglot's meta-test: 659 small classes, one op each would cost more
+    # than copying the (5 MB of) queries.
+    omniglot = sampler(19, class_size=20, split_classes=659, dim=64)
+    assert not meta_eval.prefers_grouped(omniglot)
