@@ -88,10 +88,9 @@ def worker(variant, num_batches):
         baseline_accuracy = results.baseline_accuracy.mean()
     else:
 
-        matmul = steps.host_matmul()
-
         def evaluate(episodes):
-            parts = steps.run_towers(model, episodes, None, towers, matmul)
+            with steps.host_products(model):
+                parts = steps.run_towers(model, episodes, None, towers)
             return tf.concat([part.accuracy for part in parts], 0)
 
         step = tf.function(evaluate, input_signature=[sampler.element_spec])

@@ -66,6 +66,18 @@ def report(name, rates, unit_bytes=None):
     print(line, flush=True)
 
 
+def five_way_one_shot(classes, num_val_examples, batch_size):
+    """An EpisodeSampler of 5-way 1-shot episodes of `classes`, seed 0."""
+    return episodes.EpisodeSampler(
+        classes,
+        num_classes=5,
+        num_tr_examples_per_class=1,
+        num_val_examples_per_class=num_val_examples,
+        batch_size=batch_size,
+        seed=0,
+    )
+
+
 def main(argv):
     del argv
     windows, seconds = _WINDOWS.value, _WINDOW_SECONDS.value
@@ -83,22 +95,8 @@ def main(argv):
         flush=True,
     )
 
-    train = episodes.EpisodeSampler(
-        classes,
-        num_classes=5,
-        num_tr_examples_per_class=1,
-        num_val_examples_per_class=15,
-        batch_size=12,
-        seed=0,
-    )
-    evaluation = episodes.EpisodeSampler(
-        classes,
-        num_classes=5,
-        num_tr_examples_per_class=1,
-        num_val_examples_per_class=599,
-        batch_size=200,
-        seed=0,
-    )
+    train = five_way_one_shot(classes, num_val_examples=15, batch_size=12)
+    evaluation = five_way_one_shot(classes, num_val_examples=599, batch_size=200)
 
     step = iter(range(10**9))
     train_rate = rate(lambda: train.sample(next(step)), windows, seconds)

@@ -174,10 +174,10 @@ def _tf_worker(variant, setting, args):
 
     else:
         num_towers = runtime.num_towers(towers, setting["batch"])
-        matmul = steps.host_matmul()
 
         def evaluate(episodes):
-            parts = steps.run_towers(model, episodes, None, num_towers, matmul)
+            with steps.host_products(model):
+                parts = steps.run_towers(model, episodes, None, num_towers)
             return (
                 tf.concat([part.accuracy for part in parts], 0),
                 tf.concat([part.query_loss for part in parts], 0),

@@ -1,4 +1,4 @@
-"""Does averaging S sampled adaptations beat LEO's deterministic answer?
+"""Whether averaging S sampled adaptations beats LEO's deterministic answer.
 
 Serves meta-test episodes of a data set to an exported LEO (see
 `python -m leo_tf.export`) through its `serving_default` signature (one

@@ -8,6 +8,7 @@ Modules (the library never imports a command; commands import the library):
     noise.py          a step's random numbers, from (seed, step)
     layers.py         Keras layers: Encoder, RelationNetwork, Decoder
     ops.py            tensor kernels under the equations, in their fastest form
+    gaussians.py      LEO's Gaussians: parameters, samples, KL, encoder penalty
     model.py          LEO as Section 3 of the paper, one method per equation
     reference.py      LEO written literally per episode, to check model.py
     steps.py          compiled steps: towers, second-order gradients, NaN guard
@@ -28,6 +29,8 @@ Modules (the library never imports a command; commands import the library):
     train.py          `python -m leo_tf.train`: train and/or evaluate
     export.py         `python -m leo_tf.export`: a checkpoint -> SavedModel
     search.py         `python -m leo_tf.search`: random hyperparameter search
+    search_space.py   its options and space: --space entries, seeded draws
+    trials.py         its trials: trained in turn, recorded, the best kept
     embed.py          `python -m leo_tf.embed`: images -> embedding pickles
     embedding/        what leo_tf.embed uses: image sources, splits, backbones,
                       pre-training, pickle writing

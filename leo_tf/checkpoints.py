@@ -525,16 +525,32 @@ def check_compatible(directory, config, embedding_dim, fixed):
             f"for {saved['embedding_dim']}-d embeddings "
             f"({saved['data']['dataset_name']}); use another --checkpoint_path"
         )
+    check_unchanged(
+        directory,
+        {name: saved[section][name] for section, name in fixed},
+        {name: getattr(getattr(config, section), name) for section, name in fixed},
+    )
+
+
+def check_unchanged(directory, saved, current):
+    """ConfigError naming every flag whose value in `current` differs from
+    the run's.
+
+    Args:
+      directory: the run directory.
+      saved: {flag name: value} as the run's config.json holds them.
+      current: {flag name: value} of this invocation.
+    """
     changed = [
-        (name, saved[section][name], getattr(getattr(config, section), name))
-        for section, name in fixed
-        if saved[section][name] != getattr(getattr(config, section), name)
+        (name, saved.get(name), value)
+        for name, value in current.items()
+        if saved.get(name) != value
     ]
     if changed:
         raise ConfigError(
             f"--checkpoint_path={directory}: this run was made with "
             + ", ".join(f"{name}={old}" for name, old, _ in changed)
-            + " (its config.json), not "
+            + f" (its {CONFIG_FILE}), not "
             + ", ".join(f"--{name}={new}" for name, _, new in changed)
             + "; pass the run's values, or use another --checkpoint_path"
         )
@@ -564,11 +580,13 @@ def checkpoint_prefixes(directory):
 
 def verify_checkpoint(prefix):
     """Raises CheckpointError naming the damaged file unless the checkpoint
-    at `prefix` reads back whole: its .index parses and every tensor in its
-    data files reads back with a matching checksum."""
+    at `prefix` reads back whole: its files are regular files, its .index
+    parses and every tensor in its data files reads back with a matching
+    checksum."""
     index = f"{prefix}.index"
     if not os.path.exists(index):
         raise CheckpointError(f"{index}: missing")
+    check_regular_files(prefix)
     try:
         reader = tf.train.load_checkpoint(str(prefix))
     except (tf.errors.OpError, ValueError) as error:
@@ -582,6 +600,42 @@ def verify_checkpoint(prefix):
         )
         named = str(data[0]) if len(data) == 1 else f"{prefix}.data-*"
         raise CheckpointError(f"{named}: damaged ({_reason(error)})") from error
+
+
+def check_regular_files(prefix):
+    """Raises CheckpointError naming the first file of the checkpoint at
+    `prefix` that is not a regular file: TensorFlow can neither read it nor
+    save the checkpoint over it."""
+    prefix = pathlib.Path(prefix)
+    for path in sorted(prefix.parent.glob(f"{prefix.name}.*")):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: {_not_a_file(path)}, not a checkpoint file")
+
+
+def _not_a_file(path):
+    """What `path`, which is not a regular file, is instead."""
+    if path.is_dir():
+        return "a directory"
+    if path.is_symlink() and not path.exists():
+        return f"a broken symbolic link to {os.readlink(path)!r}"
+    return "not a regular file"
+
+
+def check_newer_replaceable(directory, prefix):
+    """Raises CheckpointError before a run resumes from `prefix` (None: from
+    step 0) if a newer checkpoint in `directory`, which the run's saves
+    replace, has a file that a save cannot replace (a directory, say)."""
+    newer = checkpoint_prefixes(directory)
+    if prefix is not None:
+        newer = newer[: newer.index(str(prefix))]
+    for each in newer:
+        try:
+            check_regular_files(each)
+        except CheckpointError as error:
+            raise CheckpointError(
+                f"{error}; resuming from {prefix or 'step 0'} would save "
+                f"{pathlib.Path(each).name} over it: move it away, then rerun"
+            ) from None
 
 
 def _reason(error):

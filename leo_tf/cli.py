@@ -3,8 +3,9 @@
 `run(prog, main)` is `absl.app.run(main)` where every way of failing ends in
 one line on stderr and a non-zero exit status:
 
-* a flag that does not parse, or a `Failure` (an expected error: the
-  message names the flag or file): `<prog>: error: <message>`, exit 1;
+* a flag that does not parse, a --flagfile that cannot be opened, or a
+  `Failure` (an expected error: the message names the flag or file):
+  `<prog>: error: <message>`, exit 1;
 * any other exception: `<prog>: error: <Type>: <first line of its message>
   (rerun with --debug for the traceback)`, exit 1;
 * Ctrl-C: exit 130, quietly.
@@ -14,6 +15,7 @@ imported here, so flag errors are reported before it loads.
 """
 
 import contextlib
+import errno
 import sys
 import traceback
 
@@ -51,8 +53,23 @@ def run(prog, main, argv=None):
 def _parse_flags(prog, args):
     try:
         return flags.FLAGS(args)
+    except flags.CantOpenFlagFileError as error:
+        _exit(prog, _unreadable_flagfile(error), 1)
     except flags.Error as error:
         _exit(prog, f"{error} (see --helpfull)", 1)
+
+
+def _unreadable_flagfile(error):
+    """`--flagfile=NAME: no such file` (or why else it could not be opened),
+    from absl's error, raised while handling the OSError of opening it."""
+    cause = error.__context__
+    if not isinstance(cause, OSError) or cause.filename is None:
+        return str(error)
+    if cause.errno == errno.ENOENT:
+        problem = "no such file"
+    else:
+        problem = (cause.strerror or str(cause)).lower()
+    return f"--flagfile={cause.filename}: {problem}"
 
 
 def _guarded(prog, main):

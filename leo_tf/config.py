@@ -227,9 +227,13 @@ def dropout_rate_range(value):
     )
 
 
-# --- Hyperparameters shared by classification and regression -------------------
+# --- Flags shared by classification and regression ------------------------------
 
 _SHARED = {
+    "checkpoint_path": (
+        "Directory of checkpoints, summaries and results.",
+        names_a_directory,
+    ),
     "num_latents": ("Width of the latent space.", at_least(1)),
     "inner_unroll_length": ("Adaptation steps in latent space.", at_least(0)),
     "finetuning_unroll_length": (
@@ -380,11 +384,7 @@ _INT64 = at_most(MAX_COUNT, " (steps and batches are counted in int64)")
 class TrainConfig:
     """The training loop: length, checkpoints, summaries, evaluation."""
 
-    checkpoint_path: str = option(
-        "/tmp/leo",
-        "Directory of checkpoints, summaries and results.",
-        names_a_directory,
-    )
+    checkpoint_path: str = shared("checkpoint_path", "/tmp/leo")
     num_steps_limit: int = option(100000, "Meta-training steps to run.", _INT64)
     checkpoint_steps: int = option(
         1000, "Save, meta-validate and log every this many steps."
@@ -424,8 +424,8 @@ class TrainConfig:
     )
     num_metatest_episodes: int = option(
         10000,
-        "leo_tf: meta-test episodes to average over (the authors' 10000), in "
-        "whole batches of metatest_batch_size.",
+        "leo_tf: meta-test episodes to average over (the authors' 10000), "
+        "drawn in batches of metatest_batch_size, the last one trimmed.",
         at_least(1),
         _INT64,
     )

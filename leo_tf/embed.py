@@ -25,9 +25,9 @@ Example (Omniglot, 28x28, conv4 -> 64-d embeddings):
         --embedding_crop=center ...   (with the embedding dimension D printed)
 
 The flags are the fields of the frozen config objects of
-leo_tf/embedding/pipeline.py (and pretrain.TrainConfig), defined and read
-here; they are kept out of leo_tf/config.py's RunConfig so the training
-command does not carry them.
+leo_tf/embedding/options.py, defined and read here; they are kept out of
+leo_tf/config.py's RunConfig so the training command does not carry them.
+Bad flags are reported before TensorFlow is imported.
 """
 
 import dataclasses
@@ -37,13 +37,11 @@ from absl import logging
 
 from leo_tf import cli
 from leo_tf import config as config_lib
-from leo_tf.embedding import images
-from leo_tf.embedding import pipeline
-from leo_tf.embedding import splits
+from leo_tf.embedding import options
 
-# The sections of pipeline.EmbedConfig, whose fields are the flags.
+# The sections of EmbedConfig, whose fields are the flags.
 SECTIONS = tuple(
-    (field.name, field.type) for field in dataclasses.fields(pipeline.EmbedConfig)
+    (field.name, field.type) for field in dataclasses.fields(options.EmbedConfig)
 )
 
 
@@ -52,9 +50,9 @@ def define_flags(flag_values=flags.FLAGS):
     config_lib.define_flags_of([cls for _, cls in SECTIONS], flag_values)
 
 
-def config_from_flags(flag_values=flags.FLAGS) -> pipeline.EmbedConfig:
+def config_from_flags(flag_values=flags.FLAGS) -> options.EmbedConfig:
     """The checked configuration that the flags describe (ConfigError)."""
-    config = pipeline.EmbedConfig(
+    config = options.EmbedConfig(
         **{name: config_lib.values_of(cls, flag_values) for name, cls in SECTIONS}
     )
     config_lib.check(config)
@@ -65,7 +63,11 @@ def main(argv):
     if len(argv) > 1:
         raise cli.Failure(f"unexpected arguments: {' '.join(argv[1:])}")
     with cli.reported(ValueError):
-        config = config_from_flags()
+        config = config_from_flags()  # before TensorFlow is even imported
+    # pylint: disable=g-import-not-at-top
+    from leo_tf.embedding import images, pipeline, splits
+
+    # pylint: enable=g-import-not-at-top
     with cli.reported(images.ImageSourceError, splits.SplitError):
         result = pipeline.run(config)
     print(f"class split: {result.split_rule}")

@@ -2,8 +2,8 @@
 
 Restores the best checkpoint (else, or if it is damaged, the newest intact
 checkpoint, saying so: run_directory.RunDirectory), averages meta-test accuracy over
-num_metatest_episodes episodes (whole batches of metatest_batch_size; the
-authors' 10000) with a 95% interval of 1.96 std / sqrt(episodes), computes
+num_metatest_episodes episodes (the authors' 10000; drawn in batches of
+metatest_batch_size, the last one trimmed) with a 95% interval of 1.96 std / sqrt(episodes), computes
 the nearest-class-mean baseline on the same episodes, and writes
 `test_results.json`.
 
@@ -51,7 +51,7 @@ def evaluate(config):
     """Meta-test evaluation of the best (else latest) checkpoint.
 
     Returns the test_results.json payload: accuracy and its 95% interval over
-    num_metatest_episodes episodes (rounded down to whole batches), the
+    num_metatest_episodes episodes, the
     nearest-class-mean baseline on the same episodes, and what was evaluated.
     """
     directory = run_directory.RunDirectory(config.train.checkpoint_path)
@@ -74,8 +74,7 @@ def evaluate(config):
         jit_compile=config.train.jit_compile,
         num_towers=runtime.num_towers(config.train.num_towers, batch_size),
     )
-    num_batches = max(1, config.train.num_metatest_episodes // batch_size)
-    episodes = evaluator.evaluate(0, num_batches)
+    episodes = evaluator.evaluate_episodes(config.train.num_metatest_episodes)
     accuracy, ci95 = baseline.mean_and_ci95(episodes.accuracy)
     baseline_accuracy, baseline_ci95 = baseline.mean_and_ci95(
         episodes.baseline_accuracy
@@ -84,7 +83,7 @@ def evaluate(config):
         "split": "test",
         "accuracy": accuracy,
         "ci95": ci95,
-        "num_episodes": num_batches * batch_size,
+        "num_episodes": len(episodes.accuracy),
         "checkpoint": str(prefix),
         "checkpoint_source": source,
         "step": step,

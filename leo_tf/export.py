@@ -547,6 +547,14 @@ def _move_into_place(staging, target):
     shutil.rmtree(retired)
 
 
+def check_checkpoint_path(checkpoint_path):
+    """`checkpoint_path` as a Path; ExportError unless it is a directory."""
+    checkpoint_path = pathlib.Path(checkpoint_path)
+    if not checkpoint_path.is_dir():
+        raise ExportError(f"--checkpoint_path={checkpoint_path}: not a directory")
+    return checkpoint_path
+
+
 def export(checkpoint_path, export_dir, which="best", overwrite=False):
     """Writes the SavedModel; returns the export directory (a Path).
 
@@ -557,10 +565,8 @@ def export(checkpoint_path, export_dir, which="best", overwrite=False):
     from leo_tf import checkpoints  # pylint: disable=g-import-not-at-top
     from leo_tf import run_directory  # pylint: disable=g-import-not-at-top
 
-    checkpoint_path = pathlib.Path(checkpoint_path)
+    checkpoint_path = check_checkpoint_path(checkpoint_path)
     export_dir = pathlib.Path(export_dir)
-    if not checkpoint_path.is_dir():
-        raise ExportError(f"--checkpoint_path={checkpoint_path}: not a directory")
     directory = run_directory.RunDirectory(checkpoint_path)
     config = directory.read_config()  # validated
     if config is None:
@@ -601,6 +607,10 @@ def main(argv):
     options = config_lib.values_of(ExportOptions)
     if not options.export_dir:
         raise cli.Failure("--export_dir is required")
+    with cli.reported(config_lib.ConfigError, ExportError):
+        config_lib.check(options)
+        check_checkpoint_path(flags.FLAGS.checkpoint_path)
+    # Imported here so that flag errors are reported before TensorFlow loads.
     from leo_tf import checkpoints  # pylint: disable=g-import-not-at-top
 
     with cli.reported(ExportError, checkpoints.CheckpointError):

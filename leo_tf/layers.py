@@ -1,4 +1,4 @@
-"""Keras layers of LEO: the encoder, the relation network and the decoder.
+"""Keras layers of LEO: the encoder, the relation network, the decoder, their penalties.
 
 Every linear map is bias-free and Glorot-uniform initialised, as in the
 authors' code. Shapes use B episodes, N classes, K examples per class,
@@ -38,7 +38,23 @@ def mean_along(values, axis, keepdims=False):
     return tf.reduce_sum(values, axis=axis, keepdims=keepdims) / size
 
 
-class Encoder(keras.layers.Layer):
+class _BiasFreeLinear(keras.layers.Layer):
+    """A layer whose one weight is a Glorot-uniform kernel `[input width, units]`."""
+
+    def __init__(self, units, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.seed = seed
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(input_shape[-1], self.units),
+            initializer=_glorot(self.seed),
+        )
+
+
+class Encoder(_BiasFreeLinear):
     """Dropout, then a bias-free linear map from embeddings to latent codes.
 
     `[B, N, K, D] -> [B, N, K, L]`. Dropout is applied with a pre-drawn, scaled
@@ -47,16 +63,8 @@ class Encoder(keras.layers.Layer):
     """
 
     def __init__(self, num_latents, seed=None, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(num_latents, seed, **kwargs)
         self.num_latents = num_latents
-        self.seed = seed
-
-    def build(self, input_shape):
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(input_shape[-1], self.num_latents),
-            initializer=_glorot(self.seed),
-        )
 
     def call(self, inputs, dropout_mask=None):
         """inputs, dropout_mask: [B, N, K, D] -> codes [B, N, K, L]."""
@@ -137,7 +145,7 @@ class RelationNetwork(keras.layers.Layer):
         }
 
 
-class Decoder(keras.layers.Layer):
+class Decoder(_BiasFreeLinear):
     """Bias-free linear map from latent codes to classifier-weight parameters.
 
     `[B, N, K, L] -> [B, N, K, 2D]`: the first D outputs are the mean of the
@@ -147,16 +155,8 @@ class Decoder(keras.layers.Layer):
     """
 
     def __init__(self, embedding_dim, seed=None, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(2 * embedding_dim, seed, **kwargs)
         self.embedding_dim = embedding_dim
-        self.seed = seed
-
-    def build(self, input_shape):
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(input_shape[-1], 2 * self.embedding_dim),
-            initializer=_glorot(self.seed),
-        )
 
     def call(self, latents):
         """latents: [B, N, K, L] -> weight distribution parameters [B, N, K, 2D]."""
@@ -211,10 +211,55 @@ def orthogonality_penalty(kernel):
     return tf.reduce_mean(tf.square(cosine - identity))
 
 
+def networks(input_width, num_latents, output_width, seed=None, dtype=None):
+    """LEO's encoder, relation network and decoder, built, in that order.
+
+    Inputs `[..., input_width]` -> codes `[..., num_latents]` -> parameters
+    `[..., 2 * output_width]` of a Gaussian; kernel seeds seed, seed + 1 (+ i
+    for the relation network's i-th) and seed + 10, or None.
+    """
+
+    def offset(value):
+        return None if seed is None else seed + value
+
+    encoder = Encoder(num_latents, seed=seed, dtype=dtype, name="encoder")
+    relation_network = RelationNetwork(
+        seed=offset(1), dtype=dtype, name="relation_network"
+    )
+    decoder = Decoder(output_width, seed=offset(10), dtype=dtype, name="decoder")
+    encoder.build((None, None, None, input_width))
+    relation_network.build((None, None, None, num_latents))
+    decoder.build((None, None, None, num_latents))
+    return encoder, relation_network, decoder
+
+
+def add_rate(layer, name, size, initial):
+    """A trainable learning-rate vector `[size]` of `layer`, every element `initial`."""
+    initializer = keras.initializers.Constant(initial)
+    return layer.add_weight(name=name, shape=(size,), initializer=initializer)
+
+
 def network_kernels(encoder, relation_network, decoder):
     """The kernels of LEO's encoder, relation network and decoder, in that
     order: the weight matrices its L2 penalty covers (no biases, no rates)."""
     return [encoder.kernel, *relation_network.kernels, decoder.kernel]
+
+
+def weight_penalties(model):
+    """(l2, orthogonality, their weighted sum), scalars, of a LEO model's networks.
+
+    l2: sum over `model.weight_matrices` of sum(w^2) / 2; orthogonality: of
+    `model.decoder`; weights: `model.config`'s l2_penalty_weight and
+    orthogonality_penalty_weight.
+    """
+    l2 = tf.add_n([tf.nn.l2_loss(w) for w in model.weight_matrices])
+    orthogonality = model.decoder.orthogonality_penalty()
+    config = model.config
+    weighted = (
+        config.l2_penalty_weight * l2
+        + config.orthogonality_penalty_weight * orthogonality
+    )
+    return l2, orthogonality, weighted
 
 
 def apply_dropout(inputs, dropout_mask):

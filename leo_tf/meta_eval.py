@@ -128,6 +128,15 @@ class MetaEvaluator:
             )
         )
 
+    def evaluate_episodes(self, num_episodes):
+        """EpisodeResults of the first `num_episodes` episodes of batches 0,
+        1, ...: the last batch's episodes beyond them are dropped."""
+        num_batches = -(-num_episodes // self._sampler.batch_size)
+        results = self.evaluate(0, num_batches)
+        return EpisodeResults(
+            *(None if values is None else values[:num_episodes] for values in results)
+        )
+
     def evaluate_batch(self, step):
         """EpisodeResults of the sampler's meta-batch `step` (B episodes)."""
         inputs = self.batch_inputs(step)
@@ -170,11 +179,8 @@ class MetaEvaluator:
         parts = zip(
             tf.split(support, self._num_towers), tf.split(labels, self._num_towers)
         )
-        matmul = steps.host_matmul()
-        return tf.concat(
-            [self._model.adapt(x, y, matmul=matmul).class_weights for x, y in parts],
-            axis=0,
-        )
+        with steps.host_products(self._model) as model:
+            return tf.concat([model.adapt(x, y).class_weights for x, y in parts], 0)
 
     def _score_batch(self, support, prototypes, classes, query_rows):
         """Accuracy, query loss and (with the baseline) its accuracy, each [B]."""

@@ -39,6 +39,11 @@ def flatten_examples(values):
     return tf.reshape(values, [shape[0], shape[1] * shape[2], shape[3]])
 
 
+def mean_per_episode(values):
+    """The mean of each episode's values: [B, ...] -> [B]."""
+    return tf.reduce_mean(tf.reshape(values, [tf.shape(values)[0], -1]), axis=1)
+
+
 def per_episode_matmul(a, b, transpose_a=False, transpose_b=False):
     """tf.matmul of [B, ...] operands as one row-blocked 2-D product per episode.
 

@@ -225,10 +225,10 @@ class ReferenceModel:
         self.compute_dtype = model.compute_dtype
         self.trainable_variables = model.trainable_variables
         self.weight_matrices = model.weight_matrices
+        self.matmul = None  # unused: the reference has no batched matmul
 
-    def run_episodes(self, episodes, noise=None, matmul=None):
-        """The reference's EpisodeOutputs; matmul is ignored (no batched matmul)."""
-        del matmul
+    def run_episodes(self, episodes, noise=None):
+        """The reference's EpisodeOutputs."""
         losses, accuracies = reference_episode_losses(self.model, episodes, noise)
         zeros = tf.zeros_like(losses)
         return model_lib.EpisodeOutputs(

@@ -212,8 +212,10 @@ class RunDirectory:
 
     def restore_latest(self, leo):
         """Restores `leo` from the latest intact checkpoint; its prefix, or
-        None if there is no checkpoint (a new run)."""
+        None if there is no checkpoint (a new run). CheckpointError if a
+        newer, damaged checkpoint has a file the next saves cannot replace."""
         latest = checkpoints.latest_intact_checkpoint(self.path)
+        checkpoints.check_newer_replaceable(self.path, latest)
         if latest:
             step = leo.restore(latest)
             logging.info("Resuming from %s at step %d", latest, step)

@@ -4,9 +4,10 @@ The meta-training step differentiates the meta-batch loss through both inner
 loops (second order), replaces NaN gradients by a weight-decay pull (the
 authors' guard), clips each gradient tensor by value then by norm, and
 applies Adam. On CPUs the meta-batch runs as towers side by side, and the
-steps give the model the batched matmul that suits the host (`host_matmul`).
+steps give the model the batched matmul that suits the host (`host_products`).
 """
 
+import contextlib
 from typing import NamedTuple
 
 import keras
@@ -91,6 +92,20 @@ def host_matmul():
     return ops.per_episode_matmul if runtime.unbatched_matmuls() else tf.matmul
 
 
+@contextlib.contextmanager
+def host_products(model):
+    """Within it, `model.matmul` is `host_matmul()`; on leaving, the model's own.
+
+    What the model traces inside (the steps, meta-evaluation) takes the
+    host's form; the model alone traces the same ops on every host.
+    """
+    own, model.matmul = model.matmul, host_matmul()
+    try:
+        yield model
+    finally:
+        model.matmul = own
+
+
 def meta_batch_part(episodes, noise, index, num_parts):
     """Part `index` (int or int tensor) of a meta-batch cut in equal parts.
 
@@ -118,7 +133,7 @@ def meta_batch_part(episodes, noise, index, num_parts):
     )
 
 
-def run_towers(model, episodes, noise, num_towers, matmul):
+def run_towers(model, episodes, noise, num_towers):
     """`model.run_episodes` on each of num_towers equal parts of the meta-batch.
 
     The parts' ops are independent, so a CPU's inter-op threads compute them
@@ -126,9 +141,9 @@ def run_towers(model, episodes, noise, num_towers, matmul):
     num_towers EpisodeOutputs of B / num_towers episodes, in batch order.
     """
     if num_towers == 1:
-        return [model.run_episodes(episodes, noise, matmul)]
+        return [model.run_episodes(episodes, noise)]
     return [
-        model.run_episodes(*meta_batch_part(episodes, noise, i, num_towers), matmul)
+        model.run_episodes(*meta_batch_part(episodes, noise, i, num_towers))
         for i in range(num_towers)
     ]
 
@@ -156,20 +171,21 @@ def host_jit_towers():
     return runtime.unbatched_matmuls()
 
 
-def tower_gradients_fn(model, matmul, jit_compile=False):
+def tower_gradients_fn(model, jit_compile=False):
     """A tower's (episodes, noise, batch_size, scale) -> (gradients, EpisodeOutputs).
 
     The gradients are those of scale * (sum of the tower's episode losses)
     / batch_size, one per trainable variable (None where unconnected), the
-    EpisodeOutputs those of `model.run_episodes` on the tower's episodes;
-    with jit_compile, the tower's forward and backward passes are one XLA
+    EpisodeOutputs those of `model.run_episodes` on the tower's episodes
+    (with the model's matmul at the time of tracing, `host_products`); with
+    jit_compile, the tower's forward and backward passes are one XLA
     computation (equal up to float32 rounding).
     """
     variables = model.trainable_variables
 
     def tower(episodes, noise, batch_size, scale):
         with tf.GradientTape() as tape:
-            outputs = model.run_episodes(episodes, noise, matmul)
+            outputs = model.run_episodes(episodes, noise)
             share = tf.reduce_sum(outputs.loss) / batch_size * scale
         return tape.gradient(share, variables), outputs
 
@@ -264,13 +280,13 @@ def train_step_fn(model, optimizer, config, num_towers=1, jit_towers=False):
     computation (`tower_gradients_fn`).
     """
     _build_optimizer(optimizer, model.trainable_variables)
-    matmul = host_matmul()
-    tower_fn = tower_gradients_fn(model, matmul, jit_towers)
+    tower_fn = tower_gradients_fn(model, jit_towers)
 
     def step(episodes, noise):
-        gradients, objective = _scaled_gradients(
-            model, episodes, noise, 1.0, num_towers, tower_fn
-        )
+        with host_products(model):
+            gradients, objective = _scaled_gradients(
+                model, episodes, noise, 1.0, num_towers, tower_fn
+            )
         gradients, gradient_norm, fired = _guard_and_clip(
             model, config, objective.total, gradients
         )
@@ -298,7 +314,7 @@ def distributed_train_step_fn(strategy, model, optimizer, config):
     with strategy.scope():
         _build_optimizer(optimizer, model.trainable_variables)
     replicas = strategy.num_replicas_in_sync
-    tower_fn = tower_gradients_fn(model, host_matmul())
+    tower_fn = tower_gradients_fn(model)
 
     def replica_step(episodes, noise):
         context = tf.distribute.get_replica_context()
@@ -325,7 +341,9 @@ def distributed_train_step_fn(strategy, model, optimizer, config):
         )
 
     def step(episodes, noise):
-        metrics = strategy.run(replica_step, (episodes, noise))
+        # Set outside strategy.run, whose replicas may trace in threads.
+        with host_products(model):
+            metrics = strategy.run(replica_step, (episodes, noise))
         # Every replica holds the same reduced metrics: report the first's.
         return tf.nest.map_structure(
             lambda x: strategy.experimental_local_results(x)[0], metrics

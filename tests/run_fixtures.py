@@ -1,6 +1,9 @@
-"""The toy run (5-way 1-shot on data_fixtures' 'toy' set) as a RunConfig for
+"""Helpers of the run tests: the toy run, commands in child processes, snapshots.
+
+The toy run (5-way 1-shot on data_fixtures' 'toy' set) as a RunConfig for
 in-process runs and as flags for the commands, leo_tf commands in a child
-process with this checkout's environment, and snapshots of run directories."""
+process with this checkout's environment, and snapshots of run directories.
+"""
 
 import hashlib
 import os

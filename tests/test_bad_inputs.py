@@ -1,5 +1,8 @@
-"""A table of malformed inputs: each fails with a specific error, before any
-training step, leaving every file under --checkpoint_path as it was."""
+"""Malformed inputs, a table of them: each refused with a specific error.
+
+Each fails before any training step, leaving every file under
+--checkpoint_path as it was.
+"""
 
 import dataclasses
 import os

@@ -1,5 +1,6 @@
 """Every way a command can fail ends in one line `leo_tf.<prog>: error: ...`."""
 
+import concurrent.futures
 import sys
 
 import pytest
@@ -93,6 +94,18 @@ def test_unparsable_flag_is_one_line(capsys):
     assert err.startswith("leo_tf.test: error: flag --seed=abc: invalid literal")
 
 
+@pytest.mark.parametrize(
+    "name, problem", [("missing.cfg", "no such file"), ("folder", "is a directory")]
+)
+def test_unreadable_flagfile_is_one_line_naming_it(capsys, tmp_path, name, problem):
+    (tmp_path / "folder").mkdir()
+    path = tmp_path / name
+    assert _run(_raising(AssertionError("not reached")), f"--flagfile={path}") == 1
+    assert capsys.readouterr().err == (
+        f"leo_tf.test: error: --flagfile={path}: {problem}\n"
+    )
+
+
 def _entry_point(monkeypatch, module, *args):
     """The exit status of `module.run()`, the console entry point, with args."""
     monkeypatch.setattr(sys, "argv", [module.__name__, *args])
@@ -133,17 +146,63 @@ def test_export_flag_that_does_not_parse_is_one_line(capsys, monkeypatch, tmp_pa
     assert not (tmp_path / "export").exists()
 
 
+def _bad_flags(tmp_path):
+    """{command: (its arguments with one bad flag, its error line)}."""
+    return {
+        "leo_tf.embed": (
+            [f"--data_path={tmp_path}", "--seed=-1"],
+            "--seed=-1: must be an integer in [0, 2147483645]",
+        ),
+        "leo_tf.export": (
+            [
+                f"--checkpoint_path={tmp_path / 'missing'}",
+                f"--export_dir={tmp_path / 'export'}",
+            ],
+            f"--checkpoint_path={tmp_path / 'missing'}: not a directory",
+        ),
+        "leo_tf.search": (
+            [f"--search_dir={tmp_path / 'search'}", "--space=num_classes:int:1:5"],
+            "--space=num_classes:int:1:5: --num_classes=1: must be at least 2 "
+            "(N in N-way classification)",
+        ),
+        "leo_tf.regression": (
+            [f"--checkpoint_path={tmp_path / 'run'}", "--num_latents=0"],
+            "--num_latents=0: must be at least 1",
+        ),
+    }
+
+
+def _imported_modules(stderr):
+    """The modules `python -X importtime` reports in `stderr`."""
+    return {
+        line.rsplit("|", 1)[-1].strip()
+        for line in stderr.splitlines()
+        if line.startswith("import time:")
+    }
+
+
 @pytest.mark.slow
-def test_embed_refuses_a_seed_out_of_range_in_one_line(tmp_path):
-    """A child process: leo_tf.embed's flags clash with the training flags."""
-    completed = run_fixtures.run_module(
-        "leo_tf.embed", f"--data_path={tmp_path}", "--seed=-1", timeout=120
-    )
-    assert completed.returncode == 1
-    assert "Traceback" not in completed.stderr
-    assert _last_line(completed.stderr) == (
-        "leo_tf.embed: error: --seed=-1: must be an integer in [0, 2147483645]"
-    )
+def test_bad_flags_fail_in_one_line_before_tensorflow_loads(tmp_path):
+    """Every command but leo_tf.train (tested in test_train_cli.py), each in a
+    child process that `-X importtime` makes list the modules it imported:
+    no TensorFlow, no Keras, nothing written."""
+    commands = _bad_flags(tmp_path)
+
+    def run(module):
+        args, _ = commands[module]
+        return run_fixtures.run_command(
+            [sys.executable, "-X", "importtime", "-m", module, *args], timeout=120
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
+        completed = dict(zip(commands, pool.map(run, commands)))
+    for module, (_, line) in commands.items():
+        process = completed[module]
+        assert process.returncode == 1, module
+        assert _last_line(process.stderr) == f"{module}: error: {line}"
+        imported = _imported_modules(process.stderr)
+        assert "leo_tf.cli" in imported, module
+        assert not {"tensorflow", "keras"} & imported, module
     assert not list(tmp_path.iterdir())
 
 

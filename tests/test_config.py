@@ -1,5 +1,7 @@
-"""Flags: derived from the typed configs, the authors' names and defaults,
-validation, the flagfiles."""
+"""The flags: derived from the typed configs, with the authors' names and defaults.
+
+Also their validation and the flagfiles.
+"""
 
 import dataclasses
 
@@ -8,7 +10,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from leo_tf import config as config_lib
-from leo_tf import embed, export, search
+from leo_tf import embed, export, search_space
 from leo_tf.data import embeddings, meta_dataset
 from leo_tf.regression import config as regression_config
 from tests import run_fixtures
@@ -226,7 +228,7 @@ COMMANDS = {
         {"total_examples_per_class", "num_metavalid_batches"},
     ),
     "search": (
-        [*(cls for _, cls in config_lib.SECTIONS), search.SearchOptions],
+        [*(cls for _, cls in config_lib.SECTIONS), search_space.SearchOptions],
         {"total_examples_per_class", "num_metavalid_batches"},
     ),
     "embed": ([cls for _, cls in embed.SECTIONS], set()),

@@ -1,6 +1,8 @@
-"""Bad data refused early and cheaply: arrays whose declared size the file
-cannot hold, files that are not regular files, splits that share classes or
-examples, and broken packed image files."""
+"""Bad data refused early and cheaply, naming the file.
+
+Arrays whose declared size the file cannot hold, files that are not regular
+files, splits that share classes or examples, and broken packed image files.
+"""
 
 import codecs
 import dataclasses
@@ -228,11 +230,16 @@ def toy(tmp_path):
     return data_fixtures.write_toy_dataset(tmp_path / "data")
 
 
+def load_refusal(config, split):
+    """The message of the DataError that loading `split` raises."""
+    with pytest.raises(DataError) as info:
+        meta_dataset.load_classes(config, split)
+    return str(info.value)
+
+
 def test_val_that_repeats_the_train_classes_is_refused_naming_them(toy):
     shutil.copyfile(toy_split(toy, "train"), toy_split(toy, "val"))
-    with pytest.raises(DataError) as info:
-        meta_dataset.load_classes(toy_data_config(toy), "train")
-    assert str(info.value) == (
+    assert load_refusal(toy_data_config(toy), "train") == (
         f"{toy_split(toy, 'val')}: split 'val' shares 12 of its 12 classes with "
         f"split 'train' ({toy_split(toy, 'train')}): 'ntr00000', 'ntr00001', "
         "'ntr00002', 'ntr00003', 'ntr00004' and 7 more; a leak between the "
@@ -252,9 +259,7 @@ def copy_train_rows_into_test(data_path, count):
 
 def test_test_examples_identical_to_train_examples_are_refused(toy):
     copy_train_rows_into_test(toy, 3)  # train rows 30-32: class ntr00001
-    with pytest.raises(DataError) as info:
-        meta_dataset.load_classes(toy_data_config(toy), "test")
-    assert str(info.value) == (
+    assert load_refusal(toy_data_config(toy), "test") == (
         f"{toy_split(toy, 'test')}: split 'test' has 3 of its 144 examples "
         f"identical to examples of split 'train' ({toy_split(toy, 'train')}), "
         "e.g. in class 'nte00000' (identical to one of class 'ntr00001'); a "
@@ -275,9 +280,7 @@ def test_train_on_val_trains_on_val_but_refuses_val_classes_in_test(toy):
     assert meta_dataset.load_classes(config, "train").num_classes == 18
     assert meta_dataset.load_classes(config, "val").num_classes == 6
     shutil.copyfile(toy_split(toy, "val"), toy_split(toy, "test"))
-    with pytest.raises(DataError) as info:
-        meta_dataset.load_classes(config, "train")
-    assert str(info.value).startswith(
+    assert load_refusal(config, "train").startswith(
         f"{toy_split(toy, 'test')}: split 'test' shares 6 of its 6 classes with "
         f"split 'train' ({toy_split(toy, 'train')} + {toy_split(toy, 'val')}): "
         "'nva00000', "

@@ -23,6 +23,7 @@ from leo_tf import config as config_lib
 from leo_tf import embed
 from leo_tf.embedding import backbones
 from leo_tf.embedding import images as images_lib
+from leo_tf.embedding import options
 from leo_tf.embedding import pipeline
 from leo_tf.embedding import pretrain
 from leo_tf.embedding import splits as splits_lib
@@ -101,17 +102,17 @@ def write_png_folder(arrays: dict, root: pathlib.Path) -> None:
         (folder / str(filename)).write_bytes(png)
 
 
-def tiny_config(data_path, seed=0, **source) -> pipeline.EmbedConfig:
+def tiny_config(data_path, seed=0, **source) -> options.EmbedConfig:
     """A config that trains a 4-filter conv4 for 2 epochs (seconds)."""
-    split = pipeline.SplitConfig(
+    split = options.SplitConfig(
         class_split="omniglot", num_val_alphabets=NUM_VAL_ALPHABETS, split_seed=7
     )
-    train = pretrain.TrainConfig(conv_filters=4, epochs=2, batch_size=16, seed=seed)
-    return pipeline.EmbedConfig(
-        pipeline.SourceConfig(**source),
+    train = options.TrainConfig(conv_filters=4, epochs=2, batch_size=16, seed=seed)
+    return options.EmbedConfig(
+        options.SourceConfig(**source),
         split,
         train,
-        pipeline.OutputConfig(str(data_path)),
+        options.OutputConfig(str(data_path)),
     )
 
 
@@ -386,13 +387,13 @@ def test_rotations_add_three_rotated_classes_within_the_same_split():
 
 
 def test_rotation_splits_must_name_one_or_more_splits():
-    assert config_lib.check(pipeline.SplitConfig(rotation_splits=("train",))) is None
+    assert config_lib.check(options.SplitConfig(rotation_splits=("train",))) is None
     for bad in (("train", "tests"), ()):
         with pytest.raises(
             config_lib.ConfigError,
             match=r"--rotation_splits=.*: must be one or more of train, val, test",
         ):
-            config_lib.check(pipeline.SplitConfig(rotation_splits=bad))
+            config_lib.check(options.SplitConfig(rotation_splits=bad))
 
 
 def test_omniglot_flagfile_rotates_only_the_training_classes(fake_omniglot, tmp_path):
@@ -553,7 +554,7 @@ def test_image_sources_report_bad_inputs_by_name(tmp_path):
         images_lib.load_packed_omniglot(str(tmp_path / "bad.npz"))
     with pytest.raises(ValueError, match="exactly one image source"):
         config_lib.check(
-            pipeline.SourceConfig(packed_omniglot="a.npz", tfds_name="omniglot")
+            options.SourceConfig(packed_omniglot="a.npz", tfds_name="omniglot")
         )
 
 
@@ -590,7 +591,7 @@ def test_conv4_embedding_width_is_filters_times_remaining_pixels():
 
 @pytest.mark.slow
 def test_wrn_28_10_gives_640_features_and_takes_a_training_step():
-    config = pretrain.TrainConfig(backbone="wrn", augment_shift=0, augment_rotation=0)
+    config = options.TrainConfig(backbone="wrn", augment_shift=0, augment_rotation=0)
     extractor = pretrain.build_feature_extractor(
         config, (84, 84, 3), mean=[120.0] * 3, variance=[3000.0] * 3
     )

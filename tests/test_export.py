@@ -423,20 +423,26 @@ def test_export_dir_that_is_not_a_directory_is_refused(trained, tmp_path, kind):
         assert target.read_text() == "notes"
 
 
+def _overwrite_refusal(config, target):
+    """The message of an export with --overwrite into `target`, which must
+    refuse and leave `target` as it was."""
+    before = _tree(target)
+    with pytest.raises(export_lib.ExportError) as error:
+        export_lib.export(config.train.checkpoint_path, target, overwrite=True)
+    assert _tree(target) == before
+    return str(error.value)
+
+
 def test_overwrite_replaces_only_a_previous_saved_model(trained, tmp_path):
     config, _ = trained
     target = tmp_path / "model"
     (target / "sub").mkdir(parents=True)
     for name in ("a.txt", "b.txt", "c.txt"):
         (target / name).write_text(name)
-    before = _tree(target)
-    with pytest.raises(export_lib.ExportError) as error:
-        export_lib.export(config.train.checkpoint_path, target, overwrite=True)
-    assert str(error.value) == (
+    assert _overwrite_refusal(config, target) == (
         f"--export_dir={target}: not empty and not a SavedModel (holds a.txt, "
         "b.txt, c.txt and 1 more); --overwrite replaces only a previous SavedModel"
     )
-    assert _tree(target) == before
 
 
 def test_overwrite_keeps_a_saved_model_holding_other_files(trained, tmp_path):
@@ -444,14 +450,10 @@ def test_overwrite_keeps_a_saved_model_holding_other_files(trained, tmp_path):
     target = tmp_path / "model"
     shutil.copytree(export_dir, target)
     (target / "notes.txt").write_text("mine")
-    before = _tree(target)
-    with pytest.raises(export_lib.ExportError) as error:
-        export_lib.export(config.train.checkpoint_path, target, overwrite=True)
-    assert str(error.value) == (
+    assert _overwrite_refusal(config, target) == (
         f"--export_dir={target}: holds a SavedModel and also notes.txt; "
         "--overwrite replaces only a previous SavedModel"
     )
-    assert _tree(target) == before
 
 
 def _dead_pid():

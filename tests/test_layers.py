@@ -1,5 +1,7 @@
 """The Keras layers against independent NumPy computations."""
 
+import types
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -60,12 +62,16 @@ def _relation_network_numpy(codes, kernels):
     return np.stack(outputs)
 
 
-def test_relation_network_matches_explicit_pairs():
-    rng = np.random.default_rng(1)
-    codes = rng.normal(size=(2, 3, 2, 4))
+def _relation_network(codes):
+    """A float64 RelationNetwork built for codes, and its kernels in NumPy."""
     network = layers.RelationNetwork(seed=5, dtype="float64")
     network.build(codes.shape)
-    kernels = [k.numpy() for k in network.kernels]
+    return network, [k.numpy() for k in network.kernels]
+
+
+def test_relation_network_matches_explicit_pairs():
+    codes = np.random.default_rng(1).normal(size=(2, 3, 2, 4))
+    network, kernels = _relation_network(codes)
 
     outputs = network(codes).numpy()
 
@@ -79,11 +85,8 @@ def test_relation_network_matches_explicit_pairs():
 
 def test_relation_network_pair_order_matters():
     """Swapping (i, j) in the pairs changes the result: the test above binds."""
-    rng = np.random.default_rng(2)
-    codes = rng.normal(size=(1, 3, 2, 4))
-    network = layers.RelationNetwork(seed=5, dtype="float64")
-    network.build(codes.shape)
-    kernels = [k.numpy() for k in network.kernels]
+    codes = np.random.default_rng(2).normal(size=(1, 3, 2, 4))
+    network, kernels = _relation_network(codes)
     swapped_first = np.concatenate([kernels[0][4:], kernels[0][:4]])
     swapped = _relation_network_numpy(codes, [swapped_first, *kernels[1:]])
     assert np.abs(network(codes).numpy() - swapped).max() > 1e-3
@@ -124,6 +127,43 @@ def test_orthogonality_penalty_is_zero_for_orthogonal_rows_and_known_value():
     # Two identical rows: C = [[1, 1], [1, 1]], (C - I)^2 has two ones in four.
     identical = np.array([[1.0, 2.0], [1.0, 2.0]])
     assert layers.orthogonality_penalty(identical).numpy() == pytest.approx(0.5)
+
+
+def test_networks_are_built_and_seeded_as_the_layers_alone():
+    encoder, relation_network, decoder = layers.networks(5, 3, 4, seed=7)
+    alone = [
+        layers.Encoder(3, seed=7),
+        layers.RelationNetwork(seed=8),
+        layers.Decoder(4, seed=17),
+    ]
+    for layer, width in zip(alone, (5, 3, 3)):
+        layer.build((None, width))
+    built = [encoder.kernel, *relation_network.kernels, decoder.kernel]
+    expected = [alone[0].kernel, *alone[1].kernels, alone[2].kernel]
+    assert [k.shape for k in built] == [(5, 3), (6, 6), (6, 6), (6, 6), (3, 8)]
+    for kernel, same in zip(built, expected):
+        np.testing.assert_array_equal(kernel.numpy(), same.numpy())
+
+
+def test_weight_penalties_are_the_halved_squares_and_the_orthogonality():
+    encoder, relation_network, decoder = layers.networks(5, 3, 4, seed=1)
+    model = types.SimpleNamespace(
+        weight_matrices=[encoder.kernel, *relation_network.kernels, decoder.kernel],
+        decoder=decoder,
+        config=types.SimpleNamespace(
+            l2_penalty_weight=0.5, orthogonality_penalty_weight=3.0
+        ),
+    )
+    squares = sum((w.numpy() ** 2).sum() / 2 for w in model.weight_matrices)
+    kernel = decoder.kernel.numpy()
+    norms = np.linalg.norm(kernel, axis=1, keepdims=True)
+    orthogonality = np.mean(((kernel @ kernel.T) / (norms @ norms.T) - np.eye(3)) ** 2)
+
+    l2, ortho, weighted = (x.numpy() for x in layers.weight_penalties(model))
+
+    np.testing.assert_allclose(l2, squares, rtol=1e-6)
+    np.testing.assert_allclose(ortho, orthogonality, rtol=1e-5)
+    np.testing.assert_allclose(weighted, 0.5 * l2 + 3.0 * ortho, rtol=1e-6)
 
 
 @pytest.mark.parametrize(

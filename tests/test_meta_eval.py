@@ -126,6 +126,18 @@ def test_results_do_not_depend_on_how_batches_are_split_or_towers():
     assert towers._step.experimental_get_tracing_count() == 1
 
 
+def test_evaluate_episodes_gives_exactly_the_asked_number_of_episodes():
+    """Fewer than a batch of 6, or one and a third: the first episodes of the
+    whole batches, the rest of the last batch dropped."""
+    evaluator = meta_eval.MetaEvaluator(_model(), _sampler(UNEQUAL_SIZES, 1))
+    whole = evaluator.evaluate(0, 2)
+    for count in (4, 8):
+        asked = evaluator.evaluate_episodes(count)
+        for field, values in zip(whole._fields, whole):
+            assert len(getattr(asked, field)) == count
+            np.testing.assert_array_equal(getattr(asked, field), values[:count])
+
+
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "gathered"])
 def test_ties_go_to_the_first_label_as_in_run_episodes(grouped):
     # Classes 0 and 1 are the same vector, as are 2 and 3: every example

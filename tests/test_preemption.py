@@ -1,5 +1,8 @@
-"""Preemption: SIGKILL at random moments and at exact crash points loses
-nothing; SIGTERM and SIGINT checkpoint and exit cleanly."""
+"""Preemption loses nothing: SIGKILL at any moment, SIGTERM and SIGINT.
+
+SIGKILL at random moments and at exact crash points loses nothing; SIGTERM
+and SIGINT checkpoint and exit cleanly.
+"""
 
 import json
 import logging

@@ -1,5 +1,8 @@
-"""Few-shot regression runs: reproducible resumable training, the evaluation's
-files, the figure, and errors for bad flags and directories."""
+"""Few-shot regression runs: resumable training, evaluation, figure, errors.
+
+Reproducible resumable training, the evaluation's files, the figure, and
+errors for bad flags and directories.
+"""
 
 import dataclasses
 import glob
@@ -16,6 +19,7 @@ from absl import flags
 from tensorboard.backend.event_processing import event_accumulator
 
 from leo_tf import checkpoints
+from leo_tf import config as options
 from leo_tf.regression import __main__ as regression_main
 from leo_tf.regression import config as config_lib
 from leo_tf.regression import figure, run
@@ -158,7 +162,10 @@ def test_figure_is_a_png_of_three_inch_panels():
 
 
 def test_evaluation_refuses_checkpoints_of_another_regressor(trained):
-    with pytest.raises(config_lib.ConfigError, match=r"--hidden_units=5: .*=4"):
+    with pytest.raises(
+        options.ConfigError,
+        match="made with hidden_units=4 .*, not --hidden_units=5",
+    ):
         run.evaluate(_config(trained, hidden_units=5))
 
 
@@ -169,7 +176,7 @@ def test_resuming_with_other_task_or_training_flags_is_refused(trained, override
     ((name, value),) = overrides.items()
     before = sorted(p.name for p in trained.iterdir())
     with pytest.raises(
-        config_lib.ConfigError, match=f"--{name}={value}: .* made with {name}="
+        options.ConfigError, match=f"made with {name}=.*, not --{name}={value};"
     ):
         run.train(_config(trained, num_steps_limit=6, **overrides))
     assert sorted(p.name for p in trained.iterdir()) == before
@@ -195,8 +202,8 @@ def test_evaluation_without_a_checkpoint_says_so(tmp_path):
     ],
 )
 def test_bad_configurations_are_refused_naming_the_flag(overrides, message):
-    with pytest.raises(config_lib.ConfigError, match=message):
-        config_lib.check(_config("unused", **overrides))
+    with pytest.raises(options.ConfigError, match=message):
+        options.check(_config("unused", **overrides))
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
-"""The run directory as a database: one writer, intact checkpoints, valid
-records, no silent change of task on resume, and failing writes that leave
-nothing half-written."""
+"""The run directory as a database: one writer, intact checkpoints, valid records.
+
+Also no silent change of task on resume, and failing writes that leave
+nothing half-written.
+"""
 
 import dataclasses
 import errno
@@ -69,6 +71,16 @@ def _truncate(path):
 
 def _best_step(run):
     return checkpoints.best_metrics(run)["step"]
+
+
+def _resume_refusal(data_path, run):
+    """The message of the CheckpointError that resuming `run` raises, which
+    must leave everything under `run` as it was."""
+    before = run_fixtures.snapshot(run)
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        trainer.train(_config(data_path, run, "train", num_steps_limit=30))
+    assert run_fixtures.snapshot(run) == before
+    return str(error.value)
 
 
 def _enospc(path):
@@ -228,16 +240,53 @@ def test_resume_skips_a_damaged_latest_checkpoint_naming_it(
 def test_no_intact_checkpoint_is_refused_naming_each(data_path, run, no_training):
     _truncate(run / DATA_FILE.format(20))
     (run / "ckpt-10.index").write_bytes(b"\0" * 100)
-    before = run_fixtures.snapshot(run)
 
-    with pytest.raises(checkpoints.CheckpointError) as error:
-        trainer.train(_config(data_path, run, "train", num_steps_limit=30))
+    message = _resume_refusal(data_path, run)
 
-    message = str(error.value)
     assert f"--checkpoint_path={run}: no intact checkpoint" in message
     assert f"{run / DATA_FILE.format(20)}: damaged" in message
     assert f"{run / 'ckpt-10.index'}: damaged" in message
-    assert run_fixtures.snapshot(run) == before
+
+
+def _replace_by_a_directory(path):
+    path.unlink()
+    (path / "notes").mkdir(parents=True)
+
+
+def test_resume_refuses_a_directory_in_place_of_a_newer_checkpoint_file(
+    data_path, run, no_training
+):
+    """Resuming from ckpt-10 would save step 20 over the directory: refused
+    before any training step, naming the file, nothing touched."""
+    data = run / DATA_FILE.format(20)
+    _replace_by_a_directory(data)
+
+    assert _resume_refusal(data_path, run) == (
+        f"{data}: a directory, not a checkpoint file; resuming from "
+        f"{run / 'ckpt-10'} would save ckpt-20 over it: move it away, then rerun"
+    )
+
+
+def test_evaluation_falls_back_from_a_directory_in_place_of_a_checkpoint_file(
+    data_path, run, caplog
+):
+    best = _best_step(run)
+    best_data = run / ".best" / f"step-{best}" / DATA_FILE.format(best)
+    _replace_by_a_directory(best_data)
+    _replace_by_a_directory(run / DATA_FILE.format(20))
+
+    with caplog.at_level(logging.WARNING):
+        results = evaluation.evaluate(_config(data_path, run))
+
+    assert (
+        f"best_checkpoint unusable, {best_data}: a directory, not a checkpoint "
+        "file; evaluating the latest intact checkpoint instead" in caplog.text
+    )
+    assert (
+        f"Skipping checkpoint {run / 'ckpt-20'}: {run / DATA_FILE.format(20)}: a "
+        "directory, not a checkpoint file" in caplog.text
+    )
+    assert results["checkpoint"] == str(run / "ckpt-10")
 
 
 @pytest.mark.parametrize("damage", ["deleted", "emptied"])
@@ -454,6 +503,16 @@ def test_free_flags_may_change_on_resume_and_the_task_may_not(data_path, run, tm
     assert (run / "config.json").read_text() == saved
 
 
+def test_evaluation_averages_exactly_the_asked_number_of_episodes(data_path, run):
+    """30 episodes, fewer than the batch of 50: not a whole batch."""
+    results = evaluation.evaluate(
+        _config(data_path, run, "train", num_metatest_episodes=30)
+    )
+
+    assert results["num_episodes"] == 30
+    assert "(95% interval, 30 episodes, 5-way 1-shot" in evaluation.result_line(results)
+
+
 def test_evaluation_refuses_other_unroll_lengths_but_evaluates_another_task(
     data_path, run
 ):
@@ -555,17 +614,12 @@ def _failing_replace(monkeypatch, file_name):
 def test_disk_full_writing_config_json_changes_nothing(
     data_path, run, monkeypatch, no_training
 ):
-    before = run_fixtures.snapshot(run)
     _failing_replace(monkeypatch, "config.json")
 
-    with pytest.raises(checkpoints.CheckpointError) as error:
-        trainer.train(_config(data_path, run, "train", num_steps_limit=30))
-
-    assert str(error.value) == (
+    assert _resume_refusal(data_path, run) == (
         f"could not write {run / 'config.json'}: [Errno 28] No space left on "
         f"device: '{run / 'config.json'}'"
     )
-    assert run_fixtures.snapshot(run) == before
 
 
 def test_disk_full_writing_test_results_names_the_file_and_keeps_the_figures(

@@ -1,4 +1,4 @@
-"""Process-wide TensorFlow settings."""
+"""The process-wide TensorFlow settings of leo_tf.runtime."""
 
 import pytest
 import tensorflow as tf

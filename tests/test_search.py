@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from leo_tf import checkpoints, search, trainer
+from leo_tf import checkpoints, search_space, trainer, trials
 from leo_tf.data import embeddings
 from tests import data_fixtures
 
@@ -54,9 +54,9 @@ def _snapshot(directory):
 
 
 def _search(data_path, search_dir):
-    return search.run_search(
+    return trials.run_search(
         _base_args(data_path),
-        search.parse_space(SPACE),
+        search_space.parse_space(SPACE),
         search_dir,
         NUM_TRIALS,
         seed=0,
@@ -106,8 +106,8 @@ def interrupted(tmp_path_factory):
         patch.setattr(trainer, "train", first_run_train)
         with pytest.raises(_Killed):
             _search(data_path, search_dir)
-        first_results = search.read_results(search_dir)
-        finished_files = _snapshot(search.trial_directory(search_dir, FINISHED))
+        first_results = trials.read_results(search_dir)
+        finished_files = _snapshot(trials.trial_directory(search_dir, FINISHED))
         patch.setattr(trainer, "train", second_run_train)
         outcome = _search(data_path, search_dir)
     return dict(
@@ -128,7 +128,7 @@ def test_a_killed_search_rerun_keeps_every_finished_trial_and_resumes(interrupte
 
     assert sorted(first) == [FAILING, DIVERGING, FINISHED]
     assert interrupted["trained"] == [f"trial-{KILLED:03d}"]
-    final = search.read_results(search_dir)
+    final = trials.read_results(search_dir)
     assert final == outcome.results
     assert sorted(final) == list(range(NUM_TRIALS))
     for trial in first:
@@ -138,7 +138,7 @@ def test_a_killed_search_rerun_keeps_every_finished_trial_and_resumes(interrupte
     assert final[KILLED]["steps"] == 20
     assert not outcome.stopped
     assert (
-        _snapshot(search.trial_directory(search_dir, FINISHED))
+        _snapshot(trials.trial_directory(search_dir, FINISHED))
         == interrupted["finished_files"]
     )
 
@@ -153,7 +153,7 @@ def test_failed_and_diverged_trials_are_recorded_with_their_reason(interrupted):
     assert "no checkpoint" in results[DIVERGING]["reason"]
     assert results[FINISHED]["status"] == "ok"
     for trial in (FINISHED, KILLED):
-        directory = search.trial_directory(interrupted["search_dir"], trial)
+        directory = trials.trial_directory(interrupted["search_dir"], trial)
         best = checkpoints.best_metrics(directory)
         assert results[trial]["metavalid_accuracy"] == best["metavalid_accuracy"]
         assert results[trial]["best_step"] == best["step"]
@@ -166,17 +166,17 @@ def test_the_test_split_is_never_read(interrupted):
 
 @pytest.mark.slow
 def test_trial_values_are_a_pure_function_of_the_seed_and_trial_index(interrupted):
-    space = search.parse_space(SPACE)
-    draws = [search.draw_trial(space, 0, trial) for trial in range(NUM_TRIALS)]
+    space = search_space.parse_space(SPACE)
+    draws = [search_space.draw_trial(space, 0, trial) for trial in range(NUM_TRIALS)]
 
-    assert draws == [search.draw_trial(space, 0, t) for t in range(NUM_TRIALS)]
+    assert draws == [search_space.draw_trial(space, 0, t) for t in range(NUM_TRIALS)]
     assert draws[0] != draws[1]
-    assert draws[0] != search.draw_trial(space, 1, 0)
+    assert draws[0] != search_space.draw_trial(space, 1, 0)
     for trial, record in interrupted["outcome"].results.items():
         expected = {d.flag: d.value(draws[trial][d.flag]) for d in space}
         assert record["hparams"] == expected
-        config = search.trial_config(
-            search.trial_directory(interrupted["search_dir"], trial) / "trial.cfg"
+        config = trials.trial_config(
+            trials.trial_directory(interrupted["search_dir"], trial) / "trial.cfg"
         )
         assert config.optimizer.outer_lr == expected["outer_lr"]
         assert config.model.dropout_rate == expected["dropout_rate"]
@@ -195,8 +195,8 @@ def _trained_config(directory):
 @pytest.mark.slow
 def test_each_trial_flagfile_holds_the_configuration_it_trained(interrupted):
     for trial in (FINISHED, KILLED):
-        directory = search.trial_directory(interrupted["search_dir"], trial)
-        config = search.trial_config(directory / "trial.cfg")
+        directory = trials.trial_directory(interrupted["search_dir"], trial)
+        config = trials.trial_config(directory / "trial.cfg")
 
         assert config.to_dict() == _trained_config(directory)
         assert config.train.checkpoint_path == str(directory.resolve())
@@ -211,7 +211,7 @@ def test_best_cfg_reproduces_the_winning_trial(interrupted):
     )
     directory = interrupted["search_dir"] / winner["directory"]
 
-    config = search.trial_config(interrupted["search_dir"] / "best.cfg")
+    config = trials.trial_config(interrupted["search_dir"] / "best.cfg")
 
     assert interrupted["outcome"].best == winner
     assert config.to_dict() == _trained_config(directory)
@@ -246,9 +246,9 @@ def test_the_hparams_dashboard_summaries_are_written(interrupted):
     assert [h.name for h in experiment.hparam_infos] == [
         entry.split(":")[0] for entry in SPACE
     ]
-    assert search.OBJECTIVE_TAG in [m.name.tag for m in experiment.metric_infos]
+    assert trials.OBJECTIVE_TAG in [m.name.tag for m in experiment.metric_infos]
     for trial, record in interrupted["outcome"].results.items():
-        directory = search.trial_directory(search_dir, trial)
+        directory = trials.trial_directory(search_dir, trial)
         sessions = [
             d.session_start_info
             for d in _hparams_data(directory)
@@ -261,7 +261,7 @@ def test_the_hparams_dashboard_summaries_are_written(interrupted):
         objective = [
             tf.make_ndarray(value.tensor)
             for tag, value in _plugin_values(directory, "scalars")
-            if tag == search.OBJECTIVE_TAG
+            if tag == trials.OBJECTIVE_TAG
         ]
         if record["status"] == "ok":
             np.testing.assert_allclose(objective, [record["metavalid_accuracy"]])
@@ -275,8 +275,8 @@ def test_a_changed_command_refuses_the_directory_of_another_search(interrupted):
     before = _snapshot(search_dir)
     args = [*_base_args(interrupted["data_path"]), "--kl_weight=0.5"]
 
-    with pytest.raises(search.SearchError) as error:
-        search.run_search(args, search.parse_space(SPACE), search_dir, 1, seed=0)
+    with pytest.raises(search_space.SearchError) as error:
+        trials.run_search(args, search_space.parse_space(SPACE), search_dir, 1, seed=0)
 
     message = str(error.value)
     assert "trial-000/trial.cfg: made by another search" in message
@@ -295,10 +295,10 @@ def test_a_file_or_a_training_run_as_search_dir_is_refused(interrupted, tmp_path
         shutil.copytree(interrupted["search_dir"] / "trial-002", search_dir)
         expected = f"--search_dir={search_dir}: a leo_tf.train run directory"
     before = _snapshot(tmp_path)
-    with pytest.raises(search.SearchError, match=re.escape(expected)):
-        search.run_search(
+    with pytest.raises(search_space.SearchError, match=re.escape(expected)):
+        trials.run_search(
             _base_args(interrupted["data_path"]),
-            search.parse_space(SPACE),
+            search_space.parse_space(SPACE),
             search_dir,
             1,
             seed=0,
@@ -324,8 +324,8 @@ def test_a_file_or_a_training_run_as_search_dir_is_refused(interrupted, tmp_path
     ],
 )
 def test_bad_space_entries_are_named_in_one_line(entry, problem):
-    with pytest.raises(search.SearchError) as error:
-        search.parse_space([entry])
+    with pytest.raises(search_space.SearchError) as error:
+        search_space.parse_space([entry])
 
     assert str(error.value).startswith(f"--space={entry}: {problem}")
     assert "\n" not in str(error.value)
@@ -334,12 +334,12 @@ def test_bad_space_entries_are_named_in_one_line(entry, problem):
 def test_space_values_invalid_for_training_fail_before_anything_is_written(
     toy_data, tmp_path
 ):
-    space = search.parse_space(
+    space = search_space.parse_space(
         ["outer_lr:loguniform:1e-4:1e-3", "dropout_rate:uniform:0:1"]
     )
 
-    with pytest.raises(search.SearchError) as error:
-        search.run_search(_base_args(toy_data), space, tmp_path / "s", 2, seed=0)
+    with pytest.raises(search_space.SearchError) as error:
+        trials.run_search(_base_args(toy_data), space, tmp_path / "s", 2, seed=0)
 
     assert str(error.value).startswith(
         "--space=dropout_rate:uniform:0:1: --dropout_rate=1.0: must be 0 or in"
@@ -348,5 +348,5 @@ def test_space_values_invalid_for_training_fail_before_anything_is_written(
 
 
 def test_a_flag_searched_twice_is_refused():
-    with pytest.raises(search.SearchError, match="--outer_lr is searched twice"):
-        search.parse_space(["outer_lr:uniform:0.1:1", "outer_lr:choice:0.1"])
+    with pytest.raises(search_space.SearchError, match="--outer_lr is searched twice"):
+        search_space.parse_space(["outer_lr:uniform:0.1:1", "outer_lr:choice:0.1"])

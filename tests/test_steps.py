@@ -177,13 +177,27 @@ def test_host_matmul_is_per_episode_on_cpus_and_batched_on_gpus(monkeypatch):
     assert steps.host_matmul() is tf.matmul
 
 
+@pytest.mark.parametrize("has_gpu", [False, True])
+def test_host_products_set_the_hosts_matmul_only_within(monkeypatch, has_gpu):
+    monkeypatch.setattr(runtime, "_has_gpu", lambda: has_gpu)
+    model = fx.small_model()
+    with steps.host_products(model):
+        assert model.matmul is steps.host_matmul()
+    assert model.matmul is ops.per_episode_matmul
+    with pytest.raises(ValueError, match="inside"):
+        with steps.host_products(model):
+            raise ValueError("inside")
+    assert model.matmul is ops.per_episode_matmul
+
+
 @pytest.mark.parametrize("matmul", [ops.per_episode_matmul, tf.matmul])
 def test_towers_give_the_same_results_as_one_batch(matmul):
     model = fx.small_model(dtype="float64")
     episodes = fx.random_episodes(12, batch=4)
     noise = fx.noise_for(episodes, model.config, dtype=tf.float64)
     one = model.run_episodes(episodes, noise)
-    two = steps.run_towers(model, episodes, noise, 2, matmul)
+    model.matmul = matmul
+    two = steps.run_towers(model, episodes, noise, 2)
     for name in ("loss", "accuracy", "kl", "encoder_penalty", "logits"):
         np.testing.assert_allclose(
             np.concatenate([getattr(part, name).numpy() for part in two]),
@@ -205,9 +219,7 @@ def test_tower_gradients_summed_equal_the_gradient_of_the_total(
         objective = model.meta_batch_loss(episodes, noise)
     expected = tape.gradient(objective.total, model.trainable_variables)
 
-    tower_fn = steps.tower_gradients_fn(
-        model, ops.per_episode_matmul, jit_compile=jit_compile
-    )
+    tower_fn = steps.tower_gradients_fn(model, jit_compile=jit_compile)
     gradients, scaled = steps._scaled_gradients(
         model, episodes, noise, 0.5, num_towers, tower_fn
     )

@@ -30,13 +30,12 @@ def main(calls):
     noise = fx.noise_for(episodes, model.config)
 
     # Each tower as the compiled step runs it on this host.
-    tower_fn = steps.tower_gradients_fn(
-        model, steps.host_matmul(), steps.host_jit_towers()
-    )
+    tower_fn = steps.tower_gradients_fn(model, steps.host_jit_towers())
 
     @tf.function
     def gradients():
-        return steps._scaled_gradients(model, episodes, noise, 1.0, 2, tower_fn)[0]
+        with steps.host_products(model):
+            return steps._scaled_gradients(model, episodes, noise, 1.0, 2, tower_fn)[0]
 
     first = [g.numpy() for g in gradients()]
     changed = {}

@@ -15,6 +15,7 @@ format `leo_tf.data.embeddings` reads. Modules, one job each:
                   feature extraction in inference mode
     writer.py     class ids, keys and atomic pickle / classes.json writing
     pipeline.py   the whole run: source -> split -> train -> embed -> write
+    options.py    its configuration: the flags of `leo_tf.embed` (no TensorFlow)
 
 The command line is `python -m leo_tf.embed` (leo_tf/embed.py).
 """

@@ -17,7 +17,7 @@ their features are non-negative.
 
 import keras
 
-BACKBONES = ("conv4", "wrn")
+from leo_tf.embedding.options import BACKBONES
 
 _WEIGHT_INIT = "he_normal"
 

@@ -36,9 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from leo_tf.data import embeddings as embeddings_lib
-
-# Layouts accepted by `load_image_folder`.
-FOLDER_LAYOUTS = ("class", "group/class")
+from leo_tf.embedding.options import FOLDER_LAYOUTS
 
 # TFDS data sets whose examples carry a class-group feature (e.g. alphabet).
 _TFDS_GROUP_FEATURE = {"omniglot": "alphabet"}

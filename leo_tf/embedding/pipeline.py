@@ -14,163 +14,16 @@ import dataclasses
 import logging
 import os
 import time
-from typing import ClassVar, Dict, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 
-from leo_tf.config import (
-    ConfigError,
-    at_least,
-    names_a_directory,
-    option,
-    seed_range,
-)
 from leo_tf.data import embeddings as embeddings_lib
 from leo_tf.embedding import images as images_lib
 from leo_tf.embedding import pretrain
 from leo_tf.embedding import splits as splits_lib
 from leo_tf.embedding import writer
-
-CLASS_SPLIT_RULES = ("auto", "omniglot", "random")
-
-
-def exactly_one_image_source(source):
-    chosen = [
-        f"--{name}"
-        for name in ("packed_omniglot", "image_dir", "tfds_name")
-        if getattr(source, name)
-    ]
-    if len(chosen) != 1:
-        raise ConfigError(
-            "set exactly one image source: --packed_omniglot, --image_dir or "
-            f"--tfds_name; found {chosen or 'none'}"
-        )
-
-
-def channel_count(value):
-    return None if value in (0, 1, 3) else "must be 0, 1 or 3"
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceConfig:
-    """Where the images come from: exactly one of the three sources."""
-
-    packed_omniglot: str = option(
-        "",
-        "Packed Omniglot arrays (.npz with images, char_id, drawing, alphabet, "
-        "character), e.g. ../shared/data/omniglot_28.npz.",
-    )
-    image_dir: str = option(
-        "",
-        "Directory of images read with TFDS' ImageFolder: DIR/<class>/<image> "
-        "(--image_dir_layout=class) or DIR/<group>/<class>/<image> "
-        "(--image_dir_layout=group/class, e.g. Omniglot's alphabet/character).",
-    )
-    image_dir_layout: str = option(
-        "class", "Folder layout of --image_dir.", choices=images_lib.FOLDER_LAYOUTS
-    )
-    tfds_name: str = option(
-        "",
-        "Registered TFDS data set with 'image' and 'label' features, e.g. "
-        "omniglot (its 'alphabet' feature is used as the class group).",
-    )
-    tfds_splits: Tuple[str, ...] = option(
-        ("train", "test"), "TFDS splits to pool before the class-level split."
-    )
-    tfds_data_dir: str = option("", "TFDS data directory (default: TFDS' own).")
-    tfds_download: bool = option(
-        True, "Let TFDS download and prepare --tfds_name if needed."
-    )
-    image_size: int = option(
-        0, "Resize images to this square size (0: keep).", at_least(0)
-    )
-    channels: int = option(
-        0,
-        "Convert images to 1 (grey) or 3 channels (0: keep; "
-        "--image_dir images are then decoded as 3 channels).",
-        channel_count,
-    )
-
-    RULES: ClassVar[tuple] = (exactly_one_image_source,)
-
-    @property
-    def is_omniglot(self) -> bool:
-        return bool(self.packed_omniglot) or self.tfds_name == "omniglot"
-
-
-def some_splits(value):
-    chosen = bool(value) and set(value) <= set(splits_lib.SPLITS)
-    return None if chosen else f"must be one or more of {', '.join(splits_lib.SPLITS)}"
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitConfig:
-    """How classes are split (see splits.py)."""
-
-    class_split: str = option(
-        "auto",
-        "omniglot: background alphabets -> train/val (--num_val_alphabets whole "
-        "alphabets -> val), evaluation alphabets -> test. random: seeded class "
-        "permutation cut by --split_sizes. auto: omniglot for --packed_omniglot "
-        "and --tfds_name=omniglot, random otherwise.",
-        choices=CLASS_SPLIT_RULES,
-    )
-    num_val_alphabets: int = option(
-        5, "Omniglot split: background alphabets held out for meta-validation."
-    )
-    split_sizes: str = option(
-        "0.64,0.16,0.2",
-        "Random split: train,val,test class counts (integers summing to the "
-        "number of classes) or fractions (summing to 1).",
-    )
-    split_seed: int = option(0, "Seeds the class split.", seed_range)
-    rotations: bool = option(
-        False,
-        "Add each class's 90/180/270-degree rotations as new "
-        "classes of the same split (Vinyals et al. 2016).",
-    )
-    rotation_splits: Tuple[str, ...] = option(
-        splits_lib.SPLITS,
-        "The splits that --rotations extends. train: the rotated classes only "
-        "train the network; meta-validation and meta-test keep the original "
-        "characters.",
-        some_splits,
-    )
-
-
-def dataset_name_makes_keys(output):
-    """Raises ValueError, naming --dataset_name, unless it can start keys."""
-    writer.check_dataset_name(output.dataset_name)
-
-
-def folder_name(value):
-    return None if value and "/" not in value else "must be a non-empty folder name"
-
-
-@dataclasses.dataclass(frozen=True)
-class OutputConfig:
-    """Where the pickles go: <data_path>/<dataset_name>/<embedding_crop>/."""
-
-    data_path: str = option(
-        None,
-        "Root of the output: <data_path>/<dataset_name>/"
-        "<embedding_crop>/<split>_embeddings.pkl.",
-        names_a_directory,
-    )
-    dataset_name: str = option(
-        "omniglot", "Letters and digits only; first field of every key."
-    )
-    embedding_crop: str = option("center", "Output sub-folder name.", folder_name)
-
-    RULES: ClassVar[tuple] = (dataset_name_makes_keys,)
-
-
-@dataclasses.dataclass(frozen=True)
-class EmbedConfig:
-    source: SourceConfig
-    split: SplitConfig
-    train: pretrain.TrainConfig
-    output: OutputConfig
+from leo_tf.embedding.options import EmbedConfig, SourceConfig, SplitConfig
 
 
 @dataclasses.dataclass

@@ -28,58 +28,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from leo_tf.config import option, seed_range
 from leo_tf.embedding import backbones
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """How to fit the embedding network; each field is a flag of leo_tf.embed.
-
-    The defaults are tuned for Omniglot at 28x28 with conv4 on 2 CPU cores
-    (82 s of training on an idle 2-core machine): 10 epochs with shift and
-    rotation augmentation gave better nearest-class-mean accuracy on the validation
-    alphabets than 10 epochs without augmentation; 20 epochs were better
-    still (about +2 points 20-way 1-shot on the validation alphabets) at
-    twice the time.
-    """
-
-    backbone: str = option(
-        "conv4",
-        "conv4: 4 x (conv3x3-BN-ReLU-maxpool) + flatten, D = "
-        "conv_filters * (H//16) * (W//16) (64 at 28x28). wrn: "
-        "WRN-<wrn_depth>-<wrn_width> + global average pooling, "
-        "D = 64 * wrn_width (640 for WRN-28-10).",
-        choices=backbones.BACKBONES,
-    )
-    conv_filters: int = option(64, "conv4 channels per block.")
-    wrn_depth: int = option(28, "WRN depth (6n + 4).")
-    wrn_width: int = option(10, "WRN widening factor.")
-    epochs: int = option(10, "Training epochs over the meta-train images.")
-    batch_size: int = option(128, "Images per training step.")
-    learning_rate: float = option(
-        3e-3, "Adam's initial learning rate (cosine-decayed to 0)."
-    )
-    label_smoothing: float = option(
-        0.0, "Label smoothing of the softmax cross-entropy."
-    )
-    augment_shift: float = option(
-        0.1,
-        "Training augmentation: maximum random shift, a fraction "
-        "of height and width (0: off).",
-    )
-    augment_rotation: float = option(
-        10.0, "Training augmentation: maximum random rotation in degrees (0: off)."
-    )
-    augment_zoom: float = option(
-        0.0, "Training augmentation: maximum random zoom, a fraction (0: off)."
-    )
-    seed: int = option(
-        0,
-        "Seeds weights, shuffling and augmentation; the same seed gives "
-        "identical pickles.",
-        seed_range,
-    )
+from leo_tf.embedding.options import TrainConfig
 
 
 @dataclasses.dataclass
@@ -137,35 +87,23 @@ def build_augmentation(config: TrainConfig, image_shape) -> keras.Sequential:
     Out-of-image pixels repeat the nearest edge pixel (background for
     Omniglot). Returns an identity model when every augmentation is 0.
     """
+    # (name, layer, its factors), in the order they apply; seeds seed + 1, ...
+    augmentations = (
+        ("rotate", keras.layers.RandomRotation, (config.augment_rotation / 360.0,)),
+        ("zoom", keras.layers.RandomZoom, (config.augment_zoom,)),
+        ("shift", keras.layers.RandomTranslation, (config.augment_shift,) * 2),
+    )
     layers = [keras.Input(shape=tuple(image_shape))]
-    if config.augment_rotation:
-        layers.append(
-            keras.layers.RandomRotation(
-                config.augment_rotation / 360.0,
-                fill_mode="nearest",
-                seed=config.seed + 1,
-                name="rotate",
+    for offset, (name, layer, factors) in enumerate(augmentations, start=1):
+        if factors[0]:
+            layers.append(
+                layer(
+                    *factors,
+                    fill_mode="nearest",
+                    seed=config.seed + offset,
+                    name=name,
+                )
             )
-        )
-    if config.augment_zoom:
-        layers.append(
-            keras.layers.RandomZoom(
-                config.augment_zoom,
-                fill_mode="nearest",
-                seed=config.seed + 2,
-                name="zoom",
-            )
-        )
-    if config.augment_shift:
-        layers.append(
-            keras.layers.RandomTranslation(
-                config.augment_shift,
-                config.augment_shift,
-                fill_mode="nearest",
-                seed=config.seed + 3,
-                name="shift",
-            )
-        )
     return keras.Sequential(layers, name="augment")
 
 

@@ -1,4 +1,6 @@
-"""`python -m leo_tf.regression --flagfile=flags/regression_5shot.cfg`.
+"""`python -m leo_tf.regression`: few-shot regression with LEO and MAML.
+
+    python -m leo_tf.regression --flagfile=flags/regression_5shot.cfg
 
 Meta-trains LEO and the MAML baseline on few-shot regression (resuming from
 the latest checkpoint under --checkpoint_path), then evaluates both on
@@ -24,14 +26,14 @@ def define_flags(flag_values=flags.FLAGS):
 def config_from_flags(flag_values=flags.FLAGS):
     """The checked RegressionConfig of the parsed flags."""
     config = options.values_of(config_lib.RegressionConfig, flag_values)
-    config_lib.check(config)
+    options.check(config)
     return config
 
 
 def main(argv):
     if len(argv) > 1:
         raise cli.Failure(f"unexpected arguments: {' '.join(argv[1:])}")
-    with cli.reported(config_lib.ConfigError):
+    with cli.reported(options.ConfigError):
         config = config_from_flags()  # before TensorFlow is even imported
     # pylint: disable=g-import-not-at-top
     from leo_tf import checkpoints, runtime
@@ -39,7 +41,7 @@ def main(argv):
 
     # pylint: enable=g-import-not-at-top
     runtime.configure_threads()
-    with cli.reported(config_lib.ConfigError, checkpoints.CheckpointError):
+    with cli.reported(options.ConfigError, checkpoints.CheckpointError):
         if not config.evaluation_mode:
             run.train(config)
         results = run.evaluate(config)

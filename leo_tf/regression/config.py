@@ -3,20 +3,18 @@
 Each field is a flag of `python -m leo_tf.regression` of the same name, whose
 default, help and checks are written here once (see leo_tf/config.py; the
 hyperparameters it shares with leo_tf.train are defined there, with this
-command's defaults here). `check` refuses a configuration before anything is
-written or trained, in one line naming the flag. No TensorFlow here.
+command's defaults here). leo_tf.config.check refuses a configuration before
+anything is written or trained, in one line naming the flag. No TensorFlow
+here.
 """
 
 import dataclasses
 from typing import ClassVar
 
-from leo_tf.config import (  # pylint: disable=unused-import
-    ConfigError,
+from leo_tf.config import (
     at_least,
-    check,
     finite_above,
     finite_at_least,
-    names_a_directory,
     option,
     require,
     seed_range,
@@ -42,11 +40,7 @@ class RegressionConfig:
     """Tasks, both models, meta-training and evaluation of one run."""
 
     # The run.
-    checkpoint_path: str = option(
-        "runs/regression",
-        "Run directory: checkpoints, summaries, results.",
-        names_a_directory,
-    )
+    checkpoint_path: str = shared("checkpoint_path", "runs/regression")
     seed: int = option(0, "Seed of initialisation, tasks and noise.", seed_range)
     evaluation_mode: bool = option(
         False, "Only evaluate the latest checkpoint under --checkpoint_path."

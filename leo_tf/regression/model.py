@@ -1,6 +1,6 @@
 """LEO for few-shot regression: the latent code of a task generates its regressor.
 
-The machinery is classification's (leo_tf.layers, leo_tf.model), with one
+The machinery is classification's (leo_tf.layers, leo_tf.gaussians), with one
 "class" per task: every support pair (x, y) is encoded into a code, the
 relation network relates all K codes of the task and averages them into one
 Gaussian over the task's latent code z `[B, L]`; the decoder maps z to a
@@ -25,8 +25,7 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from leo_tf import layers
-from leo_tf.model import gaussian, kl_estimate, latent_stddev, sample
+from leo_tf import gaussians, layers
 from leo_tf.regression import mlp, tasks
 
 tfd = tfp.distributions
@@ -114,32 +113,14 @@ class LEORegressor(keras.layers.Layer):
         super().__init__(dtype=dtype, name=name, **kwargs)
         self.config = config
         self.num_parameters = mlp.num_parameters(config.hidden_units)
-        num_latents = config.num_latents
-
-        def seeded(offset):
-            return None if seed is None else seed + offset
-
-        self.encoder = layers.Encoder(
-            num_latents, seed=seeded(0), dtype=dtype, name="encoder"
+        self.encoder, self.relation_network, self.decoder = layers.networks(
+            2, config.num_latents, self.num_parameters, seed, dtype
         )
-        self.relation_network = layers.RelationNetwork(
-            seed=seeded(1), dtype=dtype, name="relation_network"
+        self.inner_lr = layers.add_rate(
+            self, "inner_lr", config.num_latents, config.inner_lr_init
         )
-        self.decoder = layers.Decoder(
-            self.num_parameters, seed=seeded(10), dtype=dtype, name="decoder"
-        )
-        self.encoder.build((None, 1, None, 2))
-        self.relation_network.build((None, 1, None, num_latents))
-        self.decoder.build((None, num_latents))
-        self.inner_lr = self.add_weight(
-            name="inner_lr",
-            shape=(num_latents,),
-            initializer=keras.initializers.Constant(config.inner_lr_init),
-        )
-        self.finetuning_lr = self.add_weight(
-            name="finetuning_lr",
-            shape=(self.num_parameters,),
-            initializer=keras.initializers.Constant(config.finetuning_lr_init),
+        self.finetuning_lr = layers.add_rate(
+            self, "finetuning_lr", self.num_parameters, config.finetuning_lr_init
         )
         self.log_noise_stddev = self.add_weight(
             name="log_noise_stddev", shape=(), initializer="zeros"
@@ -165,7 +146,7 @@ class LEORegressor(keras.layers.Layer):
         """
         pairs = tf.concat([support_x, support_y], axis=-1)[:, None] / INPUT_SCALE
         related = self.relation_network(self.encoder(pairs))  # [B, 1, K, 2L]
-        return gaussian(related[:, 0, 0])
+        return gaussians.gaussian(related[:, 0, 0])
 
     def decode(self, latents, standard_noise=None):
         """Codes [B, L] -> regressor parameters [B, P].
@@ -176,7 +157,8 @@ class LEORegressor(keras.layers.Layer):
         loc = self.decoder.loc(latents)
         if standard_noise is None:
             return loc
-        return loc + latent_stddev(self.decoder.pre_stddev(latents)) * standard_noise
+        scale = gaussians.latent_stddev(self.decoder.pre_stddev(latents))
+        return loc + scale * standard_noise
 
     def predict(self, parameters, inputs):
         """parameters [B, P], inputs [B, M, 1] -> predicted means [B, M, 1]."""
@@ -229,7 +211,7 @@ class LEORegressor(keras.layers.Layer):
         latent_noise = None if noise is None else noise.latent
         parameter_noise = None if noise is None else noise.parameters
         distribution = self.encode(support_x, support_y)
-        latents = sample(distribution, latent_noise)
+        latents = gaussians.sample(distribution, latent_noise)
         adapted = self.leo_inner_loop(support_x, support_y, latents, parameter_noise)
         parameters = self.decode(
             adapted, _pick(parameter_noise, self.config.inner_unroll_length)
@@ -252,18 +234,8 @@ class LEORegressor(keras.layers.Layer):
         likelihood = tfd.Normal(loc=predictions, scale=self.noise_stddev())
         query_nll = -tf.reduce_mean(likelihood.log_prob(batch.query_y), axis=[1, 2])
         query_mse = mean_squared_error(predictions, batch.query_y)
-        if noise is None:
-            kl = encoder_penalty = tf.zeros_like(query_nll)
-        else:
-            kl = kl_estimate(
-                adaptation.latent_distribution, noise.latent, adaptation.latents
-            )
-            encoder_penalty = tf.reduce_mean(
-                tf.square(
-                    adaptation.latents - tf.stop_gradient(adaptation.adapted_latents)
-                ),
-                axis=1,
-            )
+        latent_noise = None if noise is None else noise.latent
+        kl, encoder_penalty = gaussians.latent_regularisers(adaptation, latent_noise)
         loss = (
             query_nll
             + self.config.kl_weight * kl
@@ -271,19 +243,11 @@ class LEORegressor(keras.layers.Layer):
         )
         return TaskLosses(loss, query_nll, query_mse, kl, encoder_penalty)
 
-    def penalties(self):
-        """l2_penalty_weight * sum(w^2)/2 + orthogonality_penalty_weight * ortho."""
-        l2 = tf.add_n([tf.nn.l2_loss(w) for w in self.weight_matrices])
-        return (
-            self.config.l2_penalty_weight * l2
-            + self.config.orthogonality_penalty_weight
-            * self.decoder.orthogonality_penalty()
-        )
-
     def meta_loss(self, batch, noise):
-        """(scalar objective, TaskLosses): mean task loss plus the penalties."""
+        """(scalar objective, TaskLosses): mean task loss plus the weight penalties."""
         losses = self.task_losses(batch, noise)
-        return tf.reduce_mean(losses.loss) + self.penalties(), losses
+        penalties = layers.weight_penalties(self)[2]
+        return tf.reduce_mean(losses.loss) + penalties, losses
 
     def sampled_predictions(self, support_x, support_y, inputs, noises):
         """Predictions of independently sampled adaptations.

@@ -215,18 +215,12 @@ def figure_png(config, models, predict, stream):
 
 
 def _check_compatible(directory, config, names):
-    """ConfigError naming the first of the fields `names` whose value differs
-    from the directory's saved configuration."""
+    """ConfigError naming the fields `names` whose values differ from the
+    directory's saved configuration (if it has one)."""
     saved = checkpoints.read_json(directory / checkpoints.CONFIG_FILE)
-    if saved is None:
-        return
-    for name in names:
-        if saved.get(name) != getattr(config, name):
-            raise config_lib.ConfigError(
-                f"--{name}={getattr(config, name)}: the checkpoints in {directory} "
-                f"were made with {name}={saved.get(name)}; use that value or "
-                "another --checkpoint_path"
-            )
+    if saved is not None:
+        current = {name: getattr(config, name) for name in names}
+        checkpoints.check_unchanged(directory, saved, current)
 
 
 def _fixed_on_resume():
