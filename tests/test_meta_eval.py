@@ -109,6 +109,8 @@ def test_without_the_baseline_scores_leo_alone_with_equal_results(grouped):
     np.testing.assert_allclose(results.query_loss, loss, rtol=1e-5, atol=1e-6)
     _, prototypes, *_ = evaluator.batch_inputs(1)
     assert prototypes.size == 0  # no prototypes made or multiplied
+    first = evaluator.evaluate_episodes(4)
+    assert first.baseline_accuracy is None and len(first.accuracy) == 4
 
 
 def test_results_do_not_depend_on_how_batches_are_split_or_towers():
