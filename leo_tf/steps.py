@@ -3,8 +3,9 @@
 The meta-training step differentiates the meta-batch loss through both inner
 loops (second order), replaces NaN gradients by a weight-decay pull (the
 authors' guard), clips each gradient tensor by value then by norm, and
-applies Adam. On CPUs the meta-batch runs as towers side by side, and the
-steps give the model the batched matmul that suits the host (`host_products`).
+applies Adam. On CPUs the meta-batch runs as towers side by side, each one
+XLA computation (`host_jit_towers`), and the steps give the model the
+batched matmul that suits the host (`host_products`).
 """
 
 import contextlib
