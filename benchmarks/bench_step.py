@@ -16,9 +16,10 @@ its steady state. Variants:
 
   shipped   leo_tf's compiled steps, fed by its tf.data pipeline (episodes
             and noise drawn ahead of the step); in evaluation, its
-            meta-validation and meta-test loop (meta_eval.MetaEvaluator)
-            as users run it: new batches of indices, the split's examples
-            held in TensorFlow, the nearest-class-mean baseline included;
+            meta-validation loop (meta_eval.MetaEvaluator) as a training
+            run uses it: new batches of indices, the split's examples held
+            in TensorFlow, LEO alone (the meta-test adds the
+            nearest-class-mean baseline);
   map_fn    the literal per-episode formulation of leo_tf/reference.py
             under tf.map_fn, with the same outer update, same pipeline (in
             evaluation, on one materialised batch, reused);
@@ -161,6 +162,7 @@ def _tf_worker(variant, setting, args):
         evaluator = meta_eval.MetaEvaluator(
             model,
             sampler,
+            with_baseline=False,
             jit_compile=args.jit_compile,
             num_towers=runtime.num_towers(towers, setting["batch"]),
         )
@@ -199,6 +201,10 @@ def _tf_worker(variant, setting, args):
 def _torch_worker(setting, args):
     import numpy as np
     import torch
+
+    # Before TensorFlow (the sampler imports it): torch.optim loads Triton
+    # through torch._dynamo, and Triton crashes when loaded after TensorFlow.
+    import torch._dynamo  # noqa: F401
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     import torch_leo
@@ -299,7 +305,13 @@ class _Worker:
             command.append("--jit_compile")
         if args.torch_threads:
             command.append(f"--torch_threads={args.torch_threads}")
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": path}
+        if variant == "torch":
+            # PyTorch's OpenMP threads spin while they wait: on cores shared
+            # with other processes (the other variants' pipelines, anything
+            # else) its steps then ran 10-100x slower.
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self._process = subprocess.Popen(
             command,

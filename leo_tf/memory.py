@@ -16,15 +16,21 @@ as often as it is alive at once (float32, 4 bytes an element):
   the relation network's pairs [B, NK, NK, 2L];
 * an evaluation batch's support set 5 times; its queries are scored
   without building them (meta_eval): the logits of each (episode, class)
-  pair's S = K + V examples against the episode's 2N columns and their
-  scores, twice each, plus the gathered queries, twice, where meta_eval
-  would gather them (at most MAX_GATHERED_BYTES);
+  pair's S = K + V examples against the episode's N columns (2N with the
+  baseline, which only the meta-test reports) and their scores, twice each,
+  plus the gathered queries, twice, where meta_eval would gather them (at
+  most MAX_GATHERED_BYTES);
 * the weights 12 times (the weights, Adam's two slots, the per-term
   gradients, their sum and the clipped gradients);
 * the embedding files twice (the loaded arrays, the normalised copy);
 * a fixed 1 GiB for the interpreter, TensorFlow and the compiled steps.
 
-Measured peaks (BUILD.md, "Memory estimate") are 0.58-0.85 of the estimate.
+Measured peaks (BUILD.md, "Memory estimate") are 0.75-0.86 of the estimate
+for batches of up to 200 episodes in evaluation and 96 in meta-training;
+not counted is what grows with the number of a compiled step's ops (one
+2-D MatMul per episode and use, XLA's compilation), which put the peaks of
+an 800-episode meta-validation or meta-test and of 192-episode
+meta-training 1.5-1.6x and 1.06x above it.
 """
 
 import dataclasses
@@ -167,6 +173,7 @@ def eval_tensors(config, embedding_dim, evaluation):
     v, d, l = evaluation.num_val, embedding_dim, model.num_latents
     batch = _flags(config, evaluation.batch_flag)
     name = evaluation.split
+    groups = 2 if name == "meta-test" else 1  # meta_eval's with_baseline
     queries = Tensor(
         f"{name} gathered query batch",
         (b, n, v, d),
@@ -195,13 +202,13 @@ def eval_tensors(config, embedding_dim, evaluation):
         ),
         Tensor(
             f"{name} query logits",
-            (b, n, 2 * n, k + v),
+            (b, n, groups * n, k + v),
             2,
             batch + _flags(config, "num_classes"),
         ),
         Tensor(
             f"{name} query scores",
-            (b, n, k + v, 3),
+            (b, n, k + v, groups + 1),
             2,
             batch + _flags(config, "num_classes"),
         ),

@@ -3,8 +3,9 @@
 The meta-training step differentiates the meta-batch loss through both inner
 loops (second order), replaces NaN gradients by a weight-decay pull (the
 authors' guard), clips each gradient tensor by value then by norm, and
-applies Adam. On CPUs the meta-batch runs as towers side by side, and the
-steps give the model the batched matmul that suits the host (`host_products`).
+applies Adam. On CPUs the meta-batch runs as towers side by side, each one
+XLA computation (`host_jit_towers`), and the steps give the model the
+batched matmul that suits the host (`host_products`).
 """
 
 import contextlib
@@ -153,23 +154,6 @@ def _concatenated(towers):
     return EpisodeOutputs(*(tf.concat(parts, 0) for parts in zip(*towers)))
 
 
-def meta_batch_loss(model, episodes, noise, num_towers):
-    """The model's MetaBatchLoss over towers, and the terms of its total.
-
-    The terms are scalars whose sum is the total (up to rounding): each
-    tower's share of the mean episode loss, then the weighted penalties. Each
-    depends on its own ops, so their gradients can be taken one by one
-    (`_scaled_gradients`).
-    """
-    towers = run_towers(model, episodes, noise, num_towers)
-    objective = model.objective(_concatenated(towers))
-    # mean over the B episodes = sum over towers of (tower's loss sum) / B
-    losses = objective.episodes.loss
-    batch_size = tf.cast(tf.shape(losses)[0], losses.dtype)
-    shares = [tf.reduce_sum(tower.loss) / batch_size for tower in towers]
-    return objective, (*shares, objective.penalties)
-
-
 def _build_optimizer(optimizer, variables):
     # Creating Adam's slots up front keeps variable creation out of the trace,
     # so the compiled step traces once.
@@ -177,23 +161,69 @@ def _build_optimizer(optimizer, variables):
         optimizer.build(variables)
 
 
-def _scaled_gradients(model, episodes, noise, scale, num_towers):
+def host_jit_towers():
+    """Whether each tower is best one XLA computation on this host: on CPUs.
+
+    There, XLA fuses the tower's thousands of small ops: 10% (1-shot) and
+    14% (5-shot) less CPU time per step, and far less waiting for a core
+    when the cores are shared (BUILD.md, Performance). XLA of the whole
+    step, the penalties and update included, is slower (`--jit_compile`).
+    """
+    return runtime.unbatched_matmuls()
+
+
+def tower_gradients_fn(model, jit_compile=False):
+    """A tower's (episodes, noise, batch_size, scale) -> (gradients, EpisodeOutputs).
+
+    The gradients are those of scale * (sum of the tower's episode losses)
+    / batch_size, one per trainable variable (None where unconnected), the
+    EpisodeOutputs those of `model.run_episodes` on the tower's episodes
+    (with the model's matmul at the time of tracing, `host_products`); with
+    jit_compile, the tower's forward and backward passes are one XLA
+    computation (equal up to float32 rounding).
+    """
+    variables = model.trainable_variables
+
+    def tower(episodes, noise, batch_size, scale):
+        with tf.GradientTape() as tape:
+            outputs = model.run_episodes(episodes, noise)
+            share = tf.reduce_sum(outputs.loss) / batch_size * scale
+        return tape.gradient(share, variables), outputs
+
+    return tf.function(tower, jit_compile=True) if jit_compile else tower
+
+
+def _scaled_gradients(model, episodes, noise, scale, num_towers, tower_fn):
     """Gradients of scale * meta-batch loss, and the (unscaled) objective.
 
-    The gradient of each of the objective's terms (each tower's share of the
-    loss, the penalties) is taken on its own, and they are summed in a fixed
-    order. Taken at once, a variable's contributions from the towers and the
-    penalties would meet in one AddN, whose CPU kernel accumulates into the
-    first input buffer it can reuse at run time: with towers running side by
+    The meta-batch runs as num_towers towers (`meta_batch_part`), each
+    differentiating its share of the mean episode loss (tower_fn, see
+    `tower_gradients_fn`); the penalties are differentiated on their own,
+    and each variable's gradients are summed in a fixed order. Taken at
+    once, a variable's contributions from the towers and the penalties
+    would meet in one AddN, whose CPU kernel accumulates into the first
+    input buffer it can reuse at run time: with towers running side by
     side, that input, and so the order of the float additions, changed from
     run to run, and equal seeds gave different weights (README,
     Reproducibility).
     """
-    with tf.GradientTape(persistent=True) as tape:
-        objective, terms = meta_batch_loss(model, episodes, noise, num_towers)
-        terms = [term * scale for term in terms]
+    batch_size = tf.cast(tf.shape(episodes.tr_input)[0], model.compute_dtype)
+    if num_towers == 1:
+        parts = [(episodes, noise)]
+    else:
+        parts = [
+            meta_batch_part(episodes, noise, i, num_towers) for i in range(num_towers)
+        ]
+    per_term, towers = [], []
+    for part in parts:
+        gradients, outputs = tower_fn(*part, batch_size, scale)
+        per_term.append(gradients)
+        towers.append(outputs)
     variables = model.trainable_variables
-    per_term = [tape.gradient(term, variables) for term in terms]
+    with tf.GradientTape() as tape:
+        objective = model.objective(_concatenated(towers))
+        penalties = objective.penalties * scale
+    per_term.append(tape.gradient(penalties, variables))
     gradients = [
         _fixed_order_sum([g for g in parts if g is not None], v)
         for v, *parts in zip(variables, *per_term)
@@ -244,17 +274,19 @@ def _guard_and_clip(model, config, loss, gradients):
     return gradients, gradient_norm, fired
 
 
-def train_step_fn(model, optimizer, config, num_towers=1):
+def train_step_fn(model, optimizer, config, num_towers=1, jit_towers=False):
     """The uncompiled meta-training step: (episodes, noise) -> TrainMetrics.
 
-    num_towers: see `run_towers`.
+    num_towers: see `run_towers`; jit_towers: each tower one XLA
+    computation (`tower_gradients_fn`).
     """
     _build_optimizer(optimizer, model.trainable_variables)
+    tower_fn = tower_gradients_fn(model, jit_towers)
 
     def step(episodes, noise):
         with host_products(model):
             gradients, objective = _scaled_gradients(
-                model, episodes, noise, 1.0, num_towers
+                model, episodes, noise, 1.0, num_towers, tower_fn
             )
         gradients, gradient_norm, fired = _guard_and_clip(
             model, config, objective.total, gradients
@@ -283,13 +315,14 @@ def distributed_train_step_fn(strategy, model, optimizer, config):
     with strategy.scope():
         _build_optimizer(optimizer, model.trainable_variables)
     replicas = strategy.num_replicas_in_sync
+    tower_fn = tower_gradients_fn(model)
 
     def replica_step(episodes, noise):
         context = tf.distribute.get_replica_context()
         replica = context.replica_id_in_sync_group
         episodes, noise = meta_batch_part(episodes, noise, replica, replicas)
         gradients, objective = _scaled_gradients(
-            model, episodes, noise, 1 / replicas, 1
+            model, episodes, noise, 1 / replicas, 1, tower_fn
         )
         total = tf.distribute.ReduceOp.SUM
         gradients = context.all_reduce(total, gradients)
@@ -340,14 +373,18 @@ def compile_train_step(
     jit_compile=False,
     strategy=None,
     num_towers=1,
+    jit_towers=None,
 ):
     """The meta-training step as a tf.function traced once for these shapes.
 
     With a tf.distribute `strategy`, the meta-batch is split over its
-    replicas; otherwise into num_towers parts run side by side.
+    replicas; otherwise into num_towers parts run side by side, each one XLA
+    computation if jit_towers (None: `host_jit_towers()`).
     """
+    if jit_towers is None:
+        jit_towers = host_jit_towers()
     if strategy is None:
-        step = train_step_fn(model, optimizer, config, num_towers)
+        step = train_step_fn(model, optimizer, config, num_towers, jit_towers)
     else:
         step = distributed_train_step_fn(strategy, model, optimizer, config)
     return tf.function(

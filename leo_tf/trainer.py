@@ -246,6 +246,7 @@ class _TrainingLoop:
         evaluator = meta_eval.MetaEvaluator(
             leo.model,
             data.val_sampler,
+            with_baseline=False,  # meta-validation reports LEO alone
             jit_compile=config.train.jit_compile,
             num_towers=runtime.num_towers(
                 config.train.num_towers, config.data.metavalid_batch_size

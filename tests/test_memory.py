@@ -44,11 +44,12 @@ def test_tensor_over_the_int32_limit_is_refused_naming_it_and_its_flags(tmp_path
 
 
 def test_int32_limit_is_exact(tmp_path):
-    # 2-way 1-shot, V = 63: the query logits [b, 2, 4, 64] have b * 2^9 elements.
-    config = _config(tmp_path, num_classes=2, metavalid_batch_size=2**22)
+    # 2-way 1-shot, V = 63: the meta-validation query logits [b, 2, 2, 64]
+    # (LEO's N columns, no baseline) have b * 2^8 elements.
+    config = _config(tmp_path, num_classes=2, metavalid_batch_size=2**23)
     with pytest.raises(config_lib.ConfigError, match="2,147,483,648 elements"):
-        memory.check_fits(config, 16, [_validation(2**22, 63)], 0, PLENTY)
-    memory.check_fits(config, 16, [_validation(2**22 - 1, 63)], 0, PLENTY)
+        memory.check_fits(config, 16, [_validation(2**23, 63)], 0, PLENTY)
+    memory.check_fits(config, 16, [_validation(2**23 - 1, 63)], 0, PLENTY)
 
 
 def test_estimate_counts_every_tensor_times_its_copies(tmp_path):
@@ -70,6 +71,24 @@ def test_estimate_counts_every_tensor_times_its_copies(tmp_path):
     )
 
 
+def test_only_the_meta_test_counts_the_baseline_columns(tmp_path):
+    # 50 x 5-way 1-shot, V = 23: meta_eval scores the baseline (N more
+    # columns, one more score) only in the meta-test.
+    config = _config(tmp_path)
+    shapes = {}
+    for split, flag in [
+        ("meta-validation", "metavalid_batch_size"),
+        ("meta-test", "metatest_batch_size"),
+    ]:
+        evaluation = memory.EvalShape(split, flag, 50, 23)
+        for tensor in memory.eval_tensors(config, 16, evaluation):
+            shapes[tensor.name] = tensor.shape
+    assert shapes["meta-validation query logits"] == (50, 5, 5, 24)
+    assert shapes["meta-validation query scores"] == (50, 5, 24, 2)
+    assert shapes["meta-test query logits"] == (50, 5, 10, 24)
+    assert shapes["meta-test query scores"] == (50, 5, 24, 3)
+
+
 def test_query_batch_too_large_to_gather_is_not_counted(tmp_path):
     # 200 x 5-way 1-shot, V = 599, D = 640: 1.4 GiB of queries, scored class
     # by class instead of gathered.
@@ -84,19 +103,19 @@ def test_query_batch_too_large_to_gather_is_not_counted(tmp_path):
 
 
 def test_run_that_needs_more_memory_than_available_is_refused(tmp_path):
-    # 20000 episodes x 5 classes x 10 columns x 600 examples, 2 copies: 4.5 GiB.
-    config = _config(tmp_path, metavalid_batch_size=20000)
+    # 40000 episodes x 5 classes x 5 columns x 600 examples, 2 copies: 4.5 GiB.
+    config = _config(tmp_path, metavalid_batch_size=40000)
     limit = (4 * GIB, "a 4 GiB test limit")
     with pytest.raises(config_lib.ConfigError) as raised:
-        memory.check_fits(config, 640, [_validation(20000, 599)], 0, limit)
+        memory.check_fits(config, 640, [_validation(40000, 599)], 0, limit)
     message = str(raised.value)
-    assert message.startswith("--metavalid_batch_size=20000: the run needs about ")
+    assert message.startswith("--metavalid_batch_size=40000: the run needs about ")
     assert (
         "GiB of memory at its peak (4.5 GiB for the meta-validation query logits "
-        "[20000, 5, 10, 600]), more than the 4.0 GiB available (a 4 GiB test "
+        "[40000, 5, 5, 600]), more than the 4.0 GiB available (a 4 GiB test "
         "limit); lower --metavalid_batch_size or --num_classes"
     ) in message
-    memory.check_fits(config, 640, [_validation(20000, 599)], 0, (64 * GIB, "more"))
+    memory.check_fits(config, 640, [_validation(40000, 599)], 0, (64 * GIB, "more"))
 
 
 def test_available_memory_is_the_least_limit(tmp_path, monkeypatch):

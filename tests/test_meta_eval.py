@@ -95,6 +95,24 @@ def test_equals_run_episodes_and_numpy_baseline_on_the_same_episodes(
     np.testing.assert_allclose(results.baseline_accuracy, baseline_accuracy, atol=1e-7)
 
 
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "gathered"])
+def test_without_the_baseline_scores_leo_alone_with_equal_results(grouped):
+    sampler = _sampler(UNEQUAL_SIZES, 1)
+    model = _model()
+    evaluator = meta_eval.MetaEvaluator(
+        model, sampler, with_baseline=False, num_towers=2, grouped=grouped
+    )
+    results = evaluator.evaluate(1, 2)
+    accuracy, loss, _ = _reference(model, sampler, 1, 2)
+    assert results.baseline_accuracy is None
+    np.testing.assert_array_equal(results.accuracy, accuracy)
+    np.testing.assert_allclose(results.query_loss, loss, rtol=1e-5, atol=1e-6)
+    _, prototypes, *_ = evaluator.batch_inputs(1)
+    assert prototypes.size == 0  # no prototypes made or multiplied
+    first = evaluator.evaluate_episodes(4)
+    assert first.baseline_accuracy is None and len(first.accuracy) == 4
+
+
 def test_results_do_not_depend_on_how_batches_are_split_or_towers():
     sampler = _sampler(UNEQUAL_SIZES, 1)
     model = _model()
@@ -151,7 +169,8 @@ def test_equal_logits_go_to_the_lowest_label():
         [[[2.0, 1.0, 3.0], [2.0, 0.0, 3.0], [1.0, 5.0, 3.0], [2.0, 4.0, 3.0]]],
         np.float32,
     )  # [P=1, 2N=4, S=3]
-    scores = meta_eval._pair_scores(tf.constant(logits), tf.constant([1])).numpy()
+    scores = meta_eval._pair_scores(tf.constant(logits), tf.constant([1]), 2)
+    scores = scores.numpy()
     # LEO: [2, 2] ties (label 0 wins: wrong), 1 > 0 (wrong), 3 = 3 (wrong);
     # baseline: 1 < 2 (right), 5 > 4 (wrong), 3 = 3 (wrong).
     np.testing.assert_array_equal(scores[0, :, 0], [0, 0, 0])
@@ -159,20 +178,27 @@ def test_equal_logits_go_to_the_lowest_label():
     leo = logits[0, :2].astype(np.float64)  # [N, S]
     expected_loss = np.log(np.exp(leo).sum(axis=0)) - leo[1]
     np.testing.assert_allclose(scores[0, :, 1], expected_loss, rtol=1e-6)
+    # LEO's logits alone: its two scores, the same.
+    alone = meta_eval._pair_scores(tf.constant(logits[:, :2]), tf.constant([1]), 1)
+    np.testing.assert_array_equal(alone.numpy(), scores[..., :2])
 
 
 def test_prefers_grouped_scoring_for_all_remaining_queries_only():
-    def sampler(num_val, num_classes=5, class_size=600, batch_size=200):
+    def sampler(num_val, num_classes=5, class_size=600, split_classes=20, dim=640):
         return types.SimpleNamespace(
-            normalized_embeddings=np.empty((20 * class_size, 0)),
-            class_offsets=np.arange(20) * class_size,
+            normalized_embeddings=np.empty((split_classes * class_size, 0)),
+            class_offsets=np.arange(split_classes) * class_size,
             num_classes=num_classes,
             num_val_examples_per_class=num_val,
-            batch_size=batch_size,
-            embedding_dim=640,
+            batch_size=200,
+            embedding_dim=dim,
         )
 
     assert meta_eval.prefers_grouped(sampler(599))  # miniImageNet meta-test
     assert not meta_eval.prefers_grouped(sampler(15))
     # Gathering 20-way queries would take 6 GB.
     assert meta_eval.prefers_grouped(sampler(599, num_classes=20))
+    # Omniglot's meta-test: 659 small classes, one op each would cost more
+    # than copying the (5 MB of) queries.
+    omniglot = sampler(19, class_size=20, split_classes=659, dim=64)
+    assert not meta_eval.prefers_grouped(omniglot)

@@ -195,25 +195,23 @@ def test_towers_give_the_same_results_as_one_batch(matmul):
     model = fx.small_model(dtype="float64")
     episodes = fx.random_episodes(12, batch=4)
     noise = fx.noise_for(episodes, model.config, dtype=tf.float64)
-    with tf.GradientTape(persistent=True) as tape:
-        one = model.meta_batch_loss(episodes, noise)
-        model.matmul = matmul
-        two, _ = steps.meta_batch_loss(model, episodes, noise, 2)
+    one = model.run_episodes(episodes, noise)
+    model.matmul = matmul
+    two = steps.run_towers(model, episodes, noise, 2)
     for name in ("loss", "accuracy", "kl", "encoder_penalty", "logits"):
         np.testing.assert_allclose(
-            getattr(two.episodes, name).numpy(),
-            getattr(one.episodes, name).numpy(),
+            np.concatenate([getattr(part, name).numpy() for part in two]),
+            getattr(one, name).numpy(),
             rtol=1e-12,
             err_msg=name,
         )
-    for a, b in zip(
-        tape.gradient(one.total, model.trainable_variables),
-        tape.gradient(two.total, model.trainable_variables),
-    ):
-        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-10, atol=1e-14)
 
 
-def test_gradients_taken_per_term_equal_the_gradient_of_the_total():
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+@pytest.mark.parametrize("num_towers", [1, 3])
+def test_tower_gradients_summed_equal_the_gradient_of_the_total(
+    num_towers, jit_compile
+):
     model = fx.small_model(dtype="float64")
     episodes = fx.random_episodes(13, batch=6)
     noise = fx.noise_for(episodes, model.config, dtype=tf.float64)
@@ -221,18 +219,37 @@ def test_gradients_taken_per_term_equal_the_gradient_of_the_total():
         objective = model.meta_batch_loss(episodes, noise)
     expected = tape.gradient(objective.total, model.trainable_variables)
 
-    _, terms = steps.meta_batch_loss(model, episodes, noise, 3)
-    gradients, scaled = steps._scaled_gradients(model, episodes, noise, 0.5, 3)
-
-    assert len(terms) == 4  # three towers' shares, then the penalties
-    assert sum(t.numpy() for t in terms) == pytest.approx(
-        objective.total.numpy(), rel=1e-14
+    tower_fn = steps.tower_gradients_fn(model, jit_compile=jit_compile)
+    gradients, scaled = steps._scaled_gradients(
+        model, episodes, noise, 0.5, num_towers, tower_fn
     )
+
     assert scaled.total.numpy() == pytest.approx(objective.total.numpy(), rel=1e-14)
+    np.testing.assert_allclose(
+        scaled.episodes.logits.numpy(), objective.episodes.logits.numpy(), rtol=1e-12
+    )
     for variable, a, b in zip(model.trainable_variables, expected, gradients):
         np.testing.assert_allclose(
             b.numpy(), 0.5 * a.numpy(), rtol=1e-12, atol=1e-15, err_msg=variable.path
         )
+
+
+def test_compiled_train_step_compiles_each_tower_with_xla_on_cpus(monkeypatch):
+    model, optimizer, config = _train_setup(dtype="float32")
+    spec = fx.episodes_spec(3, 3, 2, 4, 8)
+    monkeypatch.setattr(runtime, "_has_gpu", lambda: False)
+    assert steps.host_jit_towers()
+    step = steps.compile_train_step(model, optimizer, config, spec, num_towers=2)
+    graph = step.get_concrete_function().graph
+    compiled = [
+        op
+        for op in graph.get_operations()
+        if op.type in ("PartitionedCall", "StatefulPartitionedCall")
+        and op.get_attr("_XlaMustCompile")
+    ]
+    assert len(compiled) == 2  # one per tower
+    monkeypatch.setattr(runtime, "_has_gpu", lambda: True)
+    assert not steps.host_jit_towers()
 
 
 @pytest.mark.slow
