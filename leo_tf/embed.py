@@ -65,10 +65,12 @@ def main(argv):
     with cli.reported(ValueError):
         config = config_from_flags()  # before TensorFlow is even imported
     # pylint: disable=g-import-not-at-top
-    from leo_tf.embedding import images, pipeline, splits
+    from leo_tf.embedding import episodic, images, pipeline, splits
 
     # pylint: enable=g-import-not-at-top
-    with cli.reported(images.ImageSourceError, splits.SplitError):
+    with cli.reported(
+        images.ImageSourceError, splits.SplitError, episodic.EpisodeError
+    ):
         result = pipeline.run(config)
     print(f"class split: {result.split_rule}")
     for split, summary in result.splits.items():

@@ -412,6 +412,9 @@ def test_omniglot_flagfile_rotates_only_the_training_classes(fake_omniglot, tmp_
             "--conv_filters=3",
             "--epochs=1",
             "--batch_size=16",
+            "--episodic_episodes=2",  # the fake's 32 classes have 5 images
+            "--episodic_ways=4",
+            "--episodic_queries=2",
         ]
     )
     result = pipeline.run(embed.config_from_flags(values))

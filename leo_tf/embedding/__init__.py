@@ -13,6 +13,8 @@ format `leo_tf.data.embeddings` reads. Modules, one job each:
     backbones.py  Keras feature extractors: conv4 (default) and WRN-28-10
     pretrain.py   supervised training of backbone + linear softmax head,
                   feature extraction in inference mode
+    episodic.py   optional episodic fine-tuning of the feature extractor
+                  (prototypical loss, cosine similarity, learned scale)
     writer.py     class ids, keys and atomic pickle / classes.json writing
     pipeline.py   the whole run: source -> split -> train -> embed -> write
     options.py    its configuration: the flags of `leo_tf.embed` (no TensorFlow)

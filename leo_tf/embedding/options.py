@@ -14,6 +14,7 @@ from typing import ClassVar, Tuple
 from leo_tf.config import (
     ConfigError,
     at_least,
+    finite_above,
     names_a_directory,
     option,
     seed_range,
@@ -173,6 +174,31 @@ class TrainConfig:
     )
     augment_zoom: float = option(
         0.0, "Training augmentation: maximum random zoom, a fraction (0: off)."
+    )
+    episodic_episodes: int = option(
+        0,
+        "After the supervised epochs, fine-tune the feature extractor on this "
+        "many few-shot episodes of the train classes with a prototypical "
+        "cosine loss (see embedding/episodic.py; 0: off).",
+        at_least(0),
+    )
+    episodic_ways: int = option(60, "Classes per fine-tuning episode.", at_least(2))
+    episodic_shots: int = option(
+        1, "Support images per class of a fine-tuning episode.", at_least(1)
+    )
+    episodic_queries: int = option(
+        5, "Query images per class of a fine-tuning episode.", at_least(1)
+    )
+    episodic_learning_rate: float = option(
+        1e-4,
+        "Adam's initial learning rate for the fine-tuning episodes "
+        "(cosine-decayed to 0).",
+        finite_above(0.0),
+    )
+    episodic_scale: float = option(
+        50.0,
+        "Initial value of the learned scale of the episodes' cosine logits.",
+        finite_above(0.0),
     )
     seed: int = option(
         0,

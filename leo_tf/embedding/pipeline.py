@@ -3,7 +3,8 @@
 `run(EmbedConfig)` reads the images of one source, splits the CLASSES into
 meta-train / meta-validation / meta-test (splits.py; clean: the embedding
 network and its softmax head are fitted on the meta-train classes' images
-only), optionally adds rotated classes, trains the network (pretrain.py),
+only), optionally adds rotated classes, trains the network (pretrain.py, then
+optionally episodic.py),
 embeds every image of every split in inference mode and writes
 `<data_path>/<dataset_name>/<embedding_crop>/{train,val,test}_embeddings.pkl`
 and `classes.json` (writer.py).
@@ -19,6 +20,7 @@ from typing import Dict, Tuple
 import numpy as np
 
 from leo_tf.data import embeddings as embeddings_lib
+from leo_tf.embedding import episodic
 from leo_tf.embedding import images as images_lib
 from leo_tf.embedding import pretrain
 from leo_tf.embedding import splits as splits_lib
@@ -57,8 +59,10 @@ class EmbedResult:
         classes the network was trained on).
       split_rule: how classes were split, in words.
       embedding_dim: D.
-      seconds: wall time per stage ("load", "train", "embed", "write").
-      history: per-epoch training loss / accuracy.
+      seconds: wall time per stage ("load", "train", ["episodic",] "embed",
+        "write").
+      history: per-epoch training loss / accuracy (and, with episodic
+        fine-tuning, episodic.finetune's history).
       classes_path: the classes.json file.
     """
 
@@ -253,12 +257,26 @@ def run(config: EmbedConfig) -> EmbedResult:
         len(ids["train"]),
     )
 
+    train_names, train_counts, train_labels = blocks["train"]
+    if config.train.episodic_episodes:
+        episodic.check_episodes_fit(train_counts, config.train)
     start = time.perf_counter()
-    train_names, _, train_labels = blocks["train"]
     trained = pretrain.train_classifier(
         by_split["train"].images, train_labels, len(train_names), config.train
     )
     seconds["train"] = time.perf_counter() - start
+    if config.train.episodic_episodes:
+        start = time.perf_counter()
+        trained.history.update(
+            episodic.finetune(
+                trained.extractor,
+                by_split["train"].images,
+                train_labels,
+                len(train_names),
+                config.train,
+            )
+        )
+        seconds["episodic"] = time.perf_counter() - start
 
     start = time.perf_counter()
     embeddings = {
