@@ -396,6 +396,7 @@ def test_rotation_splits_must_name_one_or_more_splits():
             config_lib.check(options.SplitConfig(rotation_splits=bad))
 
 
+@pytest.mark.slow
 def test_omniglot_flagfile_rotates_only_the_training_classes(fake_omniglot, tmp_path):
     """flags/omniglot_embed.cfg (--rotation_splits=train): rotated classes
     train the network; val and test keep the original characters."""
@@ -564,6 +565,7 @@ def test_image_sources_report_bad_inputs_by_name(tmp_path):
 # ---------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_pickles_and_another_seed_differs(
     packed_run, fake_omniglot, tmp_path
 ):

@@ -126,6 +126,7 @@ def test_finetuning_trains_the_extractor_and_scale_and_lowers_the_loss():
     assert all(changed)  # conv kernels, batch-norm weights and statistics
 
 
+@pytest.mark.slow
 def test_pipeline_runs_episodes_only_when_asked_and_checks_them_first(
     fake_omniglot, tmp_path, monkeypatch
 ):

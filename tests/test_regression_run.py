@@ -74,6 +74,7 @@ def trained(tmp_path_factory):
     return directory
 
 
+@pytest.mark.slow
 def test_training_resumed_from_a_checkpoint_equals_an_uninterrupted_run(
     trained, tmp_path
 ):

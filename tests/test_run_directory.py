@@ -567,6 +567,7 @@ def test_disk_full_during_promotion_leaves_nothing_half_written_and_rerun_promot
     assert _best_step(run) == 20
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_summaries_is_one_error_and_rerun_resumes(
     data_path, run, monkeypatch, caplog
 ):
@@ -659,6 +660,7 @@ def test_a_folder_that_is_not_a_run_is_refused_and_left_untouched(
     assert run_fixtures.snapshot(folder) == before
 
 
+@pytest.mark.slow
 def test_a_new_run_may_start_beside_flagfiles_and_summaries(data_path, tmp_path):
     folder = tmp_path / "trial"
     folder.mkdir()
