@@ -3,9 +3,9 @@
 The meta-training step differentiates the meta-batch loss through both inner
 loops (second order), replaces NaN gradients by a weight-decay pull (the
 authors' guard), clips each gradient tensor by value then by norm, and
-applies Adam. On CPUs the meta-batch runs as towers side by side, each one
-XLA computation (`host_jit_towers`), and the steps give the model the
-batched matmul that suits the host (`host_products`).
+applies Adam. On CPUs the meta-batch runs as towers side by side, and the
+steps give the model the batched matmul that suits the host
+(`host_products`).
 """
 
 import contextlib
@@ -93,14 +93,19 @@ def host_matmul():
     return ops.per_episode_matmul if runtime.unbatched_matmuls() else tf.matmul
 
 
-@contextlib.contextmanager
 def host_products(model):
     """Within it, `model.matmul` is `host_matmul()`; on leaving, the model's own.
 
-    What the model traces inside (the steps, meta-evaluation) takes the
-    host's form; the model alone traces the same ops on every host.
+    What the model traces inside (the training steps) takes the host's form;
+    the model alone traces the same ops on every host.
     """
-    own, model.matmul = model.matmul, host_matmul()
+    return products(model, host_matmul())
+
+
+@contextlib.contextmanager
+def products(model, matmul):
+    """Within it, `model.matmul` is `matmul`; on leaving, the model's own."""
+    own, model.matmul = model.matmul, matmul
     try:
         yield model
     finally:
@@ -161,26 +166,13 @@ def _build_optimizer(optimizer, variables):
         optimizer.build(variables)
 
 
-def host_jit_towers():
-    """Whether each tower is best one XLA computation on this host: on CPUs.
-
-    There, XLA fuses the tower's thousands of small ops: 10% (1-shot) and
-    14% (5-shot) less CPU time per step, and far less waiting for a core
-    when the cores are shared (BUILD.md, Performance). XLA of the whole
-    step, the penalties and update included, is slower (`--jit_compile`).
-    """
-    return runtime.unbatched_matmuls()
-
-
-def tower_gradients_fn(model, jit_compile=False):
+def tower_gradients_fn(model):
     """A tower's (episodes, noise, batch_size, scale) -> (gradients, EpisodeOutputs).
 
     The gradients are those of scale * (sum of the tower's episode losses)
     / batch_size, one per trainable variable (None where unconnected), the
     EpisodeOutputs those of `model.run_episodes` on the tower's episodes
-    (with the model's matmul at the time of tracing, `host_products`); with
-    jit_compile, the tower's forward and backward passes are one XLA
-    computation (equal up to float32 rounding).
+    (with the model's matmul at the time of tracing, `host_products`).
     """
     variables = model.trainable_variables
 
@@ -190,7 +182,7 @@ def tower_gradients_fn(model, jit_compile=False):
             share = tf.reduce_sum(outputs.loss) / batch_size * scale
         return tape.gradient(share, variables), outputs
 
-    return tf.function(tower, jit_compile=True) if jit_compile else tower
+    return tower
 
 
 def _scaled_gradients(model, episodes, noise, scale, num_towers, tower_fn):
@@ -274,14 +266,13 @@ def _guard_and_clip(model, config, loss, gradients):
     return gradients, gradient_norm, fired
 
 
-def train_step_fn(model, optimizer, config, num_towers=1, jit_towers=False):
+def train_step_fn(model, optimizer, config, num_towers=1):
     """The uncompiled meta-training step: (episodes, noise) -> TrainMetrics.
 
-    num_towers: see `run_towers`; jit_towers: each tower one XLA
-    computation (`tower_gradients_fn`).
+    num_towers: see `run_towers`.
     """
     _build_optimizer(optimizer, model.trainable_variables)
-    tower_fn = tower_gradients_fn(model, jit_towers)
+    tower_fn = tower_gradients_fn(model)
 
     def step(episodes, noise):
         with host_products(model):
@@ -373,18 +364,14 @@ def compile_train_step(
     jit_compile=False,
     strategy=None,
     num_towers=1,
-    jit_towers=None,
 ):
     """The meta-training step as a tf.function traced once for these shapes.
 
     With a tf.distribute `strategy`, the meta-batch is split over its
-    replicas; otherwise into num_towers parts run side by side, each one XLA
-    computation if jit_towers (None: `host_jit_towers()`).
+    replicas; otherwise into num_towers parts run side by side.
     """
-    if jit_towers is None:
-        jit_towers = host_jit_towers()
     if strategy is None:
-        step = train_step_fn(model, optimizer, config, num_towers, jit_towers)
+        step = train_step_fn(model, optimizer, config, num_towers)
     else:
         step = distributed_train_step_fn(strategy, model, optimizer, config)
     return tf.function(

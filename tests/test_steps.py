@@ -207,11 +207,8 @@ def test_towers_give_the_same_results_as_one_batch(matmul):
         )
 
 
-@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
 @pytest.mark.parametrize("num_towers", [1, 3])
-def test_tower_gradients_summed_equal_the_gradient_of_the_total(
-    num_towers, jit_compile
-):
+def test_tower_gradients_summed_equal_the_gradient_of_the_total(num_towers):
     model = fx.small_model(dtype="float64")
     episodes = fx.random_episodes(13, batch=6)
     noise = fx.noise_for(episodes, model.config, dtype=tf.float64)
@@ -219,7 +216,7 @@ def test_tower_gradients_summed_equal_the_gradient_of_the_total(
         objective = model.meta_batch_loss(episodes, noise)
     expected = tape.gradient(objective.total, model.trainable_variables)
 
-    tower_fn = steps.tower_gradients_fn(model, jit_compile=jit_compile)
+    tower_fn = steps.tower_gradients_fn(model)
     gradients, scaled = steps._scaled_gradients(
         model, episodes, noise, 0.5, num_towers, tower_fn
     )
@@ -232,24 +229,6 @@ def test_tower_gradients_summed_equal_the_gradient_of_the_total(
         np.testing.assert_allclose(
             b.numpy(), 0.5 * a.numpy(), rtol=1e-12, atol=1e-15, err_msg=variable.path
         )
-
-
-def test_compiled_train_step_compiles_each_tower_with_xla_on_cpus(monkeypatch):
-    model, optimizer, config = _train_setup(dtype="float32")
-    spec = fx.episodes_spec(3, 3, 2, 4, 8)
-    monkeypatch.setattr(runtime, "_has_gpu", lambda: False)
-    assert steps.host_jit_towers()
-    step = steps.compile_train_step(model, optimizer, config, spec, num_towers=2)
-    graph = step.get_concrete_function().graph
-    compiled = [
-        op
-        for op in graph.get_operations()
-        if op.type in ("PartitionedCall", "StatefulPartitionedCall")
-        and op.get_attr("_XlaMustCompile")
-    ]
-    assert len(compiled) == 2  # one per tower
-    monkeypatch.setattr(runtime, "_has_gpu", lambda: True)
-    assert not steps.host_jit_towers()
 
 
 @pytest.mark.slow

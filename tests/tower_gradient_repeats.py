@@ -30,7 +30,7 @@ def main(calls):
     noise = fx.noise_for(episodes, model.config)
 
     # Each tower as the compiled step runs it on this host.
-    tower_fn = steps.tower_gradients_fn(model, steps.host_jit_towers())
+    tower_fn = steps.tower_gradients_fn(model)
 
     @tf.function
     def gradients():
