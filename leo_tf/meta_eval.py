@@ -170,7 +170,13 @@ class MetaEvaluator:
         )
 
     def _adapted_weights(self, support):
-        """[B, N, K, D] -> class weights [B, N, D], adapted in towers."""
+        """[B, N, K, D] -> class weights [B, N, D], adapted in towers.
+
+        With batched matmuls on every host: the support sets' products are
+        small, and per episode (`ops.per_episode_matmul`) a batch of 200
+        episodes traces thousands of MatMuls (6.0 against 2.2 s to trace,
+        the same speed after; BUILD.md, Performance).
+        """
         n = tf.shape(support)[1]
         labels = tf.broadcast_to(
             tf.reshape(tf.range(n, dtype=tf.int32), [1, -1, 1, 1]),
@@ -179,7 +185,7 @@ class MetaEvaluator:
         parts = zip(
             tf.split(support, self._num_towers), tf.split(labels, self._num_towers)
         )
-        with steps.host_products(self._model) as model:
+        with steps.products(self._model, tf.matmul) as model:
             return tf.concat([model.adapt(x, y).class_weights for x, y in parts], 0)
 
     def _score_batch(self, support, prototypes, classes, query_rows):

@@ -202,3 +202,18 @@ def test_prefers_grouped_scoring_for_all_remaining_queries_only():
     # than copying the (5 MB of) queries.
     omniglot = sampler(19, class_size=20, split_classes=659, dim=64)
     assert not meta_eval.prefers_grouped(omniglot)
+
+
+def _adaptation_matmuls(batch_size):
+    """MatMul ops in the traced adaptation of a batch of batch_size episodes."""
+    sampler = _sampler(EQUAL_SIZES, shots=1, batch_size=batch_size)
+    evaluator = meta_eval.MetaEvaluator(_model(), sampler, num_towers=2)
+    support = evaluator.batch_inputs(0)[0]
+    graph = evaluator._adapt.get_concrete_function(tf.constant(support)).graph
+    return sum(op.type == "MatMul" for op in graph.get_operations())
+
+
+def test_adaptation_traces_batched_products_whatever_the_batch_size():
+    # Per-episode products would trace ops in proportion to B (thousands at
+    # B = 200, seconds of tracing at each evaluator's first batch).
+    assert _adaptation_matmuls(4) == _adaptation_matmuls(12)
