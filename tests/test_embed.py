@@ -5,6 +5,7 @@ except the tests marked as reading the real packed Omniglot, which skip when
 `<repo>/../shared/data` is absent.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -586,6 +587,74 @@ def test_same_seed_gives_identical_pickles_and_another_seed_differs(
         np.testing.assert_array_equal(a["keys"], b["keys"])  # same split ...
         assert not np.allclose(a["embeddings"], b["embeddings"])  # ... new net
     assert file_digest(again.classes_path) == file_digest(first.classes_path)
+
+
+def test_shifted_views_move_the_image_with_its_edge_pixels_repeated():
+    image = np.arange(9, dtype=np.uint8).reshape(
+        1, 3, 3, 1
+    )  # rows 0 1 2 / 3 4 5 / 6 7 8
+    views = [view[0, :, :, 0] for view in pretrain.shifted_views(image, 1)]
+    assert len(views) == 9
+    # dy, dx = -1, -1: pixel [i, j] = image[i + 1, j + 1], clipped.
+    np.testing.assert_array_equal(views[0], [[4, 5, 5], [7, 8, 8], [7, 8, 8]])
+    np.testing.assert_array_equal(views[4], image[0, :, :, 0])  # dy = dx = 0
+    # dy = 0, dx = 1: pixel [i, j] = image[i, j - 1], clipped.
+    np.testing.assert_array_equal(views[5], [[0, 0, 1], [3, 3, 4], [6, 6, 7]])
+    # dy, dx = 1, 1: pixel [i, j] = image[i - 1, j - 1], clipped.
+    np.testing.assert_array_equal(views[8], [[0, 0, 1], [0, 0, 1], [3, 3, 4]])
+    (alone,) = pretrain.shifted_views(image, 0)
+    np.testing.assert_array_equal(alone, image)
+
+
+def test_view_shifts_average_the_features_of_every_shifted_copy():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 6, 6, 1), dtype=np.uint8)
+    extractor = keras.Sequential(
+        [keras.Input((6, 6, 1)), keras.layers.Flatten(), keras.layers.Dense(3)]
+    )
+    kernel, bias = (w.astype(np.float64) for w in extractor.get_weights())
+
+    def features(x):  # [n, 6, 6, 1] -> [n, 3], in float64
+        return x.reshape(len(x), -1).astype(np.float64) @ kernel + bias
+
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="edge")
+    expected = np.mean(
+        [
+            features(padded[:, 2 - dy : 8 - dy, 2 - dx : 8 - dx])
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+        ],
+        axis=0,
+    )
+    averaged = pretrain.extract_features(extractor, images, 2, view_shifts=2)
+    np.testing.assert_allclose(averaged, expected, rtol=1e-4, atol=1e-3)
+    alone = pretrain.extract_features(extractor, images, 2)
+    np.testing.assert_allclose(alone, features(images), rtol=1e-4, atol=1e-3)
+    assert not np.allclose(alone, averaged, rtol=1e-2)
+
+
+def test_view_shifts_are_recorded_and_used_by_the_pipeline(fake_omniglot, tmp_path):
+    config = tiny_config(tmp_path, packed_omniglot=str(fake_omniglot[0]))
+    shifted = dataclasses.replace(
+        config, output=dataclasses.replace(config.output, view_shifts=1)
+    )
+    calls = []
+    original = pretrain.extract_features
+
+    def recording(extractor, images, batch_size=256, view_shifts=0):
+        calls.append(view_shifts)
+        return original(extractor, images, batch_size, view_shifts)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pretrain, "extract_features", recording)
+        result = pipeline.run(shifted)
+    assert calls == [1, 1, 1]  # train, val, test
+    assert json.loads(pathlib.Path(result.classes_path).read_text())["view_shifts"] == 1
+
+
+def test_negative_view_shifts_are_refused_naming_the_flag(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match=r"--view_shifts=-1: must be"):
+        config_lib.check(options.OutputConfig(str(tmp_path), view_shifts=-1))
 
 
 def test_conv4_embedding_width_is_filters_times_remaining_pixels():

@@ -231,6 +231,13 @@ class OutputConfig:
         "omniglot", "Letters and digits only; first field of every key."
     )
     embedding_crop: str = option("center", "Output sub-folder name.", folder_name)
+    view_shifts: int = option(
+        0,
+        "Embed each image as the mean of the features of its (2s+1)^2 copies "
+        "shifted by -s..s pixels down and right, edge pixels repeated "
+        "(s = this value; 0: the image alone).",
+        at_least(0),
+    )
 
     RULES: ClassVar[tuple] = (dataset_name_makes_keys,)
 

@@ -5,7 +5,8 @@ meta-train / meta-validation / meta-test (splits.py; clean: the embedding
 network and its softmax head are fitted on the meta-train classes' images
 only), optionally adds rotated classes, trains the network (pretrain.py, then
 optionally episodic.py),
-embeds every image of every split in inference mode and writes
+embeds every image of every split in inference mode (optionally as the mean
+over its shifted views, `--view_shifts`) and writes
 `<data_path>/<dataset_name>/<embedding_crop>/{train,val,test}_embeddings.pkl`
 and `classes.json` (writer.py).
 """
@@ -200,6 +201,7 @@ def _write_outputs(
             "dataset_name": output.dataset_name,
             "embedding_crop": output.embedding_crop,
             "embedding_dim": int(embeddings["train"].shape[1]),
+            "view_shifts": output.view_shifts,
             "split_rule": class_split.rule,
             "head_class_ids": list(ids["train"]),
             "config": {
@@ -279,8 +281,18 @@ def run(config: EmbedConfig) -> EmbedResult:
         seconds["episodic"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    shifts = config.output.view_shifts
+    if shifts:
+        logging.info(
+            "each image embedded as the mean over its %d views shifted by up to "
+            "%d pixel(s)",
+            (2 * shifts + 1) ** 2,
+            shifts,
+        )
     embeddings = {
-        s: pretrain.extract_features(trained.extractor, by_split[s].images)
+        s: pretrain.extract_features(
+            trained.extractor, by_split[s].images, view_shifts=shifts
+        )
         for s in splits_lib.SPLITS
     }
     seconds["embed"] = time.perf_counter() - start

@@ -189,19 +189,43 @@ def train_classifier(
 
 
 def extract_features(
-    extractor: keras.Model, images: np.ndarray, batch_size: int = 256
+    extractor: keras.Model,
+    images: np.ndarray,
+    batch_size: int = 256,
+    view_shifts: int = 0,
 ) -> np.ndarray:
-    """Embeds images in inference mode.
+    """Embeds images in inference mode, each as the mean over its shifted views.
 
     Args:
       extractor: from `train_classifier`.
       images: uint8 [n, H, W, C].
       batch_size: images per forward pass.
+      view_shifts: s; the features are averaged over the (2s+1)^2 views of
+        `shifted_views` (0: the image alone).
 
     Returns:
       float32 [n, D].
     """
     embed = tf.function(lambda x: extractor(tf.cast(x, tf.float32), training=False))
-    dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
-    features = [embed(batch).numpy() for batch in dataset]
-    return np.concatenate(features).astype(np.float32)
+    total = 0.0
+    for view in shifted_views(images, view_shifts):
+        dataset = tf.data.Dataset.from_tensor_slices(view).batch(batch_size)
+        total = total + np.concatenate([embed(batch).numpy() for batch in dataset])
+    return (total / (2 * view_shifts + 1) ** 2).astype(np.float32)
+
+
+def shifted_views(images: np.ndarray, shift: int):
+    """The copies of images shifted by dy, dx in -shift..shift pixels.
+
+    View (dy, dx) has pixel [i, j] = image[i - dy, j - dx], indices clipped
+    to the image (its edge pixels repeated). Yields (2 shift + 1)^2 arrays of
+    the shape of images, uint8 [n, H, W, C], dy-major; with shift 0, the
+    images themselves.
+    """
+    height, width = images.shape[1:3]
+    padded = np.pad(
+        images, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="edge"
+    )
+    for top in range(2 * shift, -1, -1):
+        for left in range(2 * shift, -1, -1):
+            yield padded[:, top : top + height, left : left + width]
