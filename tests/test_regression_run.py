@@ -97,6 +97,36 @@ def test_training_resumed_from_a_checkpoint_equals_an_uninterrupted_run(
     )
 
 
+def _damage_data_file(prefix):
+    """Overwrites the middle of the checkpoint's data file (checksums fail)."""
+    (data,) = glob.glob(f"{prefix}.data-*")
+    size = os.path.getsize(data)
+    with open(data, "r+b") as file:
+        file.seek(size // 2)
+        file.write(b"\xff" * min(64, size - size // 2))
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_by_evaluation_and_resumption(
+    trained, tmp_path, caplog
+):
+    directory = tmp_path / "run"
+    shutil.copytree(trained, directory)
+    _damage_data_file(directory / "ckpt-4")
+    with caplog.at_level("WARNING"):
+        results = run.evaluate(_config(directory))
+    assert results["step"] == 2
+    assert f"Skipping checkpoint {directory / 'ckpt-4'}" in caplog.text
+    # Training resumes from step 2 and saves a new, intact ckpt-4 over the
+    # damaged one: the same weights as the uninterrupted run's.
+    assert run.train(_config(directory)) == 4
+    checkpoints.verify_checkpoint(directory / "ckpt-4")
+    straight, resumed = _variables(str(trained / "ckpt-4")), _variables(
+        str(directory / "ckpt-4")
+    )
+    for name, value in straight.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+
+
 def test_second_trainer_is_refused_naming_the_holder_and_writes_nothing(
     trained, tmp_path
 ):

@@ -233,10 +233,15 @@ def _fixed_on_resume():
 
 
 def _restore_latest(models, directory):
-    """Restores the latest checkpoint in directory; its path, or None."""
-    latest = tf.train.latest_checkpoint(str(directory))
+    """Restores the latest intact checkpoint in directory; its prefix, or None.
+
+    Damaged checkpoints are skipped for the next older one, with a warning
+    naming each (checkpoints.latest_intact_checkpoint); CheckpointError if
+    none is intact.
+    """
+    latest = checkpoints.latest_intact_checkpoint(directory)
     if latest is not None:
-        models.checkpoint.restore(latest).assert_existing_objects_matched()
+        models.checkpoint.restore(str(latest)).assert_existing_objects_matched()
     return latest
 
 
@@ -316,14 +321,19 @@ def _train_holding_the_lock(config, directory):
         directory / checkpoints.CONFIG_FILE, config.to_dict()
     )
     models = Models(config)
+    latest = _restore_latest(models, directory)
+    checkpoints.check_newer_replaceable(directory, latest)
+    if latest:
+        # The index names the checkpoint resumed from, so that the manager
+        # saves after it (and replaces a newer, damaged one).
+        checkpoints.index_checkpoint(directory, latest)
+        logging.info("Resuming from %s at step %d", latest, int(models.step.numpy()))
     manager = tf.train.CheckpointManager(
         models.checkpoint,
         str(directory),
         max_to_keep=3,
         checkpoint_name=checkpoints.CHECKPOINT_PREFIX,
     )
-    if _restore_latest(models, directory):
-        logging.info("Resuming from step %d", int(models.step.numpy()))
     train_step = make_train_step(config, models)
     predict = make_predict_step(config, models)
     writer = tf.summary.create_file_writer(str(directory))
