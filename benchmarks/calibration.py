@@ -27,9 +27,6 @@ from leo_tf import baseline, uncertainty
 from leo_tf.config import DataConfig
 from leo_tf.data import meta_dataset
 
-_BATCH = 100  # episodes sampled at a time
-
-
 def _episodes(args):
     """Yields (support [N, K, D], query [M, D], labels [M]) per episode."""
     data = DataConfig(
@@ -37,14 +34,16 @@ def _episodes(args):
         dataset_name=args.dataset_name,
         num_classes=args.num_classes,
         num_tr_examples_per_class=args.num_tr_examples_per_class,
-        metatest_batch_size=_BATCH,
     )
     classes = meta_dataset.load_classes(data, "test")
+    # The default --metatest_batch_size, as --evaluation_mode's: the
+    # episodes depend on the batch size.
     sampler = meta_dataset.eval_sampler(data, classes, "test", args.seed)
+    size = sampler.batch_size
     served = 0
-    for step in range(-(-args.num_episodes // _BATCH)):
+    for step in range(-(-args.num_episodes // size)):
         batch = sampler.sample(step)
-        for b in range(min(_BATCH, args.num_episodes - served)):
+        for b in range(min(size, args.num_episodes - served)):
             query = batch.val_input[b]  # [N, V, D]
             yield (
                 batch.tr_input[b],
