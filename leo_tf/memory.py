@@ -25,12 +25,10 @@ as often as it is alive at once (float32, 4 bytes an element):
 * the embedding files twice (the loaded arrays, the normalised copy);
 * a fixed 1 GiB for the interpreter, TensorFlow and the compiled steps.
 
-Measured peaks (BUILD.md, "Memory estimate") are 0.75-0.86 of the estimate
-for batches of up to 200 episodes in evaluation and 96 in meta-training;
-not counted is what grows with the number of a compiled step's ops (one
-2-D MatMul per episode and use, XLA's compilation), which put the peaks of
-an 800-episode meta-validation or meta-test and of 192-episode
-meta-training 1.5-1.6x and 1.06x above it.
+Measured peaks (BUILD.md, "Memory estimate") are 0.53-0.76 of the estimate
+for batches of up to 800 episodes in evaluation and 192 in meta-training;
+not counted is what grows with the number of the meta-training step's ops
+(one 2-D MatMul per episode and use).
 """
 
 import dataclasses
