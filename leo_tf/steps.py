@@ -166,31 +166,26 @@ def _build_optimizer(optimizer, variables):
         optimizer.build(variables)
 
 
-def tower_gradients_fn(model):
-    """A tower's (episodes, noise, batch_size, scale) -> (gradients, EpisodeOutputs).
+def _tower_gradients(model, episodes, noise, batch_size, scale):
+    """(gradients, EpisodeOutputs) of one tower's episodes.
 
     The gradients are those of scale * (sum of the tower's episode losses)
     / batch_size, one per trainable variable (None where unconnected), the
     EpisodeOutputs those of `model.run_episodes` on the tower's episodes
     (with the model's matmul at the time of tracing, `host_products`).
     """
-    variables = model.trainable_variables
-
-    def tower(episodes, noise, batch_size, scale):
-        with tf.GradientTape() as tape:
-            outputs = model.run_episodes(episodes, noise)
-            share = tf.reduce_sum(outputs.loss) / batch_size * scale
-        return tape.gradient(share, variables), outputs
-
-    return tower
+    with tf.GradientTape() as tape:
+        outputs = model.run_episodes(episodes, noise)
+        share = tf.reduce_sum(outputs.loss) / batch_size * scale
+    return tape.gradient(share, model.trainable_variables), outputs
 
 
-def _scaled_gradients(model, episodes, noise, scale, num_towers, tower_fn):
+def _scaled_gradients(model, episodes, noise, scale, num_towers):
     """Gradients of scale * meta-batch loss, and the (unscaled) objective.
 
     The meta-batch runs as num_towers towers (`meta_batch_part`), each
-    differentiating its share of the mean episode loss (tower_fn, see
-    `tower_gradients_fn`); the penalties are differentiated on their own,
+    differentiating its share of the mean episode loss
+    (`_tower_gradients`); the penalties are differentiated on their own,
     and each variable's gradients are summed in a fixed order. Taken at
     once, a variable's contributions from the towers and the penalties
     would meet in one AddN, whose CPU kernel accumulates into the first
@@ -208,7 +203,7 @@ def _scaled_gradients(model, episodes, noise, scale, num_towers, tower_fn):
         ]
     per_term, towers = [], []
     for part in parts:
-        gradients, outputs = tower_fn(*part, batch_size, scale)
+        gradients, outputs = _tower_gradients(model, *part, batch_size, scale)
         per_term.append(gradients)
         towers.append(outputs)
     variables = model.trainable_variables
@@ -272,12 +267,11 @@ def train_step_fn(model, optimizer, config, num_towers=1):
     num_towers: see `run_towers`.
     """
     _build_optimizer(optimizer, model.trainable_variables)
-    tower_fn = tower_gradients_fn(model)
 
     def step(episodes, noise):
         with host_products(model):
             gradients, objective = _scaled_gradients(
-                model, episodes, noise, 1.0, num_towers, tower_fn
+                model, episodes, noise, 1.0, num_towers
             )
         gradients, gradient_norm, fired = _guard_and_clip(
             model, config, objective.total, gradients
@@ -306,14 +300,13 @@ def distributed_train_step_fn(strategy, model, optimizer, config):
     with strategy.scope():
         _build_optimizer(optimizer, model.trainable_variables)
     replicas = strategy.num_replicas_in_sync
-    tower_fn = tower_gradients_fn(model)
 
     def replica_step(episodes, noise):
         context = tf.distribute.get_replica_context()
         replica = context.replica_id_in_sync_group
         episodes, noise = meta_batch_part(episodes, noise, replica, replicas)
         gradients, objective = _scaled_gradients(
-            model, episodes, noise, 1 / replicas, 1, tower_fn
+            model, episodes, noise, 1 / replicas, 1
         )
         total = tf.distribute.ReduceOp.SUM
         gradients = context.all_reduce(total, gradients)

@@ -216,10 +216,7 @@ def test_tower_gradients_summed_equal_the_gradient_of_the_total(num_towers):
         objective = model.meta_batch_loss(episodes, noise)
     expected = tape.gradient(objective.total, model.trainable_variables)
 
-    tower_fn = steps.tower_gradients_fn(model)
-    gradients, scaled = steps._scaled_gradients(
-        model, episodes, noise, 0.5, num_towers, tower_fn
-    )
+    gradients, scaled = steps._scaled_gradients(model, episodes, noise, 0.5, num_towers)
 
     assert scaled.total.numpy() == pytest.approx(objective.total.numpy(), rel=1e-14)
     np.testing.assert_allclose(

@@ -29,13 +29,11 @@ def main(calls):
     episodes = fx.random_episodes(0, batch=12, classes=20, shots=5, queries=15, dim=64)
     noise = fx.noise_for(episodes, model.config)
 
-    # Each tower as the compiled step runs it on this host.
-    tower_fn = steps.tower_gradients_fn(model)
-
+    # The towers as the compiled step runs them on this host.
     @tf.function
     def gradients():
         with steps.host_products(model):
-            return steps._scaled_gradients(model, episodes, noise, 1.0, 2, tower_fn)[0]
+            return steps._scaled_gradients(model, episodes, noise, 1.0, 2)[0]
 
     first = [g.numpy() for g in gradients()]
     changed = {}

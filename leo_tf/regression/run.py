@@ -241,7 +241,7 @@ def _restore_latest(models, directory):
     """
     latest = checkpoints.latest_intact_checkpoint(directory)
     if latest is not None:
-        models.checkpoint.restore(str(latest)).assert_existing_objects_matched()
+        models.checkpoint.restore(latest).assert_existing_objects_matched()
     return latest
 
 
