@@ -1,4 +1,4 @@
-"""Episode sampling speed: meta-batches per second, sampler and tf.data.
+"""Sampling speed: meta-batches and step noise per second, sampler and tf.data.
 
     python benchmarks/bench_sampling.py [--windows=7] [--window_seconds=1.0]
 
@@ -11,7 +11,10 @@ Data: miniImageNet-shaped, generated in memory (64 classes x 600 examples x
 * `make_dataset` iterated eagerly, training batch;
 * `make_dataset` with a consumer that spends 12 ms per step (sleeping, so
   the GIL is free, as during a compiled training step): the overhead the
-  pipeline adds to each step, which prefetching should keep near zero.
+  pipeline adds to each step, which prefetching should keep near zero;
+* `noise.draw_noise`, the random numbers of one training step (12 x 5-way
+  1-shot and 5-shot, V = 15, S = F = 5, L = 64, dropout 0.3) in a
+  tf.function, as tf.data draws them: draws/s and process CPU time per draw.
 
 The requirement: sampling at least 10x faster than a ~12 ms training step
 consumes, i.e. at least 833 training meta-batches/s.
@@ -28,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from leo_tf import noise  # pylint: disable=wrong-import-position
 from leo_tf.data import embeddings  # pylint: disable=wrong-import-position
 from leo_tf.data import episodes  # pylint: disable=wrong-import-position
 
@@ -76,6 +80,36 @@ def five_way_one_shot(classes, num_val_examples, batch_size):
         batch_size=batch_size,
         seed=0,
     )
+
+
+def report_noise(num_shots, windows, window_seconds):
+    """Prints draws/s and CPU ms per draw of one training step's noise."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    support, query = [12, 5, num_shots, 640], [12, 5, 15, 640]
+    draw = tf.function(
+        lambda seed: noise.draw_noise(
+            seed,
+            support,
+            query,
+            num_latents=64,
+            inner_unroll_length=5,
+            finetuning_unroll_length=5,
+            dropout_rate=0.3,
+        )
+    )
+    step = iter(range(10**9))
+
+    def one_draw():
+        for tensor in draw(tf.constant([0, next(step)], tf.int64)):
+            tensor.numpy()
+
+    one_draw()  # tracing and XLA compilation, outside the CPU time
+    first, cpu_before = next(step) + 1, time.process_time()
+    result = rate(one_draw, windows, window_seconds)
+    cpu_ms = (time.process_time() - cpu_before) * 1e3 / (next(step) - first)
+    report(f"noise of a train step, 12 x 5-way {num_shots}-shot", result)
+    print(f"{'':<58} {cpu_ms:9.3f} ms of CPU per draw", flush=True)
 
 
 def main(argv):
@@ -131,6 +165,9 @@ def main(argv):
         "per step, including sleep overshoot)",
         flush=True,
     )
+
+    for num_shots in (1, 5):
+        report_noise(num_shots, windows, seconds)
 
     required = 10 * 1e3 / _STEP_MS
     verdict = "meets" if train_rate[0] >= required else "MISSES"
