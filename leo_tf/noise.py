@@ -261,10 +261,12 @@ def draw_noise(
         tf.as_dtype(dtype).name,
     )
     fields = bits(tf.convert_to_tensor(seed, tf.int64))
-    return fields._replace(
-        latent=box_muller(shapes.latent, *fields.latent),
-        weights=box_muller(shapes.weights, *fields.weights),
-    )
+    normals = {
+        field: box_muller(getattr(shapes, field), *getattr(fields, field))
+        for field in EpisodeNoise._fields
+        if field not in _MASK_FIELDS
+    }
+    return fields._replace(**normals)
 
 
 @functools.lru_cache(maxsize=None)
