@@ -11,7 +11,8 @@ Data: miniImageNet-shaped, generated in memory (64 classes x 600 examples x
 * `make_dataset` iterated eagerly, training batch;
 * `make_dataset` with a consumer that spends 12 ms per step (sleeping, so
   the GIL is free, as during a compiled training step): the overhead the
-  pipeline adds to each step, which prefetching should keep near zero;
+  pipeline adds to each step (it does not prefetch: its indices come from
+  Python, which runs only inside the consumer's request);
 * `noise.noise_dataset`, the random numbers of the training steps as the
   trainer draws them (12 x 5-way 1-shot and 5-shot, V = 15, S = F = 5,
   L = 64, dropout 0.3): steps/s and process CPU time per step.

@@ -13,8 +13,9 @@ expected calibration error (15 bins) over all query examples.
         --num_episodes=2000 --num_samples=1,10,30
 
 The episodes are the meta-test episodes `leo_tf.train --evaluation_mode`
-would draw with the same --seed (its first --num_episodes); `leo_tf` is
-imported for the data reader and sampler only.
+would draw with the same --seed (its first --num_episodes); from `leo_tf`
+come the data reader, the sampler, the nearest-class-mean baseline and the
+uncertainty summaries.
 """
 
 import argparse
@@ -26,6 +27,7 @@ import tensorflow as tf
 from leo_tf import baseline, uncertainty
 from leo_tf.config import DataConfig
 from leo_tf.data import meta_dataset
+
 
 def _episodes(args):
     """Yields (support [N, K, D], query [M, D], labels [M]) per episode."""

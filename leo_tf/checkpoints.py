@@ -13,7 +13,8 @@ Layout under `checkpoint_path`:
                                             metrics.json; the previous best
                                             is kept until the next promotion
     events.out.tfevents.*                   TensorBoard summaries
-    test_results.json                       after --evaluation_mode
+    test_results.json                       after --evaluation_mode or
+                                            --evaluate_after_training
 
 Ownership: one trainer writes a directory, holding an flock on `.lock`,
 which records its pid, host, start time and command (RunLock). Evaluation

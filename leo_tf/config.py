@@ -420,7 +420,7 @@ class TrainConfig:
     fixed_metavalid_batches: bool = option(
         False,
         "leo_tf: estimate meta-validation accuracy on the same batches at every "
-        "checkpoint (default, as the authors: new batches each time).",
+        "checkpoint (default off: new batches each time, as the authors).",
     )
     num_metatest_episodes: int = option(
         10000,

@@ -323,7 +323,7 @@ def _remove(path):
 
 
 def build_serving_module(model, metadata, asset_path):
-    """A tf.Module with the serving and metadata signatures for `model`.
+    """A tf.Module with the serving, sampled and metadata signatures for `model`.
 
     `metadata` is also written to `asset_path`, saved as an asset.
     """
@@ -482,7 +482,7 @@ def scaled_by_power_of_two(x):
 
 
 def _save(module, directory):
-    """Writes `module` as a SavedModel with its two signatures."""
+    """Writes `module` as a SavedModel with its three signatures."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
     tf.saved_model.save(
