@@ -8,7 +8,11 @@ one line on stderr and a non-zero exit status:
   `<prog>: error: <message>`, exit 1;
 * any other exception: `<prog>: error: <Type>: <first line of its message>
   (rerun with --debug for the traceback)`, exit 1;
-* Ctrl-C: exit 130, quietly.
+* Ctrl-C: exit 130, quietly;
+* a run that a signal stopped after saving its state (`Stopped`):
+  `<prog>: stopped: <message>`, exit 128 + the signal's number (SIGINT 130,
+  SIGTERM 143), as shells report a command that the signal ended, so that
+  `train && export` does not go on with an unfinished run.
 
 With --debug, the traceback is printed before that line. No TensorFlow is
 imported here, so flag errors are reported before it loads.
@@ -16,6 +20,7 @@ imported here, so flag errors are reported before it loads.
 
 import contextlib
 import errno
+import signal
 import sys
 import traceback
 
@@ -30,6 +35,18 @@ _INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 class Failure(Exception):
     """An expected error; its message, naming the flag or file, is the line."""
+
+
+class Stopped(Exception):
+    """A signal stopped the command after its state was saved.
+
+    signal_name: e.g. "SIGTERM"; the message (the line) says what was saved
+    and how to resume.
+    """
+
+    def __init__(self, signal_name, message):
+        super().__init__(f"{signal_name}: {message}")
+        self.status = 128 + signal.Signals[signal_name].value
 
 
 @contextlib.contextmanager
@@ -78,6 +95,8 @@ def _guarded(prog, main):
             return main(argv)
         except (Failure, app.UsageError) as error:
             _exit(prog, str(error), 1)
+        except Stopped as stop:
+            _exit(prog, str(stop), stop.status, label="stopped")
         except KeyboardInterrupt:
             _exit(prog, None, _INTERRUPTED)
         except Exception as error:  # pylint: disable=broad-except
@@ -87,13 +106,13 @@ def _guarded(prog, main):
     return guarded
 
 
-def _exit(prog, message, status):
+def _exit(prog, message, status, label="error"):
     """Flushes the log, prints the traceback with --debug, then the line."""
     logging.flush()
-    if _debug() and sys.exc_info()[0]:
+    if _debug() and sys.exc_info()[0] and label == "error":
         traceback.print_exc()
     if message is not None:
-        print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+        print(f"{prog}: {label}: {' '.join(message.split())}", file=sys.stderr)
     sys.stdout.flush()
     sys.exit(status)
 

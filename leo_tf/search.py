@@ -56,7 +56,8 @@ Layout under `--search_dir`:
 Killed at any moment and rerun with the same command, the search keeps every
 trial in results.jsonl and resumes the interrupted one from its latest
 checkpoint; to run a finished trial again, delete its line. SIGTERM or
-SIGINT stop it after a checkpoint of the running trial. A trial whose
+SIGINT stop it after a checkpoint of the running trial (exit status 143 or
+130). A trial whose
 training raises an error is recorded as failed with the error, one that
 never reaches a finite meta-validation accuracy as diverged, and the search
 goes on; errors of the data or of the directories stop it.
@@ -120,8 +121,12 @@ def main(argv):
             options.num_trials,
             flags.FLAGS.seed,
         )
-        if outcome.stopped:
-            return
+        if outcome.stopped_by:
+            raise cli.Stopped(
+                outcome.stopped_by,
+                "the running trial's checkpoint saved; rerun the same command "
+                "to resume",
+            )
         print(trials.results_table(outcome.results), flush=True)
         if outcome.best is None:
             raise search_space.SearchError(

@@ -42,11 +42,15 @@ def _run(config):
         return evaluation.evaluate(config)
     strategy = distribute.make_strategy(config.train.distribution)
     outcome = trainer.train(config, strategy)
-    if (
-        not config.train.evaluate_after_training
-        or "stopped_by" in outcome
-        or not distribute.is_chief(strategy)
-    ):
+    if "stopped_by" in outcome:
+        skipped = "; the meta-test did not run"
+        raise cli.Stopped(
+            outcome["stopped_by"],
+            f"checkpoint of step {outcome['step']} of "
+            f"{config.train.num_steps_limit} saved; rerun the same command to "
+            f"resume{skipped if config.train.evaluate_after_training else ''}",
+        )
+    if not config.train.evaluate_after_training or not distribute.is_chief(strategy):
         return None
     return evaluation.evaluate(config)
 

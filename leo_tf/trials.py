@@ -246,9 +246,10 @@ def _trial_header(trial, seed, space):
 
 
 def _run_trial(trial, draws, space, directory, log):
-    """Trains one trial (resuming it); returns its record, or None if stopped.
+    """Trains one trial (resuming it); returns its record.
 
-    Raises DataError or CheckpointError (they concern every trial).
+    Raises DataError or CheckpointError (they concern every trial), or
+    TrialStopped if a signal stopped it (its checkpoint saved).
     """
     hparams = {d.flag: d.value(draws[d.flag]) for d in space}
     started = time.perf_counter()
@@ -275,7 +276,7 @@ def _run_trial(trial, draws, space, directory, log):
             f"{directory.name}: stopped by {outcome['stopped_by']}; rerun the "
             "same command to resume"
         )
-        return None
+        raise TrialStopped(outcome["stopped_by"])
     record.update(steps=outcome["step"], wall_s=time.perf_counter() - started)
     best = checkpoints.best_metrics(directory)
     accuracy = best and best["metavalid_accuracy"]
@@ -316,11 +317,15 @@ def _write_best(search_dir, results):
     return best
 
 
+class TrialStopped(Exception):
+    """A signal (its name, e.g. "SIGTERM", is the message) stopped a trial."""
+
+
 @dataclasses.dataclass
 class SearchOutcome:
     results: dict  # {trial: record} of every finished trial
     best: dict  # the best ok record, or None
-    stopped: bool  # a signal stopped the search before its last trial
+    stopped_by: str | None  # the signal that stopped the search, if one did
 
 
 def _progress_line(trial, num_trials, record, best, elapsed, eta):
@@ -418,9 +423,10 @@ def run_search(base_args, space, search_dir, num_trials, seed, log=print):
         _start_trial(trial, draws, directory, lines, _trial_header(trial, seed, space))
         values = " ".join(f"--{name}={text}" for name, text in draws.items())
         log(f"{directory.name} ({trial + 1}/{num_trials}): {values}")
-        record = _run_trial(trial, draws, space, directory, log)
-        if record is None:
-            return SearchOutcome(results, best, stopped=True)
+        try:
+            record = _run_trial(trial, draws, space, directory, log)
+        except TrialStopped as stop:
+            return SearchOutcome(results, best, stopped_by=str(stop))
         results[trial] = record
         _write_results(search_dir, results)
         best = _write_best(search_dir, results)
@@ -429,4 +435,4 @@ def run_search(base_args, space, search_dir, num_trials, seed, log=print):
         eta = remaining * sum(durations) / len(durations)
         elapsed = time.perf_counter() - started
         log(_progress_line(trial, num_trials, record, best, elapsed, eta))
-    return SearchOutcome(results, best, stopped=False)
+    return SearchOutcome(results, best, stopped_by=None)

@@ -86,6 +86,15 @@ def test_interrupt_exits_130_quietly(capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("name,status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_stopped_run_exits_128_plus_the_signal_with_its_line(capsys, name, status):
+    stop = cli.Stopped(name, "checkpoint of step 3 of 9 saved")
+    assert _run(_raising(stop), "--debug") == status
+    assert capsys.readouterr().err == (
+        f"leo_tf.test: stopped: {name}: checkpoint of step 3 of 9 saved\n"
+    )
+
+
 def test_unparsable_flag_is_one_line(capsys):
     config_lib.define_flags()  # --seed
     assert _run(_raising(AssertionError("not reached")), "--seed=abc") == 1

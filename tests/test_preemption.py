@@ -225,21 +225,34 @@ def test_sigterm_and_sigint_checkpoint_and_stop(
 
 
 @pytest.mark.slow
-def test_sigterm_ends_the_command_with_a_checkpoint_and_exit_status_0(
-    toy_data, tmp_path
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_the_command_with_a_checkpoint_and_128_plus_its_number(
+    toy_data, tmp_path, signal_number
 ):
-    """The same, to the real command in a child process."""
+    """The same, to the real command in a child process: it saves, says so
+    in its last line, skips the meta-test and exits as the signal would."""
     directory = tmp_path / "run"
-    process = _launch(toy_data, directory, "--checkpoint_steps=1000")
+    process = _launch(
+        toy_data,
+        directory,
+        "--checkpoint_steps=1000",
+        "--evaluate_after_training",
+    )
     for line in process.stdout:
         if line.startswith("step 3/"):
             break
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-3000:]
-    assert "SIGTERM received: saving step" in stderr
+    process.send_signal(signal_number)
+    stdout, stderr = process.communicate(timeout=120)
+    name = signal.Signals(signal_number).name
+    assert process.returncode == 128 + signal_number, stderr[-3000:]
+    assert f"{name} received: saving step" in stderr
     prefix = tf.train.latest_checkpoint(str(directory))
     assert prefix is not None
     step = int(_value(tf.train.load_checkpoint(prefix), "step"))
     assert step >= 3 and prefix.endswith(f"ckpt-{step}")
+    assert stderr.strip().splitlines()[-1] == (
+        f"leo_tf.train: stopped: {name}: checkpoint of step {step} of {LIMIT} "
+        "saved; rerun the same command to resume; the meta-test did not run"
+    )
+    assert "Meta-test accuracy" not in stdout
     assert not (directory / ".lock").exists()

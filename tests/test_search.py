@@ -9,9 +9,10 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl.testing import flagsaver
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from leo_tf import checkpoints, search_space, trainer, trials
+from leo_tf import checkpoints, search, search_space, trainer, trials
 from leo_tf.data import embeddings
 from tests import data_fixtures
 
@@ -136,7 +137,7 @@ def test_a_killed_search_rerun_keeps_every_finished_trial_and_resumes(interrupte
     assert final[KILLED]["status"] == "ok"
     assert final[KILLED]["resumed_from_step"] == 10
     assert final[KILLED]["steps"] == 20
-    assert not outcome.stopped
+    assert outcome.stopped_by is None
     assert (
         _snapshot(trials.trial_directory(search_dir, FINISHED))
         == interrupted["finished_files"]
@@ -350,3 +351,43 @@ def test_space_values_invalid_for_training_fail_before_anything_is_written(
 def test_a_flag_searched_twice_is_refused():
     with pytest.raises(search_space.SearchError, match="--outer_lr is searched twice"):
         search_space.parse_space(["outer_lr:uniform:0.1:1", "outer_lr:choice:0.1"])
+
+
+def test_a_signal_stops_the_search_after_the_trial_saves_and_the_command_says_so(
+    tmp_path, monkeypatch, capsys
+):
+    """A stopped trial is not recorded; the outcome names the signal, and the
+    command ends with its `stopped:` line and 128 + the signal's number."""
+    data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
+    search_dir = tmp_path / "search"
+    lines = []
+
+    def stopped_train(config, strategy=None):
+        del config, strategy
+        return {"step": 10, "stopped_by": "SIGTERM"}
+
+    monkeypatch.setattr(trainer, "train", stopped_train)
+    outcome = trials.run_search(
+        _base_args(data_path),
+        search_space.parse_space(SPACE),
+        search_dir,
+        NUM_TRIALS,
+        seed=0,
+        log=lines.append,
+    )
+    assert outcome.stopped_by == "SIGTERM"
+    assert outcome.results == {} and trials.read_results(search_dir) == {}
+    assert (
+        lines[-1] == "trial-000: stopped by SIGTERM; rerun the same command to resume"
+    )
+
+    monkeypatch.setattr(trials, "run_search", lambda *args, **kwargs: outcome)
+    with flagsaver.flagsaver(), pytest.raises(SystemExit) as exit_info:
+        search.run(
+            ["leo_tf.search", *_base_args(data_path), f"--search_dir={search_dir}"]
+        )
+    assert exit_info.value.code == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "leo_tf.search: stopped: SIGTERM: the running trial's checkpoint saved; "
+        "rerun the same command to resume"
+    )
