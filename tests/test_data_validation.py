@@ -267,6 +267,28 @@ def test_test_examples_identical_to_train_examples_are_refused(toy):
     )
 
 
+def test_all_zero_examples_in_two_splits_are_no_leak_but_other_copies_are(toy):
+    """An embedding network can map images of different classes to all-zero
+    rows (every ReLU feature off): those carry no image, so they are not
+    compared; a non-zero copy in the same splits is still refused."""
+    splits = {}
+    for split in ("train", "test"):
+        with open(toy_split(toy, split), "rb") as f:
+            splits[split] = pickle.load(f)
+        splits[split]["embeddings"][5] = 0.0
+        splits[split]["embeddings"][6] = -0.0
+        write_pickle(toy_split(toy, split), splits[split])
+    config = toy_data_config(toy)
+    assert meta_dataset.load_classes(config, "test").num_examples == 144
+
+    splits["test"]["embeddings"][7] = splits["train"]["embeddings"][40]
+    write_pickle(toy_split(toy, "test"), splits["test"])
+    assert load_refusal(config, "test").startswith(
+        f"{toy_split(toy, 'test')}: split 'test' has 1 of its 144 examples "
+        "identical to examples of split 'train'"
+    )
+
+
 def test_allow_split_overlap_accepts_shared_classes_and_examples(toy):
     copy_train_rows_into_test(toy, 3)
     shutil.copyfile(toy_split(toy, "train"), toy_split(toy, "val"))
