@@ -179,24 +179,20 @@ def eval_tensors(config, embedding_dim, evaluation):
         batch + _flags(config, "num_classes"),
     )
     gathered = [queries] if queries.bytes <= 2 * MAX_GATHERED_BYTES else []
+    support = _flags(config, "num_tr_examples_per_class", "num_classes")
     return gathered + [
-        Tensor(
-            f"{name} support batch",
-            (b, n, k, d),
-            5,
-            batch + _flags(config, "num_tr_examples_per_class", "num_classes"),
-        ),
+        Tensor(f"{name} support batch", (b, n, k, d), 5, batch + support),
         Tensor(
             f"{name} latent codes",
             (b, n, k, l),
             model.inner_unroll_length + 3,
-            batch + _flags(config, "num_latents"),
+            batch + support + _flags(config, "num_latents"),
         ),
         Tensor(
             f"{name} relation network pairs",
             (b, n * k, n * k, 2 * l),
             3,
-            batch + _flags(config, "num_tr_examples_per_class", "num_latents"),
+            batch + support + _flags(config, "num_latents"),
         ),
         Tensor(
             f"{name} query logits",

@@ -43,6 +43,20 @@ def test_tensor_over_the_int32_limit_is_refused_naming_it_and_its_flags(tmp_path
     )
 
 
+def test_many_classes_name_num_classes_among_the_flags_to_lower(tmp_path):
+    # 500-way: the meta-validation relation network pairs [b, 500, 500, 2L]
+    # outgrow int32; --num_classes sizes them, quadratically.
+    config = _config(tmp_path, num_classes=500)
+    with pytest.raises(config_lib.ConfigError) as raised:
+        memory.check_fits(config, 16, [_validation(2000, 3)], 0, PLENTY)
+    message = str(raised.value)
+    assert "the meta-validation relation network pairs [2000, 500, 500, 16]" in message
+    assert message.endswith(
+        "lower --metavalid_batch_size, --num_tr_examples_per_class, "
+        "--num_classes or --num_latents"
+    )
+
+
 def test_int32_limit_is_exact(tmp_path):
     # 2-way 1-shot, V = 63: the meta-validation query logits [b, 2, 2, 64]
     # (LEO's N columns, no baseline) have b * 2^8 elements.
