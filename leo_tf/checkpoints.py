@@ -437,6 +437,12 @@ def read_config(directory):
     record = _read_object(path)
     if record is None:
         return None
+    if written_by(record) == "leo_tf.regression":
+        raise CheckpointError(
+            f"--checkpoint_path={directory}: a leo_tf.regression run directory "
+            f"(its {CONFIG_FILE}), not a leo_tf.train one; use another "
+            "--checkpoint_path"
+        )
     for section, name in FIXED_ON_RESUME:
         values = _require(
             record, path, section, lambda v: isinstance(v, dict), "an object"
@@ -452,6 +458,17 @@ def read_config(directory):
         "a positive integer",
     )
     return record
+
+
+def written_by(record):
+    """Which command wrote the config.json `record` (a dict): "leo_tf.train"
+    (sections model, data, ... as objects), "leo_tf.regression" (its flat
+    fields, num_shots among them), or None if neither shape."""
+    if isinstance(record.get("model"), dict):
+        return "leo_tf.train"
+    if "num_shots" in record:
+        return "leo_tf.regression"
+    return None
 
 
 def read_metrics(path):

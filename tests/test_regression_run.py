@@ -200,6 +200,29 @@ def test_evaluation_refuses_checkpoints_of_another_regressor(trained):
         run.evaluate(_config(trained, hidden_units=5))
 
 
+def test_a_classification_run_directory_is_refused_in_both_directions(
+    trained, tmp_path, toy_data
+):
+    """leo_tf.regression refuses a leo_tf.train run directory, and
+    leo_tf.train a regression one, each naming the command that made it."""
+    classification = tmp_path / "classification"
+    classification.mkdir()
+    config = run_fixtures.toy_run_config(toy_data, classification)
+    record = {**config.to_dict(), "embedding_dim": 16}
+    (classification / checkpoints.CONFIG_FILE).write_text(json.dumps(record))
+    for command in (run.train, run.evaluate):
+        with pytest.raises(
+            options.ConfigError,
+            match="a leo_tf.train run directory .*, not a leo_tf.regression one",
+        ):
+            command(_config(trained, checkpoint_path=str(classification)))
+    with pytest.raises(
+        checkpoints.CheckpointError,
+        match="a leo_tf.regression run directory .*, not a leo_tf.train one",
+    ):
+        checkpoints.read_config(trained)
+
+
 @pytest.mark.parametrize(
     "overrides", [dict(num_shots=6), dict(seed=1), dict(noise_stddev=0.5)]
 )

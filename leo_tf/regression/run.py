@@ -26,6 +26,7 @@ import tensorflow as tf
 from absl import logging
 
 from leo_tf import baseline, checkpoints, steps
+from leo_tf.config import ConfigError
 from leo_tf.regression import config as config_lib
 from leo_tf.regression import figure as figure_lib
 from leo_tf.regression import tasks as tasks_lib
@@ -218,9 +219,16 @@ def _check_compatible(directory, config, names):
     """ConfigError naming the fields `names` whose values differ from the
     directory's saved configuration (if it has one)."""
     saved = checkpoints.read_json(directory / checkpoints.CONFIG_FILE)
-    if saved is not None:
-        current = {name: getattr(config, name) for name in names}
-        checkpoints.check_unchanged(directory, saved, current)
+    if saved is None:
+        return
+    if checkpoints.written_by(saved) == "leo_tf.train":
+        raise ConfigError(
+            f"--checkpoint_path={directory}: a leo_tf.train run directory (its "
+            f"{checkpoints.CONFIG_FILE}), not a leo_tf.regression one; use "
+            "another --checkpoint_path"
+        )
+    current = {name: getattr(config, name) for name in names}
+    checkpoints.check_unchanged(directory, saved, current)
 
 
 def _fixed_on_resume():
