@@ -11,9 +11,13 @@ multi-worker checkpointing requires.
 """
 
 import hashlib
+import json
+import os
 
 import numpy as np
 import tensorflow as tf
+
+from leo_tf.config import ConfigError
 
 
 def make_strategy(name):
@@ -26,8 +30,29 @@ def make_strategy(name):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
+        check_tf_config(os.environ.get("TF_CONFIG"))
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise ValueError(f"unknown distribution {name!r}")
+
+
+def check_tf_config(text):
+    """ConfigError unless TF_CONFIG's `text` is unset (None: one worker) or a
+    JSON object with a "cluster" object and a "task" object holding "type"
+    and "index", as tf.distribute reads it."""
+    if text is None:
+        return
+    where = "--distribution=multi_worker: the TF_CONFIG environment variable"
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise ConfigError(f"{where} is not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} is not a JSON object")
+    if not isinstance(value.get("cluster"), dict):
+        raise ConfigError(f'{where} has no "cluster" object (task type -> addresses)')
+    task = value.get("task")
+    if not isinstance(task, dict) or not {"type", "index"} <= set(task):
+        raise ConfigError(f'{where} has no "task" object with "type" and "index"')
 
 
 def is_chief(strategy):

@@ -11,7 +11,7 @@ import types
 import pytest
 
 from leo_tf import config as config_lib
-from leo_tf import trainer
+from leo_tf import distribute, trainer
 from tests import run_fixtures
 
 # Runs in a fresh process: logical devices must be set before TensorFlow
@@ -173,3 +173,30 @@ def test_meta_batch_must_split_evenly_over_replicas(toy_data, tmp_path):
     ):
         trainer.train(config, strategy)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("not json", "is not JSON (Expecting value"),
+        ("[1, 2]", "is not a JSON object"),
+        ('{"task": {"type": "worker", "index": 0}}', 'has no "cluster" object'),
+        (
+            '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker"}}',
+            'has no "task"',
+        ),
+    ],
+)
+def test_a_malformed_tf_config_is_refused_naming_it(text, problem):
+    with pytest.raises(config_lib.ConfigError) as raised:
+        distribute.check_tf_config(text)
+    assert str(raised.value).startswith(
+        f"--distribution=multi_worker: the TF_CONFIG environment variable {problem}"
+    )
+
+
+def test_an_unset_or_complete_tf_config_is_accepted():
+    distribute.check_tf_config(None)
+    distribute.check_tf_config(
+        '{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 0}}'
+    )
