@@ -116,12 +116,21 @@ def _with_real_directory(prefix):
     return str(prefix.parent.resolve() / prefix.name)
 
 
+def check_checkpoint_prefix(which, checkpoint_path):
+    """ExportError unless --checkpoint=which (best, latest or a prefix) names
+    a checkpoint that exists: a prefix needs its .index file."""
+    if which in ("best", "latest") or os.path.exists(f"{which}.index"):
+        return
+    raise ExportError(
+        f"--checkpoint={which}: no such checkpoint ({which}.index); a prefix is "
+        f"a path, e.g. {pathlib.Path(checkpoint_path) / 'ckpt-1000'}"
+    )
+
+
 def _restore_prefix(leo, which, prefix):
     """Restores `leo` from --checkpoint=which, a prefix; the step."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-    if not tf.io.gfile.exists(f"{which}.index"):
-        raise ExportError(f"--checkpoint={which}: no such checkpoint ({which}.index)")
     try:
         return leo.restore(prefix)
     except tf.errors.NotFoundError as error:
@@ -574,6 +583,7 @@ def export(checkpoint_path, export_dir, which="best", overwrite=False):
             f"--checkpoint_path={checkpoint_path}: no {checkpoints.CONFIG_FILE} "
             "(not a leo_tf training directory)"
         )
+    check_checkpoint_prefix(which, checkpoint_path)
     check_sources(export_dir, _source_paths(checkpoint_path, which, config))
     check_writable(export_dir)
     remove_leftovers(export_dir)

@@ -583,6 +583,21 @@ def test_export_falls_back_from_a_damaged_best_to_the_latest_intact(
     assert metadata["checkpoint_step"] == 20
 
 
+def test_a_checkpoint_prefix_that_does_not_exist_is_named_first(
+    run_copy, tmp_path, monkeypatch
+):
+    """Relative to the working directory, as a path is: a bare ckpt-77 there
+    is no checkpoint, whatever --export_dir is."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(export_lib.ExportError) as error:
+        export_lib.export(run_copy, tmp_path / "exp", which="ckpt-77")
+    assert str(error.value) == (
+        "--checkpoint=ckpt-77: no such checkpoint (ckpt-77.index); a prefix is "
+        f"a path, e.g. {run_copy / 'ckpt-1000'}"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 def test_unreadable_checkpoint_is_named(run_copy, tmp_path):
     (run_copy / "ckpt-10.index").write_bytes(b"garbage" * 10)
     with pytest.raises(
