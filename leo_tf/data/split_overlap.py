@@ -6,7 +6,10 @@ best checkpoint) are neither. `check_disjoint` compares two splits' class ids
 and their examples; every example row is reduced to a 64-bit hash of its
 bytes, so identical rows are found by a set intersection, linear in the
 number of examples, instead of comparing rows pairwise. Two different rows
-share a hash with probability about 2^-64 per pair.
+share a hash with probability about 2^-64 per pair. All-zero rows are not
+compared: they say nothing of their image (an embedding network whose ReLU
+features are all off for an image gives one), so two splits may both hold
+some.
 
 Fingerprints (class ids and row hashes) of split files are kept per file,
 keyed by its path, inode, size and modification time, so a process that
@@ -34,11 +37,13 @@ class Fingerprint:
       source: the file(s) the split came from, for messages.
       class_ids: str `[n]`, the class of each example.
       hashes: int64 `[n]`, a hash of each example's float32 bytes.
+      zero: bool `[n]`, whether the example's row is all zeros.
     """
 
     source: str
     class_ids: np.ndarray
     hashes: np.ndarray
+    zero: np.ndarray
 
 
 def _row_hashes(rows: np.ndarray) -> np.ndarray:
@@ -51,12 +56,19 @@ def _row_hashes(rows: np.ndarray) -> np.ndarray:
     )
 
 
+def _zero_rows(rows: np.ndarray) -> np.ndarray:
+    """bool `[n]`: which rows of `[n, D]` are all zeros (either sign)."""
+    return ~np.asarray(rows).any(axis=1)
+
+
 def fingerprint(classes: embeddings.ClassEmbeddings) -> Fingerprint:
-    """The class ids and row hashes of `classes`."""
+    """The class ids, row hashes and zero rows of `classes`."""
+    arrays = classes.embeddings.values()
     return Fingerprint(
         classes.source,
         np.repeat(np.array(classes.class_ids), classes.examples_per_class),
-        np.concatenate([_row_hashes(rows) for rows in classes.embeddings.values()]),
+        np.concatenate([_row_hashes(rows) for rows in arrays]),
+        np.concatenate([_zero_rows(rows) for rows in arrays]),
     )
 
 
@@ -78,7 +90,9 @@ def file_fingerprint(path, classes=None) -> Fingerprint:
             found = fingerprint(classes)
         else:
             class_ids, rows = embeddings.read_rows(path)
-            found = Fingerprint(str(path), class_ids, _row_hashes(rows))
+            found = Fingerprint(
+                str(path), class_ids, _row_hashes(rows), _zero_rows(rows)
+            )
         if len(_fingerprints) >= _CACHE_SIZE:
             del _fingerprints[next(iter(_fingerprints))]
         _fingerprints[key] = found
@@ -87,6 +101,8 @@ def file_fingerprint(path, classes=None) -> Fingerprint:
 
 def check_disjoint(name: str, split: Fingerprint, other_name: str, other: Fingerprint):
     """Refuses two splits that share a class id or an identical example.
+
+    All-zero examples are not compared (module docstring).
 
     Args:
       name, split: the split named in the message first, and its
@@ -109,7 +125,7 @@ def check_disjoint(name: str, split: Fingerprint, other_name: str, other: Finger
             f"{where} shares {len(shared)} of its {num_classes} classes "
             f"with {against}: {shown}{more}; {remedy}"
         )
-    identical = np.isin(split.hashes, other.hashes)
+    identical = np.isin(split.hashes, other.hashes[~other.zero]) & ~split.zero
     if identical.any():
         first = np.argmax(identical)
         other_first = np.argmax(other.hashes == split.hashes[first])
