@@ -12,6 +12,7 @@ import os
 import pathlib
 import pickle
 import re
+import sys
 import time
 
 import keras
@@ -750,6 +751,140 @@ def test_cli_bad_inputs_fail_with_one_message_and_write_nothing(tmp_path):
     )
     assert "Traceback" not in completed.stderr
     assert not os.listdir(tmp_path)
+
+
+def parse_flags(*args) -> options.EmbedConfig:
+    """The checked config of `python -m leo_tf.embed args...`, parsed as the
+    command parses its flags (a ConfigError names a bad one)."""
+    values = flags.FlagValues()
+    embed.define_flags(values)
+    values(["leo_tf.embed", "--data_path=unused", "--packed_omniglot=a.npz", *args])
+    return embed.config_from_flags(values)
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("image_size", "-1", "must be at least 0"),
+        ("image_size", "8", "--backbone=conv4 needs images of at least 16x16"),
+        ("channels", "2", "must be 0, 1 or 3"),
+        ("num_val_alphabets", "0", "must be at least 1"),
+        ("split_sizes", "64,16", "must be three class counts >= 1"),
+        ("split_sizes", "64,0,20", "must be three class counts >= 1"),
+        ("split_sizes", "0.5,0.6,0.2", "or three fractions > 0 summing to 1"),
+        ("split_sizes", "0.8,0.2,0", "or three fractions > 0 summing to 1"),
+        ("split_seed", "-1", "must be an integer in [0, 2147483645]"),
+        ("conv_filters", "0", "must be at least 1"),
+        ("wrn_depth", "27", "must be 6n + 4 with n >= 1"),
+        ("wrn_depth", "4", "must be 6n + 4 with n >= 1"),
+        ("wrn_width", "0", "must be at least 1"),
+        ("epochs", "-1", "must be at least 0"),
+        ("epochs", "0", "must be at least 1 unless --episodic_episodes trains"),
+        ("batch_size", "0", "must be at least 1"),
+        ("learning_rate", "-1", "must be a finite number > 0"),
+        ("learning_rate", "0", "must be a finite number > 0"),
+        ("learning_rate", "nan", "must be a finite number > 0"),
+        ("label_smoothing", "2", "must be a finite number in [0, 1)"),
+        ("label_smoothing", "1", "must be a finite number in [0, 1)"),
+        ("label_smoothing", "-0.1", "must be a finite number in [0, 1)"),
+        ("augment_shift", "-1", "must be a finite number in [0, 1]"),
+        ("augment_shift", "1.5", "must be a finite number in [0, 1]"),
+        ("augment_rotation", "-1", "must be a finite number in [0, 180]"),
+        ("augment_rotation", "270", "must be a finite number in [0, 180]"),
+        ("augment_rotation", "inf", "must be a finite number in [0, 180]"),
+        ("augment_zoom", "-0.1", "must be a finite number in [0, 1)"),
+        ("augment_zoom", "1", "must be a finite number in [0, 1)"),
+        ("episodic_episodes", "-1", "must be at least 0"),
+        ("episodic_ways", "1", "must be at least 2"),
+        ("episodic_shots", "0", "must be at least 1"),
+        ("episodic_queries", "0", "must be at least 1"),
+        ("episodic_learning_rate", "0", "must be a finite number > 0"),
+        ("episodic_scale", "inf", "must be a finite number > 0"),
+        ("seed", "-1", "must be an integer in [0, 2147483645]"),
+        ("view_shifts", "-1", "must be at least 0"),
+    ],
+)
+def test_bad_numeric_flags_are_refused_naming_the_flag_and_its_range(
+    flag, value, expected
+):
+    with pytest.raises(config_lib.ConfigError) as error:
+        parse_flags(f"--{flag}={value}")
+    message = str(error.value)
+    assert re.fullmatch(rf"--{flag}=[^:]+: .+", message), message
+    assert expected in message and "\n" not in message
+
+
+def test_every_numeric_flag_has_a_range():
+    """Each int and float flag of leo_tf.embed refuses some value."""
+    fields = [
+        field
+        for _, cls in embed.SECTIONS
+        for field in config_lib.option_fields(cls)
+        if field.type in (int, float)
+    ]
+    assert fields and all(field.metadata["checks"] for field in fields)
+
+
+def test_the_ends_of_the_embed_flags_ranges_are_accepted():
+    config = parse_flags(
+        "--image_size=16",
+        "--num_val_alphabets=1",
+        "--split_sizes=1,1,1",
+        "--wrn_depth=10",
+        "--epochs=0",
+        "--episodic_episodes=1",
+        "--label_smoothing=0",
+        "--augment_shift=1",
+        "--augment_rotation=180",
+        "--augment_zoom=0",
+    )
+    assert config.train.epochs == 0 and config.train.augment_rotation == 180
+    assert parse_flags("--image_size=8", "--backbone=wrn").source.image_size == 8
+    assert parse_flags().train == options.TrainConfig()  # the defaults pass
+
+
+def run_cli_importing(*args):
+    """`python -X importtime -m leo_tf.embed args...`: (its CompletedProcess,
+    the modules it imported)."""
+    completed = run_fixtures.run_command(
+        [sys.executable, "-X", "importtime", "-m", "leo_tf.embed", *args],
+        timeout=120,
+    )
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in completed.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    return completed, imported
+
+
+def cli_refusals(tmp_path) -> dict:
+    """{case: (arguments of leo_tf.embed, the error it ends with)}; each case
+    is refused before the images are read."""
+    return {
+        "zero_epochs": (
+            [f"--data_path={tmp_path / 'new'}", "--epochs=0"],
+            "--epochs=0: must be at least 1 unless --episodic_episodes trains "
+            "the network",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", ["zero_epochs"])
+def test_cli_refuses_before_tensorflow_loads(tmp_path, case):
+    """One line, before the images are read or TensorFlow loads; nothing
+    written."""
+    args, line = cli_refusals(tmp_path)[case]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    completed, imported = run_cli_importing(
+        f"--packed_omniglot={tmp_path / 'missing.npz'}", *args
+    )
+    assert completed.returncode == 1, completed.stderr[-2000:]
+    last = completed.stderr.strip().splitlines()[-1]
+    assert last == f"leo_tf.embed: error: {line}"
+    assert "leo_tf.cli" in imported
+    assert not {"tensorflow", "keras"} & imported
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
 # ---------------------------------------------------------------- real data
