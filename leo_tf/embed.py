@@ -27,7 +27,8 @@ Example (Omniglot, 28x28, conv4 -> 64-d embeddings):
 The flags are the fields of the frozen config objects of
 leo_tf/embedding/options.py, defined and read here; they are kept out of
 leo_tf/config.py's RunConfig so the training command does not carry them.
-Bad flags are reported before TensorFlow is imported.
+Bad flags, and an output folder that cannot be written, are reported
+before TensorFlow is imported.
 """
 
 import dataclasses
@@ -38,6 +39,7 @@ from absl import logging
 from leo_tf import cli
 from leo_tf import config as config_lib
 from leo_tf.embedding import options
+from leo_tf.embedding import writer
 
 # The sections of EmbedConfig, whose fields are the flags.
 SECTIONS = tuple(
@@ -62,14 +64,18 @@ def config_from_flags(flag_values=flags.FLAGS) -> options.EmbedConfig:
 def main(argv):
     if len(argv) > 1:
         raise cli.Failure(f"unexpected arguments: {' '.join(argv[1:])}")
-    with cli.reported(ValueError):
-        config = config_from_flags()  # before TensorFlow is even imported
+    with cli.reported(ValueError):  # before TensorFlow is even imported
+        config = config_from_flags()
+        config.output.check_folder()
     # pylint: disable=g-import-not-at-top
     from leo_tf.embedding import episodic, images, pipeline, splits
 
     # pylint: enable=g-import-not-at-top
     with cli.reported(
-        images.ImageSourceError, splits.SplitError, episodic.EpisodeError
+        images.ImageSourceError,
+        splits.SplitError,
+        episodic.EpisodeError,
+        writer.OutputError,
     ):
         result = pipeline.run(config)
     print(f"class split: {result.split_rule}")

@@ -279,6 +279,85 @@ def test_dataset_names_that_would_break_keys_are_rejected(name):
         writer.check_dataset_name(name)
 
 
+# ---------------------------------------------------------------- output folder
+
+
+@pytest.fixture
+def no_images(monkeypatch):
+    """Makes reading the images fail: what is refused is refused before."""
+
+    def loading(source):
+        raise AssertionError("images read before the output folder was checked")
+
+    monkeypatch.setattr(pipeline, "load_images", loading)
+
+
+def output_config(data_path) -> options.EmbedConfig:
+    """tiny_config writing to data_path, its source never read."""
+    return tiny_config(data_path, packed_omniglot="never_read.npz")
+
+
+@pytest.mark.parametrize(
+    "data_path, blocker",
+    [
+        ("afile", "afile"),  # --data_path is a file
+        ("afile/sub", "afile"),  # a folder of --data_path is a file
+        ("data", "data/omniglot"),  # <data_path>/<dataset_name> is a file
+    ],
+)
+def test_output_folder_under_a_file_is_refused_before_reading_images(
+    tmp_path, no_images, data_path, blocker
+):
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "omniglot").write_text("")
+    data_path, blocker = tmp_path / data_path, tmp_path / blocker
+    with pytest.raises(writer.OutputError) as error:
+        pipeline.run(output_config(data_path))
+    assert str(error.value) == (
+        f"--data_path={data_path}: cannot write the embeddings there: {blocker} "
+        "is a file, not a directory"
+    )
+
+
+def test_unwritable_output_folder_is_refused_before_reading_images(
+    tmp_path, no_images, monkeypatch
+):
+    # os.access, as root every folder is writable: pretend tmp_path is not.
+    access = os.access
+    monkeypatch.setattr(
+        writer.os,
+        "access",
+        lambda path, mode: pathlib.Path(path) != tmp_path and access(path, mode),
+    )
+    with pytest.raises(writer.OutputError) as error:
+        pipeline.run(output_config(tmp_path / "new"))
+    assert str(error.value) == (
+        f"--data_path={tmp_path / 'new'}: cannot write the embeddings there: "
+        f"{tmp_path} is not writable"
+    )
+
+
+def write_earlier_run(data_path, names) -> pathlib.Path:
+    """Files `names` of an earlier run in the output folder; returns it."""
+    folder = data_path / "omniglot" / "center"
+    folder.mkdir(parents=True)
+    for name in names:
+        (folder / name).write_text(f"earlier {name}")
+    return folder
+
+
+def test_a_folder_in_place_of_a_pickle_is_refused(tmp_path, no_images):
+    folder = write_earlier_run(tmp_path, [])
+    (folder / "train_embeddings.pkl").mkdir()
+    with pytest.raises(writer.OutputError) as error:
+        pipeline.run(output_config(tmp_path))
+    assert str(error.value) == (
+        f"--data_path={tmp_path}: cannot write the embeddings there: "
+        f"{folder / 'train_embeddings.pkl'} is a directory, not a file"
+    )
+
+
 # ---------------------------------------------------------------- class split
 
 
@@ -861,7 +940,13 @@ def run_cli_importing(*args):
 def cli_refusals(tmp_path) -> dict:
     """{case: (arguments of leo_tf.embed, the error it ends with)}; each case
     is refused before the images are read."""
+    (tmp_path / "afile").write_text("")
     return {
+        "data_path_is_a_file": (
+            [f"--data_path={tmp_path / 'afile'}"],
+            f"--data_path={tmp_path / 'afile'}: cannot write the embeddings "
+            f"there: {tmp_path / 'afile'} is a file, not a directory",
+        ),
         "zero_epochs": (
             [f"--data_path={tmp_path / 'new'}", "--epochs=0"],
             "--epochs=0: must be at least 1 unless --episodic_episodes trains "
@@ -870,7 +955,7 @@ def cli_refusals(tmp_path) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", ["zero_epochs"])
+@pytest.mark.parametrize("case", ["data_path_is_a_file", "zero_epochs"])
 def test_cli_refuses_before_tensorflow_loads(tmp_path, case):
     """One line, before the images are read or TensorFlow loads; nothing
     written."""

@@ -303,6 +303,13 @@ class OutputConfig:
 
     RULES: ClassVar[tuple] = (dataset_name_makes_keys,)
 
+    def check_folder(self) -> None:
+        """Raises writer.OutputError unless the pickles can be written here
+        (a check of the disk: see writer.check_output_folder)."""
+        writer.check_output_folder(
+            self.data_path, self.dataset_name, self.embedding_crop
+        )
+
 
 def images_fit_the_backbone(config):
     """conv4 needs --image_size 0 (keep) or at least 16."""

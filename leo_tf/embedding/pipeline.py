@@ -8,7 +8,8 @@ optionally episodic.py),
 embeds every image of every split in inference mode (optionally as the mean
 over its shifted views, `--view_shifts`) and writes
 `<data_path>/<dataset_name>/<embedding_crop>/{train,val,test}_embeddings.pkl`
-and `classes.json` (writer.py).
+and `classes.json` (writer.py). That folder is checked first, before any
+image is read: it must be writable.
 """
 
 import collections
@@ -220,7 +221,12 @@ def run(config: EmbedConfig) -> EmbedResult:
 
     Returns:
       EmbedResult.
+
+    Raises:
+      writer.OutputError: before any image is read, if the output folder
+        cannot be written.
     """
+    config.output.check_folder()
     seconds = {}
     start = time.perf_counter()
     image_set = load_images(config.source)
