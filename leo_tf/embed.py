@@ -7,7 +7,10 @@ classes only, then writes
     <data_path>/<dataset_name>/<embedding_crop>/classes.json
 
 in the format `python -m leo_tf.train` reads (see leo_tf/embedding/writer.py),
-and prints the classes and images per class it found in each split.
+and prints the classes and images per class it found in each split. If that
+folder already holds these files, from an earlier run that LEO runs may
+read, it refuses before training unless --overwrite is given, which replaces
+them.
 
 The class split is clean: meta-train, meta-validation and meta-test share no
 class, and only meta-train images are used to fit the network. With
@@ -27,8 +30,8 @@ Example (Omniglot, 28x28, conv4 -> 64-d embeddings):
 The flags are the fields of the frozen config objects of
 leo_tf/embedding/options.py, defined and read here; they are kept out of
 leo_tf/config.py's RunConfig so the training command does not carry them.
-Bad flags, and an output folder that cannot be written, are reported
-before TensorFlow is imported.
+Bad flags, and an output folder that cannot be written or holds an earlier
+run's files, are reported before TensorFlow is imported.
 """
 
 import dataclasses

@@ -292,9 +292,12 @@ def no_images(monkeypatch):
     monkeypatch.setattr(pipeline, "load_images", loading)
 
 
-def output_config(data_path) -> options.EmbedConfig:
+def output_config(data_path, overwrite=False) -> options.EmbedConfig:
     """tiny_config writing to data_path, its source never read."""
-    return tiny_config(data_path, packed_omniglot="never_read.npz")
+    config = tiny_config(data_path, packed_omniglot="never_read.npz")
+    return dataclasses.replace(
+        config, output=dataclasses.replace(config.output, overwrite=overwrite)
+    )
 
 
 @pytest.mark.parametrize(
@@ -347,15 +350,78 @@ def write_earlier_run(data_path, names) -> pathlib.Path:
     return folder
 
 
-def test_a_folder_in_place_of_a_pickle_is_refused(tmp_path, no_images):
+@pytest.mark.parametrize(
+    "names, listed",
+    [
+        (["classes.json"], "classes.json"),
+        (
+            ["train_embeddings.pkl", "test_embeddings.pkl", "classes.json"],
+            "train_embeddings.pkl, test_embeddings.pkl and classes.json",
+        ),
+    ],
+)
+def test_an_earlier_runs_files_are_kept_without_overwrite(
+    tmp_path, no_images, names, listed
+):
+    folder = write_earlier_run(tmp_path, [*names, "notes.txt"])
+    with pytest.raises(writer.OutputError) as error:
+        pipeline.run(output_config(tmp_path))
+    assert str(error.value) == (
+        f"--data_path={tmp_path}: {folder} already holds {listed} of an earlier "
+        "run, which LEO runs may read; pass --overwrite to replace them, or "
+        "choose another --data_path, --dataset_name or --embedding_crop"
+    )
+    for name in [*names, "notes.txt"]:
+        assert (folder / name).read_text() == f"earlier {name}"
+
+
+def test_overwrite_replaces_an_earlier_runs_files(fake_omniglot, tmp_path):
+    folder = write_earlier_run(tmp_path, ["val_embeddings.pkl", "classes.json"])
+    config = tiny_config(tmp_path, packed_omniglot=str(fake_omniglot[0]))
+    config = dataclasses.replace(
+        config, output=dataclasses.replace(config.output, overwrite=True)
+    )
+    result = pipeline.run(config)
+    for split in splits_lib.SPLITS:
+        check_split_pickle(folder / f"{split}_embeddings.pkl", "omniglot", 4)
+    assert json.loads((folder / "classes.json").read_text())["classes"]
+    assert result.classes_path == str(folder / "classes.json")
+    assert sorted(os.listdir(folder)) == [  # no temporary file left
+        "classes.json",
+        "test_embeddings.pkl",
+        "train_embeddings.pkl",
+        "val_embeddings.pkl",
+    ]
+
+
+def test_a_folder_in_place_of_a_pickle_is_refused_even_with_overwrite(
+    tmp_path, no_images
+):
     folder = write_earlier_run(tmp_path, [])
     (folder / "train_embeddings.pkl").mkdir()
     with pytest.raises(writer.OutputError) as error:
-        pipeline.run(output_config(tmp_path))
+        pipeline.run(output_config(tmp_path, overwrite=True))
     assert str(error.value) == (
         f"--data_path={tmp_path}: cannot write the embeddings there: "
         f"{folder / 'train_embeddings.pkl'} is a directory, not a file"
     )
+
+
+def test_files_written_during_training_are_kept_without_overwrite(
+    fake_omniglot, tmp_path, monkeypatch
+):
+    """The folder is checked again before writing: another run may have
+    written there while this one trained."""
+    original = pretrain.train_classifier
+
+    def another_run_writes(images, labels, num_classes, config):
+        write_earlier_run(tmp_path, ["train_embeddings.pkl"])
+        return original(images, labels, num_classes, config)
+
+    monkeypatch.setattr(pretrain, "train_classifier", another_run_writes)
+    with pytest.raises(writer.OutputError, match="already holds train_embeddings"):
+        pipeline.run(tiny_config(tmp_path, packed_omniglot=str(fake_omniglot[0])))
+    assert os.listdir(tmp_path / "omniglot" / "center") == ["train_embeddings.pkl"]
 
 
 # ---------------------------------------------------------------- class split
@@ -941,11 +1007,19 @@ def cli_refusals(tmp_path) -> dict:
     """{case: (arguments of leo_tf.embed, the error it ends with)}; each case
     is refused before the images are read."""
     (tmp_path / "afile").write_text("")
+    folder = write_earlier_run(tmp_path / "earlier", ["train_embeddings.pkl"])
     return {
         "data_path_is_a_file": (
             [f"--data_path={tmp_path / 'afile'}"],
             f"--data_path={tmp_path / 'afile'}: cannot write the embeddings "
             f"there: {tmp_path / 'afile'} is a file, not a directory",
+        ),
+        "earlier_run": (
+            [f"--data_path={tmp_path / 'earlier'}"],
+            f"--data_path={tmp_path / 'earlier'}: {folder} already holds "
+            "train_embeddings.pkl of an earlier run, which LEO runs may read; "
+            "pass --overwrite to replace them, or choose another --data_path, "
+            "--dataset_name or --embedding_crop",
         ),
         "zero_epochs": (
             [f"--data_path={tmp_path / 'new'}", "--epochs=0"],
@@ -955,7 +1029,7 @@ def cli_refusals(tmp_path) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", ["data_path_is_a_file", "zero_epochs"])
+@pytest.mark.parametrize("case", ["data_path_is_a_file", "earlier_run", "zero_epochs"])
 def test_cli_refuses_before_tensorflow_loads(tmp_path, case):
     """One line, before the images are read or TensorFlow loads; nothing
     written."""

@@ -300,6 +300,11 @@ class OutputConfig:
         "(s = this value; 0: the image alone).",
         at_least(0),
     )
+    overwrite: bool = option(
+        False,
+        "Replace the pickles and classes.json of an earlier run in the output "
+        "folder (refused by default: LEO runs may read them).",
+    )
 
     RULES: ClassVar[tuple] = (dataset_name_makes_keys,)
 
@@ -307,7 +312,7 @@ class OutputConfig:
         """Raises writer.OutputError unless the pickles can be written here
         (a check of the disk: see writer.check_output_folder)."""
         writer.check_output_folder(
-            self.data_path, self.dataset_name, self.embedding_crop
+            self.data_path, self.dataset_name, self.embedding_crop, self.overwrite
         )
 
 

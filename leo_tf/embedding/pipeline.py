@@ -9,7 +9,8 @@ embeds every image of every split in inference mode (optionally as the mean
 over its shifted views, `--view_shifts`) and writes
 `<data_path>/<dataset_name>/<embedding_crop>/{train,val,test}_embeddings.pkl`
 and `classes.json` (writer.py). That folder is checked first, before any
-image is read: it must be writable.
+image is read: it must be writable, and files of an earlier run there are
+replaced only with --overwrite.
 """
 
 import collections
@@ -166,6 +167,8 @@ def _write_outputs(
       ({split: SplitSummary}, path of classes.json).
     """
     output = config.output
+    # Again: another run may have written there while this one trained.
+    output.check_folder()
     summaries, classes = {}, {}
     for split in splits_lib.SPLITS:
         names, counts, labels = blocks[split]
@@ -224,7 +227,7 @@ def run(config: EmbedConfig) -> EmbedResult:
 
     Raises:
       writer.OutputError: before any image is read, if the output folder
-        cannot be written.
+        cannot be written or holds an earlier run's files without --overwrite.
     """
     config.output.check_folder()
     seconds = {}

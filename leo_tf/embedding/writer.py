@@ -19,7 +19,9 @@ image count.
 
 Each file is written to a temporary file in the same directory and renamed
 into place, so a reader never sees a half-written file. `check_output_folder`,
-called before any image is read, refuses a folder that cannot be written.
+called before any image is read, refuses a folder that cannot be written and
+one that already holds these files, unless --overwrite allows to replace
+them: LEO runs may read them.
 """
 
 import json
@@ -65,15 +67,16 @@ def output_files(data_path, dataset_name, embedding_crop) -> List[pathlib.Path]:
     return pickles + [pickles[0].parent / CLASSES_FILE]
 
 
-def check_output_folder(data_path, dataset_name, embedding_crop) -> None:
+def check_output_folder(data_path, dataset_name, embedding_crop, overwrite) -> None:
     """Raises OutputError unless the run's files can be written.
 
     The folder `<data_path>/<dataset_name>/<embedding_crop>` must be a
-    writable directory or creatable in one; files there are replaced only
-    if they are files.
+    writable directory or creatable in one; files of an earlier run there
+    are refused unless `overwrite`, and are replaced only if they are files.
 
     Args:
       data_path, dataset_name, embedding_crop: the flags of the same names.
+      overwrite: --overwrite.
     """
     files = output_files(data_path, dataset_name, embedding_crop)
     folder = files[0].parent
@@ -87,6 +90,15 @@ def check_output_folder(data_path, dataset_name, embedding_crop) -> None:
     for path in existing:
         if not path.is_file():
             raise OutputError(f"{cannot}: {path} is {_kind(path)}, not a file")
+    if existing and not overwrite:
+        names = [path.name for path in existing]
+        listed = ", ".join(names[:-1]) + " and " if len(names) > 1 else ""
+        raise OutputError(
+            f"--data_path={data_path}: {folder} already holds {listed}{names[-1]} "
+            "of an earlier run, which LEO runs may read; pass --overwrite to "
+            "replace them, or choose another --data_path, --dataset_name or "
+            "--embedding_crop"
+        )
 
 
 def _kind(path) -> str:
