@@ -201,6 +201,20 @@ def finite_above(low):
     return check_finite_above
 
 
+def finite_in(low, high, high_open=False):
+    """The check of a finite number in [low, high], or [low, high) if
+    `high_open`."""
+    interval = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+
+    def check_finite_in(value):
+        below_high = value < high if high_open else value <= high
+        if math.isfinite(value) and low <= value and below_high:
+            return None
+        return f"must be a finite number in {interval}"
+
+    return check_finite_in
+
+
 def one_of(choices):
     def check_one_of(value):
         return None if value in choices else f"must be one of {', '.join(choices)}"

@@ -7,7 +7,10 @@ classes only, then writes
     <data_path>/<dataset_name>/<embedding_crop>/classes.json
 
 in the format `python -m leo_tf.train` reads (see leo_tf/embedding/writer.py),
-and prints the classes and images per class it found in each split.
+and prints the classes and images per class it found in each split. If that
+folder already holds these files, from an earlier run that LEO runs may
+read, it refuses before training unless --overwrite is given, which replaces
+them.
 
 The class split is clean: meta-train, meta-validation and meta-test share no
 class, and only meta-train images are used to fit the network. With
@@ -27,7 +30,8 @@ Example (Omniglot, 28x28, conv4 -> 64-d embeddings):
 The flags are the fields of the frozen config objects of
 leo_tf/embedding/options.py, defined and read here; they are kept out of
 leo_tf/config.py's RunConfig so the training command does not carry them.
-Bad flags are reported before TensorFlow is imported.
+Bad flags, and an output folder that cannot be written or holds an earlier
+run's files, are reported before TensorFlow is imported.
 """
 
 import dataclasses
@@ -38,6 +42,7 @@ from absl import logging
 from leo_tf import cli
 from leo_tf import config as config_lib
 from leo_tf.embedding import options
+from leo_tf.embedding import writer
 
 # The sections of EmbedConfig, whose fields are the flags.
 SECTIONS = tuple(
@@ -62,14 +67,18 @@ def config_from_flags(flag_values=flags.FLAGS) -> options.EmbedConfig:
 def main(argv):
     if len(argv) > 1:
         raise cli.Failure(f"unexpected arguments: {' '.join(argv[1:])}")
-    with cli.reported(ValueError):
-        config = config_from_flags()  # before TensorFlow is even imported
+    with cli.reported(ValueError):  # before TensorFlow is even imported
+        config = config_from_flags()
+        config.output.check_folder()
     # pylint: disable=g-import-not-at-top
     from leo_tf.embedding import episodic, images, pipeline, splits
 
     # pylint: enable=g-import-not-at-top
     with cli.reported(
-        images.ImageSourceError, splits.SplitError, episodic.EpisodeError
+        images.ImageSourceError,
+        splits.SplitError,
+        episodic.EpisodeError,
+        writer.OutputError,
     ):
         result = pipeline.run(config)
     print(f"class split: {result.split_rule}")

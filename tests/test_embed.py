@@ -12,6 +12,7 @@ import os
 import pathlib
 import pickle
 import re
+import sys
 import time
 
 import keras
@@ -276,6 +277,151 @@ def test_make_keys_numbers_images_within_each_class():
 def test_dataset_names_that_would_break_keys_are_rejected(name):
     with pytest.raises(ValueError, match="letters and digits"):
         writer.check_dataset_name(name)
+
+
+# ---------------------------------------------------------------- output folder
+
+
+@pytest.fixture
+def no_images(monkeypatch):
+    """Makes reading the images fail: what is refused is refused before."""
+
+    def loading(source):
+        raise AssertionError("images read before the output folder was checked")
+
+    monkeypatch.setattr(pipeline, "load_images", loading)
+
+
+def output_config(data_path, overwrite=False) -> options.EmbedConfig:
+    """tiny_config writing to data_path, its source never read."""
+    config = tiny_config(data_path, packed_omniglot="never_read.npz")
+    return dataclasses.replace(
+        config, output=dataclasses.replace(config.output, overwrite=overwrite)
+    )
+
+
+@pytest.mark.parametrize(
+    "data_path, blocker",
+    [
+        ("afile", "afile"),  # --data_path is a file
+        ("afile/sub", "afile"),  # a folder of --data_path is a file
+        ("data", "data/omniglot"),  # <data_path>/<dataset_name> is a file
+    ],
+)
+def test_output_folder_under_a_file_is_refused_before_reading_images(
+    tmp_path, no_images, data_path, blocker
+):
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "omniglot").write_text("")
+    data_path, blocker = tmp_path / data_path, tmp_path / blocker
+    with pytest.raises(writer.OutputError) as error:
+        pipeline.run(output_config(data_path))
+    assert str(error.value) == (
+        f"--data_path={data_path}: cannot write the embeddings there: {blocker} "
+        "is a file, not a directory"
+    )
+
+
+def test_unwritable_output_folder_is_refused_before_reading_images(
+    tmp_path, no_images, monkeypatch
+):
+    # os.access, as root every folder is writable: pretend tmp_path is not.
+    access = os.access
+    monkeypatch.setattr(
+        writer.os,
+        "access",
+        lambda path, mode: pathlib.Path(path) != tmp_path and access(path, mode),
+    )
+    with pytest.raises(writer.OutputError) as error:
+        pipeline.run(output_config(tmp_path / "new"))
+    assert str(error.value) == (
+        f"--data_path={tmp_path / 'new'}: cannot write the embeddings there: "
+        f"{tmp_path} is not writable"
+    )
+
+
+def write_earlier_run(data_path, names) -> pathlib.Path:
+    """Files `names` of an earlier run in the output folder; returns it."""
+    folder = data_path / "omniglot" / "center"
+    folder.mkdir(parents=True)
+    for name in names:
+        (folder / name).write_text(f"earlier {name}")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "names, listed",
+    [
+        (["classes.json"], "classes.json"),
+        (
+            ["train_embeddings.pkl", "test_embeddings.pkl", "classes.json"],
+            "train_embeddings.pkl, test_embeddings.pkl and classes.json",
+        ),
+    ],
+)
+def test_an_earlier_runs_files_are_kept_without_overwrite(
+    tmp_path, no_images, names, listed
+):
+    folder = write_earlier_run(tmp_path, [*names, "notes.txt"])
+    with pytest.raises(writer.OutputError) as error:
+        pipeline.run(output_config(tmp_path))
+    assert str(error.value) == (
+        f"--data_path={tmp_path}: {folder} already holds {listed} of an earlier "
+        "run, which LEO runs may read; pass --overwrite to replace them, or "
+        "choose another --data_path, --dataset_name or --embedding_crop"
+    )
+    for name in [*names, "notes.txt"]:
+        assert (folder / name).read_text() == f"earlier {name}"
+
+
+def test_overwrite_replaces_an_earlier_runs_files(fake_omniglot, tmp_path):
+    folder = write_earlier_run(tmp_path, ["val_embeddings.pkl", "classes.json"])
+    config = tiny_config(tmp_path, packed_omniglot=str(fake_omniglot[0]))
+    config = dataclasses.replace(
+        config, output=dataclasses.replace(config.output, overwrite=True)
+    )
+    result = pipeline.run(config)
+    for split in splits_lib.SPLITS:
+        check_split_pickle(folder / f"{split}_embeddings.pkl", "omniglot", 4)
+    assert json.loads((folder / "classes.json").read_text())["classes"]
+    assert result.classes_path == str(folder / "classes.json")
+    assert sorted(os.listdir(folder)) == [  # no temporary file left
+        "classes.json",
+        "test_embeddings.pkl",
+        "train_embeddings.pkl",
+        "val_embeddings.pkl",
+    ]
+
+
+def test_a_folder_in_place_of_a_pickle_is_refused_even_with_overwrite(
+    tmp_path, no_images
+):
+    folder = write_earlier_run(tmp_path, [])
+    (folder / "train_embeddings.pkl").mkdir()
+    with pytest.raises(writer.OutputError) as error:
+        pipeline.run(output_config(tmp_path, overwrite=True))
+    assert str(error.value) == (
+        f"--data_path={tmp_path}: cannot write the embeddings there: "
+        f"{folder / 'train_embeddings.pkl'} is a directory, not a file"
+    )
+
+
+def test_files_written_during_training_are_kept_without_overwrite(
+    fake_omniglot, tmp_path, monkeypatch
+):
+    """The folder is checked again before writing: another run may have
+    written there while this one trained."""
+    original = pretrain.train_classifier
+
+    def another_run_writes(images, labels, num_classes, config):
+        write_earlier_run(tmp_path, ["train_embeddings.pkl"])
+        return original(images, labels, num_classes, config)
+
+    monkeypatch.setattr(pretrain, "train_classifier", another_run_writes)
+    with pytest.raises(writer.OutputError, match="already holds train_embeddings"):
+        pipeline.run(tiny_config(tmp_path, packed_omniglot=str(fake_omniglot[0])))
+    assert os.listdir(tmp_path / "omniglot" / "center") == ["train_embeddings.pkl"]
 
 
 # ---------------------------------------------------------------- class split
@@ -750,6 +896,154 @@ def test_cli_bad_inputs_fail_with_one_message_and_write_nothing(tmp_path):
     )
     assert "Traceback" not in completed.stderr
     assert not os.listdir(tmp_path)
+
+
+def parse_flags(*args) -> options.EmbedConfig:
+    """The checked config of `python -m leo_tf.embed args...`, parsed as the
+    command parses its flags (a ConfigError names a bad one)."""
+    values = flags.FlagValues()
+    embed.define_flags(values)
+    values(["leo_tf.embed", "--data_path=unused", "--packed_omniglot=a.npz", *args])
+    return embed.config_from_flags(values)
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("image_size", "-1", "must be at least 0"),
+        ("image_size", "8", "--backbone=conv4 needs images of at least 16x16"),
+        ("channels", "2", "must be 0, 1 or 3"),
+        ("num_val_alphabets", "0", "must be at least 1"),
+        ("split_sizes", "64,16", "must be three class counts >= 1"),
+        ("split_sizes", "64,0,20", "must be three class counts >= 1"),
+        ("split_sizes", "0.5,0.6,0.2", "or three fractions > 0 summing to 1"),
+        ("split_sizes", "0.8,0.2,0", "or three fractions > 0 summing to 1"),
+        ("split_seed", "-1", "must be an integer in [0, 2147483645]"),
+        ("conv_filters", "0", "must be at least 1"),
+        ("wrn_depth", "27", "must be 6n + 4 with n >= 1"),
+        ("wrn_depth", "4", "must be 6n + 4 with n >= 1"),
+        ("wrn_width", "0", "must be at least 1"),
+        ("epochs", "-1", "must be at least 0"),
+        ("epochs", "0", "must be at least 1 unless --episodic_episodes trains"),
+        ("batch_size", "0", "must be at least 1"),
+        ("learning_rate", "-1", "must be a finite number > 0"),
+        ("learning_rate", "0", "must be a finite number > 0"),
+        ("learning_rate", "nan", "must be a finite number > 0"),
+        ("label_smoothing", "2", "must be a finite number in [0, 1)"),
+        ("label_smoothing", "1", "must be a finite number in [0, 1)"),
+        ("label_smoothing", "-0.1", "must be a finite number in [0, 1)"),
+        ("augment_shift", "-1", "must be a finite number in [0, 1]"),
+        ("augment_shift", "1.5", "must be a finite number in [0, 1]"),
+        ("augment_rotation", "-1", "must be a finite number in [0, 180]"),
+        ("augment_rotation", "270", "must be a finite number in [0, 180]"),
+        ("augment_rotation", "inf", "must be a finite number in [0, 180]"),
+        ("augment_zoom", "-0.1", "must be a finite number in [0, 1)"),
+        ("augment_zoom", "1", "must be a finite number in [0, 1)"),
+        ("episodic_episodes", "-1", "must be at least 0"),
+        ("episodic_ways", "1", "must be at least 2"),
+        ("episodic_shots", "0", "must be at least 1"),
+        ("episodic_queries", "0", "must be at least 1"),
+        ("episodic_learning_rate", "0", "must be a finite number > 0"),
+        ("episodic_scale", "inf", "must be a finite number > 0"),
+        ("seed", "-1", "must be an integer in [0, 2147483645]"),
+        ("view_shifts", "-1", "must be at least 0"),
+    ],
+)
+def test_bad_numeric_flags_are_refused_naming_the_flag_and_its_range(
+    flag, value, expected
+):
+    with pytest.raises(config_lib.ConfigError) as error:
+        parse_flags(f"--{flag}={value}")
+    message = str(error.value)
+    assert re.fullmatch(rf"--{flag}=[^:]+: .+", message), message
+    assert expected in message and "\n" not in message
+
+
+def test_every_numeric_flag_has_a_range():
+    """Each int and float flag of leo_tf.embed refuses some value."""
+    fields = [
+        field
+        for _, cls in embed.SECTIONS
+        for field in config_lib.option_fields(cls)
+        if field.type in (int, float)
+    ]
+    assert fields and all(field.metadata["checks"] for field in fields)
+
+
+def test_the_ends_of_the_embed_flags_ranges_are_accepted():
+    config = parse_flags(
+        "--image_size=16",
+        "--num_val_alphabets=1",
+        "--split_sizes=1,1,1",
+        "--wrn_depth=10",
+        "--epochs=0",
+        "--episodic_episodes=1",
+        "--label_smoothing=0",
+        "--augment_shift=1",
+        "--augment_rotation=180",
+        "--augment_zoom=0",
+    )
+    assert config.train.epochs == 0 and config.train.augment_rotation == 180
+    assert parse_flags("--image_size=8", "--backbone=wrn").source.image_size == 8
+    assert parse_flags().train == options.TrainConfig()  # the defaults pass
+
+
+def run_cli_importing(*args):
+    """`python -X importtime -m leo_tf.embed args...`: (its CompletedProcess,
+    the modules it imported)."""
+    completed = run_fixtures.run_command(
+        [sys.executable, "-X", "importtime", "-m", "leo_tf.embed", *args],
+        timeout=120,
+    )
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in completed.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    return completed, imported
+
+
+def cli_refusals(tmp_path) -> dict:
+    """{case: (arguments of leo_tf.embed, the error it ends with)}; each case
+    is refused before the images are read."""
+    (tmp_path / "afile").write_text("")
+    folder = write_earlier_run(tmp_path / "earlier", ["train_embeddings.pkl"])
+    return {
+        "data_path_is_a_file": (
+            [f"--data_path={tmp_path / 'afile'}"],
+            f"--data_path={tmp_path / 'afile'}: cannot write the embeddings "
+            f"there: {tmp_path / 'afile'} is a file, not a directory",
+        ),
+        "earlier_run": (
+            [f"--data_path={tmp_path / 'earlier'}"],
+            f"--data_path={tmp_path / 'earlier'}: {folder} already holds "
+            "train_embeddings.pkl of an earlier run, which LEO runs may read; "
+            "pass --overwrite to replace them, or choose another --data_path, "
+            "--dataset_name or --embedding_crop",
+        ),
+        "zero_epochs": (
+            [f"--data_path={tmp_path / 'new'}", "--epochs=0"],
+            "--epochs=0: must be at least 1 unless --episodic_episodes trains "
+            "the network",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", ["data_path_is_a_file", "earlier_run", "zero_epochs"])
+def test_cli_refuses_before_tensorflow_loads(tmp_path, case):
+    """One line, before the images are read or TensorFlow loads; nothing
+    written."""
+    args, line = cli_refusals(tmp_path)[case]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    completed, imported = run_cli_importing(
+        f"--packed_omniglot={tmp_path / 'missing.npz'}", *args
+    )
+    assert completed.returncode == 1, completed.stderr[-2000:]
+    last = completed.stderr.strip().splitlines()[-1]
+    assert last == f"leo_tf.embed: error: {line}"
+    assert "leo_tf.cli" in imported
+    assert not {"tensorflow", "keras"} & imported
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
 # ---------------------------------------------------------------- real data

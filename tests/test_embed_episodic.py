@@ -160,6 +160,19 @@ def test_pipeline_runs_episodes_only_when_asked_and_checks_them_first(
     assert not (tmp_path / "too_wide").exists()
 
 
+def test_zero_epochs_leave_the_training_to_the_episodes(fake_omniglot, tmp_path):
+    default = test_embed.tiny_config(tmp_path, packed_omniglot=str(fake_omniglot[0]))
+    config = config_with_episodes(default, tmp_path / "out", ways=3)
+    config = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, epochs=0)
+    )
+    result = pipeline.run(config)
+    assert result.history["loss"] == [] and result.history["accuracy"] == []
+    assert len(result.history["episode_loss"]) == 2
+    for split in ("train", "val", "test"):
+        test_embed.check_split_pickle(result.splits[split].path, "omniglot", 4)
+
+
 def config_with_episodes(config, data_path, ways):
     """`config` writing to data_path, with 2 fine-tuning episodes of `ways`."""
     train = dataclasses.replace(

@@ -17,7 +17,7 @@ their features are non-negative.
 
 import keras
 
-from leo_tf.embedding.options import BACKBONES
+from leo_tf.embedding.options import BACKBONES, CONV4_MIN_IMAGE_SIZE
 
 _WEIGHT_INIT = "he_normal"
 
@@ -47,9 +47,10 @@ def conv4(input_shape, filters: int = 64, name: str = "conv4") -> keras.Model:
       Keras model float32 [B, H, W, C] -> [B, filters * (H//16) * (W//16)].
     """
     height, width = input_shape[:2]
-    if height < 16 or width < 16:
+    if min(height, width) < CONV4_MIN_IMAGE_SIZE:
         raise ValueError(
-            f"conv4 needs images of at least 16x16, found " f"{height}x{width}"
+            f"conv4 needs images of at least {CONV4_MIN_IMAGE_SIZE}x"
+            f"{CONV4_MIN_IMAGE_SIZE}, found {height}x{width}"
         )
     inputs = keras.Input(shape=tuple(input_shape))
     x = inputs

@@ -1,10 +1,11 @@
 """Episodic fine-tuning of the embedding network: prototypes, cosine, scale.
 
-After supervised pre-training (pretrain.py), `finetune` trains the feature
-extractor further on few-shot episodes of the meta-train classes, with the
-loss of the nearest-class-mean (cosine) classifier that few-shot evaluation
-scores (Snell et al. 2017's prototypical loss, with cosine similarity and a
-learned scale as in Chen et al. 2019):
+After supervised pre-training (pretrain.py; with --epochs=0, none: the
+network starts as initialised), `finetune` trains the feature extractor on
+few-shot episodes of the meta-train classes, with the loss of the
+nearest-class-mean (cosine) classifier that few-shot evaluation scores
+(Snell et al. 2017's prototypical loss, with cosine similarity and a learned
+scale as in Chen et al. 2019):
 
     episode: `episodic_ways` classes, `episodic_shots` support and
       `episodic_queries` query images of each, drawn without replacement

@@ -9,14 +9,17 @@ flags before it loads.
 """
 
 import dataclasses
+import math
 from typing import ClassVar, Tuple
 
 from leo_tf.config import (
     ConfigError,
     at_least,
     finite_above,
+    finite_in,
     names_a_directory,
     option,
+    require,
     seed_range,
 )
 from leo_tf.data.embeddings import SPLITS
@@ -44,6 +47,10 @@ def exactly_one_image_source(source):
 
 def channel_count(value):
     return None if value in (0, 1, 3) else "must be 0, 1 or 3"
+
+
+# conv4's four 2x2 max poolings leave no pixel of a smaller image.
+CONV4_MIN_IMAGE_SIZE = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +100,26 @@ class SourceConfig:
         return bool(self.packed_omniglot) or self.tfds_name == "omniglot"
 
 
+def split_sizes_form(value):
+    """Three class counts >= 1, or three fractions > 0 summing to 1 (the
+    counts' sum is checked against the classes found, in splits.py)."""
+    expected = (
+        "must be three class counts >= 1 (e.g. 64,16,20) or three fractions "
+        "> 0 summing to 1 (e.g. 0.64,0.16,0.2)"
+    )
+    parts = [part.strip() for part in value.split(",")]
+    if len(parts) != 3:
+        return expected
+    if all(part.isdigit() for part in parts):
+        return None if min(int(part) for part in parts) >= 1 else expected
+    try:
+        fractions = [float(part) for part in parts]
+    except ValueError:
+        return expected
+    positive = all(math.isfinite(f) and f > 0 for f in fractions)
+    return None if positive and abs(sum(fractions) - 1.0) <= 1e-6 else expected
+
+
 def some_splits(value):
     chosen = bool(value) and set(value) <= set(SPLITS)
     return None if chosen else f"must be one or more of {', '.join(SPLITS)}"
@@ -111,12 +138,15 @@ class SplitConfig:
         choices=CLASS_SPLIT_RULES,
     )
     num_val_alphabets: int = option(
-        5, "Omniglot split: background alphabets held out for meta-validation."
+        5,
+        "Omniglot split: background alphabets held out for meta-validation.",
+        at_least(1),
     )
     split_sizes: str = option(
         "0.64,0.16,0.2",
         "Random split: train,val,test class counts (integers summing to the "
         "number of classes) or fractions (summing to 1).",
+        split_sizes_form,
     )
     split_seed: int = option(0, "Seeds the class split.", seed_range)
     rotations: bool = option(
@@ -130,6 +160,22 @@ class SplitConfig:
         "train the network; meta-validation and meta-test keep the original "
         "characters.",
         some_splits,
+    )
+
+
+def wrn_depth_form(value):
+    if value >= 10 and (value - 4) % 6 == 0:
+        return None
+    return "must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...)"
+
+
+def some_training(train):
+    """Zero epochs leave the training to the episodes: some must be asked."""
+    require(
+        train.epochs >= 1 or train.episodic_episodes >= 1,
+        "epochs",
+        train.epochs,
+        "must be at least 1 unless --episodic_episodes trains the network",
     )
 
 
@@ -153,27 +199,41 @@ class TrainConfig:
         "D = 64 * wrn_width (640 for WRN-28-10).",
         choices=BACKBONES,
     )
-    conv_filters: int = option(64, "conv4 channels per block.")
-    wrn_depth: int = option(28, "WRN depth (6n + 4).")
-    wrn_width: int = option(10, "WRN widening factor.")
-    epochs: int = option(10, "Training epochs over the meta-train images.")
-    batch_size: int = option(128, "Images per training step.")
+    conv_filters: int = option(64, "conv4 channels per block.", at_least(1))
+    wrn_depth: int = option(28, "WRN depth (6n + 4).", wrn_depth_form)
+    wrn_width: int = option(10, "WRN widening factor.", at_least(1))
+    epochs: int = option(
+        10,
+        "Training epochs over the meta-train images (0: none, the network is "
+        "trained by the --episodic_episodes alone).",
+        at_least(0),
+    )
+    batch_size: int = option(128, "Images per training step.", at_least(1))
     learning_rate: float = option(
-        3e-3, "Adam's initial learning rate (cosine-decayed to 0)."
+        3e-3,
+        "Adam's initial learning rate (cosine-decayed to 0).",
+        finite_above(0.0),
     )
     label_smoothing: float = option(
-        0.0, "Label smoothing of the softmax cross-entropy."
+        0.0,
+        "Label smoothing of the softmax cross-entropy.",
+        finite_in(0, 1, high_open=True),
     )
     augment_shift: float = option(
         0.1,
         "Training augmentation: maximum random shift, a fraction "
         "of height and width (0: off).",
+        finite_in(0, 1),
     )
     augment_rotation: float = option(
-        10.0, "Training augmentation: maximum random rotation in degrees (0: off)."
+        10.0,
+        "Training augmentation: maximum random rotation in degrees (0: off).",
+        finite_in(0, 180),
     )
     augment_zoom: float = option(
-        0.0, "Training augmentation: maximum random zoom, a fraction (0: off)."
+        0.0,
+        "Training augmentation: maximum random zoom, a fraction (0: off).",
+        finite_in(0, 1, high_open=True),
     )
     episodic_episodes: int = option(
         0,
@@ -207,6 +267,8 @@ class TrainConfig:
         seed_range,
     )
 
+    RULES: ClassVar[tuple] = (some_training,)
+
 
 def dataset_name_makes_keys(output):
     """Raises ValueError, naming --dataset_name, unless it can start keys."""
@@ -238,8 +300,32 @@ class OutputConfig:
         "(s = this value; 0: the image alone).",
         at_least(0),
     )
+    overwrite: bool = option(
+        False,
+        "Replace the pickles and classes.json of an earlier run in the output "
+        "folder (refused by default: LEO runs may read them).",
+    )
 
     RULES: ClassVar[tuple] = (dataset_name_makes_keys,)
+
+    def check_folder(self) -> None:
+        """Raises writer.OutputError unless the pickles can be written here
+        (a check of the disk: see writer.check_output_folder)."""
+        writer.check_output_folder(
+            self.data_path, self.dataset_name, self.embedding_crop, self.overwrite
+        )
+
+
+def images_fit_the_backbone(config):
+    """conv4 needs --image_size 0 (keep) or at least 16."""
+    size = config.source.image_size
+    require(
+        config.train.backbone != "conv4" or not 0 < size < CONV4_MIN_IMAGE_SIZE,
+        "image_size",
+        size,
+        f"--backbone=conv4 needs images of at least {CONV4_MIN_IMAGE_SIZE}x"
+        f"{CONV4_MIN_IMAGE_SIZE} (four 2x2 poolings)",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,3 +336,5 @@ class EmbedConfig:
     split: SplitConfig
     train: TrainConfig
     output: OutputConfig
+
+    RULES: ClassVar[tuple] = (images_fit_the_backbone,)

@@ -8,7 +8,9 @@ optionally episodic.py),
 embeds every image of every split in inference mode (optionally as the mean
 over its shifted views, `--view_shifts`) and writes
 `<data_path>/<dataset_name>/<embedding_crop>/{train,val,test}_embeddings.pkl`
-and `classes.json` (writer.py).
+and `classes.json` (writer.py). That folder is checked first, before any
+image is read: it must be writable, and files of an earlier run there are
+replaced only with --overwrite.
 """
 
 import collections
@@ -165,6 +167,8 @@ def _write_outputs(
       ({split: SplitSummary}, path of classes.json).
     """
     output = config.output
+    # Again: another run may have written there while this one trained.
+    output.check_folder()
     summaries, classes = {}, {}
     for split in splits_lib.SPLITS:
         names, counts, labels = blocks[split]
@@ -220,7 +224,12 @@ def run(config: EmbedConfig) -> EmbedResult:
 
     Returns:
       EmbedResult.
+
+    Raises:
+      writer.OutputError: before any image is read, if the output folder
+        cannot be written or holds an earlier run's files without --overwrite.
     """
+    config.output.check_folder()
     seconds = {}
     start = time.perf_counter()
     image_set = load_images(config.source)

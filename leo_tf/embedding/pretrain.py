@@ -40,7 +40,8 @@ class TrainedClassifier:
       extractor: images float32 [B, H, W, C] (0..255) -> features [B, D].
       classifier: images -> logits [B, num_classes] (augmentation, extractor,
         head); the head is the layer named "head".
-      history: per-epoch "loss" and "accuracy" on augmented training batches.
+      history: per-epoch "loss" and "accuracy" on augmented training batches
+        (empty lists for 0 epochs).
     """
 
     extractor: keras.Model
@@ -135,7 +136,8 @@ def train_classifier(
       config: see TrainConfig.
 
     Returns:
-      TrainedClassifier.
+      TrainedClassifier; with `config.epochs` 0, its networks as initialised
+      (seeded), for the episodes to train.
     """
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(
@@ -173,19 +175,18 @@ def train_classifier(
             logs["accuracy"],
         )
 
-    one_hot = dataset.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
-    history = classifier.fit(
-        one_hot,
-        epochs=config.epochs,
-        verbose=0,
-        shuffle=False,  # `dataset` is already shuffled, seeded
-        callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=log_epoch)],
-    )
-    return TrainedClassifier(
-        extractor,
-        classifier,
-        {k: [float(v) for v in history.history[k]] for k in ("loss", "accuracy")},
-    )
+    history = {"loss": [], "accuracy": []}
+    if config.epochs:  # 0: the episodes alone train the network (episodic.py)
+        one_hot = dataset.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+        fitted = classifier.fit(
+            one_hot,
+            epochs=config.epochs,
+            verbose=0,
+            shuffle=False,  # `dataset` is already shuffled, seeded
+            callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=log_epoch)],
+        )
+        history = {k: [float(v) for v in fitted.history[k]] for k in history}
+    return TrainedClassifier(extractor, classifier, history)
 
 
 def extract_features(

@@ -18,17 +18,24 @@ mapping each class id to its source class name, group, split, label and
 image count.
 
 Each file is written to a temporary file in the same directory and renamed
-into place, so a reader never sees a half-written file.
+into place, so a reader never sees a half-written file. `check_output_folder`,
+called before any image is read, refuses a folder that cannot be written and
+one that already holds these files, unless --overwrite allows to replace
+them: LEO runs may read them.
 """
 
 import json
 import os
+import pathlib
 import pickle
 import re
+import stat
 import tempfile
-from typing import Sequence
+from typing import List, Sequence
 
 import numpy as np
+
+from leo_tf.data import embeddings as embeddings_lib
 
 PICKLE_PROTOCOL = 4
 CLASSES_FILE = "classes.json"
@@ -45,6 +52,70 @@ def check_dataset_name(name: str) -> str:
             "and '_')"
         )
     return name
+
+
+class OutputError(ValueError):
+    """The output folder cannot take the pickles; the message names the flag."""
+
+
+def output_files(data_path, dataset_name, embedding_crop) -> List[pathlib.Path]:
+    """The files a run writes: the split pickles, then classes.json."""
+    pickles = [
+        embeddings_lib.split_path(data_path, dataset_name, embedding_crop, split)
+        for split in embeddings_lib.SPLITS
+    ]
+    return pickles + [pickles[0].parent / CLASSES_FILE]
+
+
+def check_output_folder(data_path, dataset_name, embedding_crop, overwrite) -> None:
+    """Raises OutputError unless the run's files can be written.
+
+    The folder `<data_path>/<dataset_name>/<embedding_crop>` must be a
+    writable directory or creatable in one; files of an earlier run there
+    are refused unless `overwrite`, and are replaced only if they are files.
+
+    Args:
+      data_path, dataset_name, embedding_crop: the flags of the same names.
+      overwrite: --overwrite.
+    """
+    files = output_files(data_path, dataset_name, embedding_crop)
+    folder = files[0].parent
+    cannot = f"--data_path={data_path}: cannot write the embeddings there"
+    nearest = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
+    if not nearest.is_dir():
+        raise OutputError(f"{cannot}: {nearest} is {_kind(nearest)}, not a directory")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise OutputError(f"{cannot}: {nearest} is not writable")
+    existing = [path for path in files if os.path.lexists(path)]
+    for path in existing:
+        if not path.is_file():
+            raise OutputError(f"{cannot}: {path} is {_kind(path)}, not a file")
+    if existing and not overwrite:
+        names = [path.name for path in existing]
+        listed = ", ".join(names[:-1]) + " and " if len(names) > 1 else ""
+        raise OutputError(
+            f"--data_path={data_path}: {folder} already holds {listed}{names[-1]} "
+            "of an earlier run, which LEO runs may read; pass --overwrite to "
+            "replace them, or choose another --data_path, --dataset_name or "
+            "--embedding_crop"
+        )
+
+
+def _kind(path) -> str:
+    """'a file', 'a directory', 'a FIFO', ... : what `path` is."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a broken symbolic link" if os.path.islink(path) else "unreadable"
+    for test, kind in (
+        (stat.S_ISREG, "a file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "a special file"
 
 
 def make_class_ids(dataset_name: str, num_classes: int) -> list:
