@@ -692,7 +692,8 @@ def index_checkpoint(directory, prefix):
     but damaged), from the files, saying so. Listed, in step order, are
     `prefix` and the older checkpoints, each with the time it was written
     and none preserved, so that the CheckpointManager rotates them out as
-    usual (keeping its max_to_keep latest).
+    usual (keeping its max_to_keep latest); an older checkpoint with a file
+    that a save could not remove (a directory, say) is left out, named.
     """
     directory = pathlib.Path(directory)
     indexed = indexed_checkpoint(directory)
@@ -700,7 +701,8 @@ def index_checkpoint(directory, prefix):
         return
     index = directory / INDEX_FILE
     step = _step(prefix)
-    listed = [p for p in reversed(checkpoint_prefixes(directory)) if _step(p) <= step]
+    older = [p for p in reversed(checkpoint_prefixes(directory)) if _step(p) < step]
+    listed = [*_removable(older, index), str(prefix)]
     names = [pathlib.Path(p).name for p in listed]
     try:
         write_text_atomically(index, _checkpoint_index(names, _written_at(listed)))
@@ -712,6 +714,25 @@ def index_checkpoint(directory, prefix):
         f"named {indexed}" if indexed else "missing or unreadable",
         pathlib.Path(prefix).name,
     )
+
+
+def _removable(prefixes, index):
+    """The checkpoints of `prefixes` whose files a save's rotation can
+    delete; a warning names each of the others, which `index` leaves out."""
+    removable = []
+    for prefix in prefixes:
+        try:
+            check_regular_files(prefix)
+        except CheckpointError as error:
+            logging.warning(
+                "%s; %s left out of %s, so never rotated out: move it away",
+                error,
+                prefix,
+                index,
+            )
+            continue
+        removable.append(prefix)
+    return removable
 
 
 def _written_at(prefixes):

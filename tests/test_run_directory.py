@@ -322,6 +322,23 @@ def test_rebuilt_index_hands_every_checkpoint_to_the_manager_to_rotate(run):
     assert manager.checkpoints == [str(run / "ckpt-10"), str(run / "ckpt-20")]
 
 
+def test_rebuilt_index_leaves_out_an_older_checkpoint_a_save_cannot_remove(run, caplog):
+    """Rotating it out would fail the save that does; it is named instead."""
+    data = run / DATA_FILE.format(10)
+    _replace_by_a_directory(data)
+    (run / "checkpoint").unlink()
+
+    with caplog.at_level(logging.WARNING):
+        checkpoints.index_checkpoint(run, str(run / "ckpt-20"))
+
+    state = tf.train.get_checkpoint_state(str(run))
+    assert list(state.all_model_checkpoint_paths) == [str(run / "ckpt-20")]
+    assert (
+        f"{data}: a directory, not a checkpoint file; {run / 'ckpt-10'} left out "
+        f"of {run / 'checkpoint'}, so never rotated out: move it away"
+    ) in caplog.text
+
+
 def _resume_without_promotions(data_path, run, monkeypatch, **train):
     """Resumes `run` with `train` settings and one validation batch a
     checkpoint, never promoting; (steps of the checkpoints left, steps the
