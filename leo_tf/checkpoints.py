@@ -706,8 +706,11 @@ def index_checkpoint(directory, prefix):
     """Makes TensorFlow's `checkpoint` index name `prefix` as the latest.
 
     Rewrites a missing index, or one naming another checkpoint (one newer
-    but damaged), from the files, saying so; listed are `prefix` and the
-    older checkpoints, which the CheckpointManager then rotates out as usual.
+    but damaged), from the files, saying so. Listed, in step order, are
+    `prefix` and the older checkpoints, each with the time it was written
+    and none preserved, so that the CheckpointManager rotates them out as
+    usual (keeping its max_to_keep latest); an older checkpoint with a file
+    that a save could not remove (a directory, say) is left out, named.
     """
     directory = pathlib.Path(directory)
     indexed = indexed_checkpoint(directory)
@@ -715,13 +718,11 @@ def index_checkpoint(directory, prefix):
         return
     index = directory / INDEX_FILE
     step = _step(prefix)
-    names = [
-        pathlib.Path(p).name
-        for p in reversed(checkpoint_prefixes(directory))
-        if _step(p) <= step
-    ]
+    older = [p for p in reversed(checkpoint_prefixes(directory)) if _step(p) < step]
+    listed = [*_removable(older, index), str(prefix)]
+    names = [pathlib.Path(p).name for p in listed]
     try:
-        write_text_atomically(index, _checkpoint_index(names))
+        write_text_atomically(index, _checkpoint_index(names, _written_at(listed)))
     except OSError as error:
         raise CheckpointError(f"could not write {index}: {error}") from error
     logging.warning(
@@ -732,14 +733,59 @@ def index_checkpoint(directory, prefix):
     )
 
 
+def _removable(prefixes, index):
+    """The checkpoints of `prefixes` whose files a save's rotation can
+    delete; a warning names each of the others, which `index` leaves out."""
+    removable = []
+    for prefix in prefixes:
+        try:
+            check_regular_files(prefix)
+        except CheckpointError as error:
+            logging.warning(
+                "%s; %s left out of %s, so never rotated out: move it away",
+                error,
+                prefix,
+                index,
+            )
+            continue
+        removable.append(prefix)
+    return removable
+
+
+def _written_at(prefixes):
+    """When each checkpoint was written, as the CheckpointManager records it:
+    seconds since the Epoch, the latest modification time of its files, but
+    not later than now (the manager would count a later one as now, which
+    it treats as preserved, never to be deleted)."""
+    now = time.time()
+    times = []
+    for prefix in prefixes:
+        prefix = pathlib.Path(prefix)
+        files = prefix.parent.glob(f"{prefix.name}.*")
+        times.append(min(now, max(path.stat().st_mtime for path in files)))
+    return times
+
+
 def _step(prefix):
     return int(pathlib.Path(prefix).name.rsplit("-", 1)[1])
 
 
-def _checkpoint_index(names):
-    """TensorFlow's `checkpoint` index text: names[-1] the latest."""
-    return f'model_checkpoint_path: "{names[-1]}"\n' + "".join(
+def _checkpoint_index(names, timestamps=None):
+    """TensorFlow's `checkpoint` index text: names[-1] the latest.
+
+    With `timestamps` (when each was written), the CheckpointManager manages
+    every checkpoint named: it preserves only those written no later than
+    last_preserved_timestamp, here a second before the earliest.
+    """
+    text = f'model_checkpoint_path: "{names[-1]}"\n' + "".join(
         f'all_model_checkpoint_paths: "{name}"\n' for name in names
+    )
+    if timestamps is None:
+        return text
+    return (
+        text
+        + "".join(f"all_model_checkpoint_timestamps: {t!r}\n" for t in timestamps)
+        + f"last_preserved_timestamp: {min(timestamps) - 1.0!r}\n"
     )
 
 

@@ -312,6 +312,83 @@ def test_missing_checkpoint_index_is_rebuilt_not_a_restart_from_step_0(
     ]
 
 
+def test_rebuilt_index_hands_every_checkpoint_to_the_manager_to_rotate(run):
+    (run / "checkpoint").unlink()
+
+    checkpoints.index_checkpoint(run, str(run / "ckpt-20"))
+
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(), str(run), 5)
+    assert manager.latest_checkpoint == str(run / "ckpt-20")
+    assert manager.checkpoints == [str(run / "ckpt-10"), str(run / "ckpt-20")]
+
+
+def test_rebuilt_index_leaves_out_an_older_checkpoint_a_save_cannot_remove(run, caplog):
+    """Rotating it out would fail the save that does; it is named instead."""
+    data = run / DATA_FILE.format(10)
+    _replace_by_a_directory(data)
+    (run / "checkpoint").unlink()
+
+    with caplog.at_level(logging.WARNING):
+        checkpoints.index_checkpoint(run, str(run / "ckpt-20"))
+
+    state = tf.train.get_checkpoint_state(str(run))
+    assert list(state.all_model_checkpoint_paths) == [str(run / "ckpt-20")]
+    assert (
+        f"{data}: a directory, not a checkpoint file; {run / 'ckpt-10'} left out "
+        f"of {run / 'checkpoint'}, so never rotated out: move it away"
+    ) in caplog.text
+
+
+def _resume_without_promotions(data_path, run, monkeypatch, **train):
+    """Resumes `run` with `train` settings and one validation batch a
+    checkpoint, never promoting; (steps of the checkpoints left, steps the
+    index lists), each in ascending order."""
+    monkeypatch.setattr(
+        run_directory.RunDirectory, "beats_best", lambda self, accuracy: False
+    )
+    trainer.train(_config(data_path, run, "train", num_metavalid_batches=1, **train))
+    state = tf.train.get_checkpoint_state(str(run))
+    return (
+        sorted(int(p.rsplit("-", 1)[1]) for p in checkpoints.checkpoint_prefixes(run)),
+        [int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths],
+    )
+
+
+def test_checkpoints_of_a_rebuilt_missing_index_are_rotated_out(
+    data_path, run, monkeypatch
+):
+    """ckpt-10 and ckpt-20 go as five newer ones are saved; best_checkpoint's
+    copy of the best of them is untouched."""
+    (run / "checkpoint").unlink()
+    best = run_fixtures.snapshot(run / ".best")
+
+    on_disk, indexed = _resume_without_promotions(
+        data_path, run, monkeypatch, num_steps_limit=25, checkpoint_steps=1
+    )
+
+    assert on_disk == indexed == [21, 22, 23, 24, 25]
+    assert run_fixtures.snapshot(run / ".best") == best
+    checkpoints.verify_checkpoint(checkpoints.best_checkpoint_prefix(run))
+
+
+def test_checkpoints_of_an_index_rebuilt_past_a_damaged_latest_are_rotated_out(
+    data_path, run, monkeypatch
+):
+    """Resumed from ckpt-10, the saves replace the damaged ckpt-20 and rotate
+    ckpt-10 out; best_checkpoint's copy is untouched."""
+    _truncate(run / DATA_FILE.format(20))
+    best = run_fixtures.snapshot(run / ".best")
+
+    on_disk, indexed = _resume_without_promotions(
+        data_path, run, monkeypatch, num_steps_limit=20, checkpoint_steps=2
+    )
+
+    assert on_disk == indexed == [12, 14, 16, 18, 20]
+    checkpoints.verify_checkpoint(str(run / "ckpt-20"))
+    assert run_fixtures.snapshot(run / ".best") == best
+    checkpoints.verify_checkpoint(checkpoints.best_checkpoint_prefix(run))
+
+
 def test_resume_replaces_a_damaged_best_checkpoint(data_path, run, caplog):
     best = _best_step(run)
     _truncate(run / ".best" / f"step-{best}" / DATA_FILE.format(best))
