@@ -52,6 +52,7 @@ import tensorflow as tf
 from absl import logging
 
 from leo_tf import config as config_lib
+from leo_tf import file_kinds
 from leo_tf.config import ConfigError
 
 BEST_LINK = "best_checkpoint"
@@ -627,16 +628,9 @@ def check_regular_files(prefix):
     prefix = pathlib.Path(prefix)
     for path in sorted(prefix.parent.glob(f"{prefix.name}.*")):
         if not path.is_file():
-            raise CheckpointError(f"{path}: {_not_a_file(path)}, not a checkpoint file")
-
-
-def _not_a_file(path):
-    """What `path`, which is not a regular file, is instead."""
-    if path.is_dir():
-        return "a directory"
-    if path.is_symlink() and not path.exists():
-        return f"a broken symbolic link to {os.readlink(path)!r}"
-    return "not a regular file"
+            raise CheckpointError(
+                f"{path}: {file_kinds.describe(path)}, not a checkpoint file"
+            )
 
 
 def check_newer_replaceable(directory, prefix):

@@ -49,13 +49,13 @@ import os
 import pathlib
 import re
 import shutil
-import stat
 import tempfile
 
 from absl import flags, logging
 
 from leo_tf import cli
 from leo_tf import config as config_lib
+from leo_tf import file_kinds
 
 METADATA_ASSET = "leo_metadata.json"
 SAVED_MODEL_FILE = "saved_model.pb"
@@ -203,7 +203,7 @@ def check_writable(export_dir):
     target = _resolved(export_dir)
     if target.exists() and not target.is_dir():
         raise ExportError(
-            f"--export_dir={export_dir}: is {_kind(target)}, not a directory"
+            f"--export_dir={export_dir}: is {file_kinds.describe(target)}, not a directory"
         )
     parent = target.parent
     while not parent.exists():
@@ -211,27 +211,12 @@ def check_writable(export_dir):
     if not parent.is_dir():
         raise ExportError(
             f"--export_dir={export_dir}: cannot be created, {parent} is "
-            f"{_kind(parent)}, not a directory"
+            f"{file_kinds.describe(parent)}, not a directory"
         )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(
             f"--export_dir={export_dir}: cannot be written, {parent} is not " "writable"
         )
-
-
-def _kind(path):
-    """'a regular file', 'a FIFO', ... for a path that is not a directory."""
-    mode = os.stat(path).st_mode
-    for test, kind in (
-        (stat.S_ISREG, "a regular file"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ):
-        if test(mode):
-            return kind
-    return "a special file"
 
 
 def check_replaceable(export_dir, overwrite):

@@ -319,7 +319,7 @@ def test_output_folder_under_a_file_is_refused_before_reading_images(
         pipeline.run(output_config(data_path))
     assert str(error.value) == (
         f"--data_path={data_path}: cannot write the embeddings there: {blocker} "
-        "is a file, not a directory"
+        "is a regular file, not a directory"
     )
 
 
@@ -1012,7 +1012,7 @@ def cli_refusals(tmp_path) -> dict:
         "data_path_is_a_file": (
             [f"--data_path={tmp_path / 'afile'}"],
             f"--data_path={tmp_path / 'afile'}: cannot write the embeddings "
-            f"there: {tmp_path / 'afile'} is a file, not a directory",
+            f"there: {tmp_path / 'afile'} is a regular file, not a directory",
         ),
         "earlier_run": (
             [f"--data_path={tmp_path / 'earlier'}"],

@@ -33,6 +33,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from leo_tf import file_kinds
+
 SPLITS = ("train", "val", "test")
 _LAYOUT = "<data_path>/<dataset_name>/<embedding_crop>/<split>_embeddings.pkl"
 
@@ -395,15 +397,6 @@ def _describe_missing(path: pathlib.Path) -> str:
     )
 
 
-_FILE_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
 def not_a_file_problem(path) -> str | None:
     """What keeps an existing `path` from being read as a file, or None.
 
@@ -428,8 +421,7 @@ def not_a_file_problem(path) -> str | None:
         return f"cannot read the file: {e.strerror}"
     if stat.S_ISREG(mode):
         return None
-    kind = next((k for test, k in _FILE_KINDS if test(mode)), "not a regular file")
-    return f"expected a file, found {kind}"
+    return f"expected a file, found {file_kinds.kind_of_mode(mode)}"
 
 
 def _unpickle(path: pathlib.Path):

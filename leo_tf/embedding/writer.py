@@ -29,12 +29,12 @@ import os
 import pathlib
 import pickle
 import re
-import stat
 import tempfile
 from typing import List, Sequence
 
 import numpy as np
 
+from leo_tf import file_kinds
 from leo_tf.data import embeddings as embeddings_lib
 
 PICKLE_PROTOCOL = 4
@@ -83,13 +83,17 @@ def check_output_folder(data_path, dataset_name, embedding_crop, overwrite) -> N
     cannot = f"--data_path={data_path}: cannot write the embeddings there"
     nearest = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
     if not nearest.is_dir():
-        raise OutputError(f"{cannot}: {nearest} is {_kind(nearest)}, not a directory")
+        raise OutputError(
+            f"{cannot}: {nearest} is {file_kinds.describe(nearest)}, not a directory"
+        )
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise OutputError(f"{cannot}: {nearest} is not writable")
     existing = [path for path in files if os.path.lexists(path)]
     for path in existing:
         if not path.is_file():
-            raise OutputError(f"{cannot}: {path} is {_kind(path)}, not a file")
+            raise OutputError(
+                f"{cannot}: {path} is {file_kinds.describe(path)}, not a file"
+            )
     if existing and not overwrite:
         names = [path.name for path in existing]
         listed = ", ".join(names[:-1]) + " and " if len(names) > 1 else ""
@@ -99,23 +103,6 @@ def check_output_folder(data_path, dataset_name, embedding_crop, overwrite) -> N
             "replace them, or choose another --data_path, --dataset_name or "
             "--embedding_crop"
         )
-
-
-def _kind(path) -> str:
-    """'a file', 'a directory', 'a FIFO', ... : what `path` is."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return "a broken symbolic link" if os.path.islink(path) else "unreadable"
-    for test, kind in (
-        (stat.S_ISREG, "a file"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return kind
-    return "a special file"
 
 
 def make_class_ids(dataset_name: str, num_classes: int) -> list:
