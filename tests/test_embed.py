@@ -323,6 +323,27 @@ def test_output_folder_under_a_file_is_refused_before_reading_images(
     )
 
 
+def test_images_too_small_for_conv4_are_refused_naming_image_size_before_training(
+    tmp_path, monkeypatch
+):
+    small = images_lib.ImageSet(
+        np.zeros((4, 8, 8, 1), np.uint8), np.array(["a", "a", "b", "b"]), np.full(4, "")
+    )
+    monkeypatch.setattr(pipeline, "load_images", lambda source: small)
+
+    def training(*args, **kwargs):
+        raise AssertionError("trained on images too small for the backbone")
+
+    monkeypatch.setattr(pretrain, "train_classifier", training)
+    with pytest.raises(images_lib.ImageSourceError) as error:
+        pipeline.run(output_config(tmp_path / "out"))
+    assert str(error.value) == (
+        "--backbone=conv4 needs images of at least 16x16, but the images read "
+        "are 8x8; pass --image_size=16 or more to resize them"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_unwritable_output_folder_is_refused_before_reading_images(
     tmp_path, no_images, monkeypatch
 ):

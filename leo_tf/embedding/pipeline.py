@@ -28,7 +28,12 @@ from leo_tf.embedding import images as images_lib
 from leo_tf.embedding import pretrain
 from leo_tf.embedding import splits as splits_lib
 from leo_tf.embedding import writer
-from leo_tf.embedding.options import EmbedConfig, SourceConfig, SplitConfig
+from leo_tf.embedding.options import (
+    CONV4_MIN_IMAGE_SIZE,
+    EmbedConfig,
+    SourceConfig,
+    SplitConfig,
+)
 
 
 @dataclasses.dataclass
@@ -219,6 +224,19 @@ def _write_outputs(
     return summaries, classes_path
 
 
+def _check_images_fit(image_set, backbone):
+    """ImageSourceError, naming --image_size, if the images read are too small
+    for conv4 (its four 2x2 poolings need 16x16)."""
+    height, width = image_set.images.shape[1:3]
+    least = CONV4_MIN_IMAGE_SIZE
+    if backbone == "conv4" and min(height, width) < least:
+        raise images_lib.ImageSourceError(
+            f"--backbone=conv4 needs images of at least {least}x{least}, but "
+            f"the images read are {height}x{width}; pass --image_size={least} "
+            "or more to resize them"
+        )
+
+
 def run(config: EmbedConfig) -> EmbedResult:
     """Makes and writes the embeddings. See the module docstring.
 
@@ -237,6 +255,7 @@ def run(config: EmbedConfig) -> EmbedResult:
     logging.info(
         "read %d images of shape %s", image_set.num_images, image_set.images.shape[1:]
     )
+    _check_images_fit(image_set, config.train.backbone)
 
     class_split = split_classes(image_set, config.source, config.split)
     logging.info("class split: %s", class_split.rule)
