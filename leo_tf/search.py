@@ -57,10 +57,9 @@ Killed at any moment and rerun with the same command, the search keeps every
 trial in results.jsonl and resumes the interrupted one from its latest
 checkpoint; to run a finished trial again, delete its line. SIGTERM or
 SIGINT stop it after a checkpoint of the running trial (exit status 143 or
-130). A trial whose
-training raises an error is recorded as failed with the error, one that
-never reaches a finite meta-validation accuracy as diverged, and the search
-goes on; errors of the data or of the directories stop it.
+130). A trial whose training raises an error is recorded as failed with the
+error, one that never reaches a finite meta-validation accuracy as diverged,
+and the search goes on; errors of the data or of the directories stop it.
 
 Trials are not stopped early (no successive halving): every trial trains
 --num_steps_limit steps.
