@@ -699,8 +699,10 @@ def latest_intact_checkpoint(directory):
 def index_checkpoint(directory, prefix):
     """Makes TensorFlow's `checkpoint` index name `prefix` as the latest.
 
-    Rewrites a missing index, or one naming another checkpoint (one newer
-    but damaged), from the files, saying so. Listed, in step order, are
+    Rewrites a missing index, one naming another checkpoint (one newer but
+    damaged), or one that leaves out older checkpoints on disk (which no
+    save would then rotate out), from the files, saying so. Listed, in step
+    order, are
     `prefix` and the older checkpoints, each with the time it was written
     and none preserved, so that the CheckpointManager rotates them out as
     usual (keeping its max_to_keep latest); an older checkpoint with a file
@@ -708,11 +710,14 @@ def index_checkpoint(directory, prefix):
     """
     directory = pathlib.Path(directory)
     indexed = indexed_checkpoint(directory)
-    if indexed == prefix:
-        return
     index = directory / INDEX_FILE
     step = _step(prefix)
     older = [p for p in reversed(checkpoint_prefixes(directory)) if _step(p) < step]
+    if indexed == prefix:
+        unlisted = _unlisted(directory, older)
+        if not unlisted:
+            return
+        indexed = f"{prefix} but not {', '.join(unlisted)}"
     listed = [*_removable(older, index), str(prefix)]
     names = [pathlib.Path(p).name for p in listed]
     try:
@@ -725,6 +730,16 @@ def index_checkpoint(directory, prefix):
         f"named {indexed}" if indexed else "missing or unreadable",
         pathlib.Path(prefix).name,
     )
+
+
+def _unlisted(directory, prefixes):
+    """The names of the checkpoints of `prefixes` that the `checkpoint`
+    index of `directory` does not list."""
+    state = tf.train.get_checkpoint_state(str(directory))
+    listed = {pathlib.Path(p).name for p in state.all_model_checkpoint_paths}
+    return [
+        pathlib.Path(p).name for p in prefixes if pathlib.Path(p).name not in listed
+    ]
 
 
 def _removable(prefixes, index):

@@ -371,6 +371,26 @@ def test_checkpoints_of_a_rebuilt_missing_index_are_rotated_out(
     checkpoints.verify_checkpoint(checkpoints.best_checkpoint_prefix(run))
 
 
+def test_older_checkpoints_an_index_leaves_out_are_listed_again_and_rotated_out(
+    data_path, run, monkeypatch, caplog
+):
+    """An index that names the latest but not ckpt-10, as one rebuilt without
+    timestamps by an earlier leo_tf left it, is rebuilt: ckpt-10 goes too."""
+    index = run / "checkpoint"
+    index.write_text(checkpoints._checkpoint_index(["ckpt-20"]))
+
+    with caplog.at_level(logging.WARNING):
+        on_disk, indexed = _resume_without_promotions(
+            data_path, run, monkeypatch, num_steps_limit=25, checkpoint_steps=1
+        )
+
+    assert on_disk == indexed == [21, 22, 23, 24, 25]
+    assert (
+        f"{index}: named {run / 'ckpt-20'} but not ckpt-10; rebuilt from the "
+        "files, naming ckpt-20"
+    ) in caplog.text
+
+
 def test_checkpoints_of_an_index_rebuilt_past_a_damaged_latest_are_rotated_out(
     data_path, run, monkeypatch
 ):
