@@ -334,6 +334,10 @@ def build_serving_module(model, metadata, asset_path):
         def __init__(self):
             super().__init__(name="leo_serving")
             self.model = model
+            # The tf.Variables under the Keras 3 variables, tracked by the
+            # module itself: only then does the SavedModel's TF1 restore op
+            # (saved_model_cli run, TensorFlow Serving) restore them.
+            self.model_variables = [v.value for v in model.weights]
             self.metadata_asset = tf.saved_model.Asset(str(asset_path))
 
         # D is dynamic in the signature so that a wrong D reaches the check

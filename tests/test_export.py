@@ -198,6 +198,53 @@ def test_saved_model_cli_shows_the_promised_signature(trained):
     )
 
 
+@pytest.mark.slow
+def test_saved_model_cli_runs_the_signature_as_tensorflow_serving_loads_it(
+    trained, loaded, tmp_path
+):
+    """`saved_model_cli run` loads the SavedModel as TensorFlow Serving does
+    (a TF1 session and the SavedModel's restore op, not tf.saved_model.load):
+    every variable must be restored, and the answers equal the loaded
+    model's."""
+    _, export_dir = trained
+    rng = np.random.default_rng(3)
+    inputs = {
+        "support": rng.standard_normal((5, 2, DIM)).astype(np.float32),
+        "query": rng.standard_normal((4, DIM)).astype(np.float32),
+    }
+    for name, value in inputs.items():
+        np.save(tmp_path / f"{name}.npy", value)
+    cli = pathlib.Path(sys.executable).with_name("saved_model_cli")
+    process = run_fixtures.run_command(
+        [
+            str(cli),
+            "run",
+            "--dir",
+            str(export_dir),
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--inputs",
+            ";".join(f"{name}={tmp_path / name}.npy" for name in inputs),
+            "--outdir",
+            str(tmp_path / "out"),
+        ],
+        timeout=120,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    expected = loaded.signatures["serving_default"](
+        **{name: tf.constant(value) for name, value in inputs.items()}
+    )
+    for key in ("logits", "probabilities"):
+        np.testing.assert_allclose(
+            np.load(tmp_path / "out" / f"{key}.npy"),
+            expected[key].numpy(),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
 @pytest.mark.parametrize(
     "support_shape,query_shape,corrupt,message",
     [
