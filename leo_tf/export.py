@@ -333,10 +333,11 @@ def build_serving_module(model, metadata, asset_path):
 
         def __init__(self):
             super().__init__(name="leo_serving")
-            self.model = model
-            # The tf.Variables under the Keras 3 variables, tracked by the
-            # module itself: only then does the SavedModel's TF1 restore op
-            # (saved_model_cli run, TensorFlow Serving) restore them.
+            # The model's tf.Variables (under its Keras 3 variables) are what
+            # the module tracks, not the Keras model: a SavedModel of Keras 3
+            # variables loads with tf.saved_model.load, but the TF1 loader
+            # (saved_model_cli run, TensorFlow Serving) leaves them
+            # unrestored. The functions below use `model` from this scope.
             self.model_variables = [v.value for v in model.weights]
             self.metadata_asset = tf.saved_model.Asset(str(asset_path))
 
@@ -355,9 +356,9 @@ def build_serving_module(model, metadata, asset_path):
             labels = tf.broadcast_to(
                 tf.range(shape[0])[:, None, None], [shape[0], shape[1], 1]
             )
-            adaptation = self.model.adapt(support[None], labels[None])
+            adaptation = model.adapt(support[None], labels[None])
             class_weights = adaptation.class_weights  # [1, N, D]
-            logits = self.model.predict(query[None, None], class_weights)[0, 0]
+            logits = model.predict(query[None, None], class_weights)[0, 0]
             return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
 
         @tf.function(
@@ -381,11 +382,11 @@ def build_serving_module(model, metadata, asset_path):
             with tf.control_dependencies([check]):
                 support, query = _prepared_task(support, query, dim)
             latent_noise, weight_noise = uncertainty.draw_adaptation_noise(
-                self.model, tf.shape(support), num_samples, seed
+                model, tf.shape(support), num_samples, seed
             )
             return uncertainty.summarise(
                 uncertainty.sampled_probabilities(
-                    self.model, support, query, latent_noise, weight_noise
+                    model, support, query, latent_noise, weight_noise
                 )
             )
 
