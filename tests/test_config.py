@@ -159,8 +159,11 @@ def test_unknown_dataset_lists_the_available_ones(tmp_path):
     config = _config(tmp_path, "--dataset_name=miniimagenet")
     with pytest.raises(embeddings.DataError) as error:
         meta_dataset.load_classes(config.data, "train")
+    expected = tmp_path / "miniimagenet" / "center" / "train_embeddings.pkl"
     assert str(error.value) == (
-        "--dataset_name=miniimagenet: unknown data set; available: "
+        "--dataset_name=miniimagenet: neither built in nor a directory under "
+        f"--data_path={tmp_path} (expected {expected}, ...; python -m "
+        "leo_tf.embed makes them from images); available: "
         "miniImageNet, tieredImageNet, synthetic, omniglot"
     )
     # A directory under data_path is a valid custom data set.

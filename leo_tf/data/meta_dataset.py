@@ -63,10 +63,16 @@ def check_dataset_name(data_config):
     """Raises DataError naming --dataset_name unless it is a built-in data set
     or a directory under data_path."""
     available = available_datasets(data_config.data_path)
-    if data_config.dataset_name not in available:
+    name = data_config.dataset_name
+    if name not in available:
+        expected = embeddings.split_path(
+            data_config.data_path, name, data_config.embedding_crop, "train"
+        )
         raise embeddings.DataError(
-            f"--dataset_name={data_config.dataset_name}: unknown data set; "
-            "available: " + ", ".join(available)
+            f"--dataset_name={name}: neither built in nor a directory under "
+            f"--data_path={data_config.data_path} (expected {expected}, ...; "
+            "python -m leo_tf.embed makes them from images); available: "
+            + ", ".join(available)
         )
 
 
