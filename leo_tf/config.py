@@ -439,8 +439,9 @@ class TrainConfig:
     num_metatest_episodes: int = option(
         10000,
         "leo_tf: meta-test episodes to average over (the authors' 10000), "
-        "drawn in batches of metatest_batch_size, the last one trimmed.",
-        at_least(1),
+        "drawn in batches of metatest_batch_size, the last one trimmed; at "
+        "least 2, for a 95% interval.",
+        at_least(2),
         _INT64,
     )
 

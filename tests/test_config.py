@@ -101,6 +101,16 @@ def test_count_beyond_int64_is_refused(tmp_path, flag):
     _config(tmp_path, f"--{flag}={2**63 - 1}")
 
 
+def test_one_meta_test_episode_is_refused_it_has_no_interval(tmp_path):
+    with pytest.raises(
+        config_lib.ConfigError, match=r"^--num_metatest_episodes=1: must be at least 2"
+    ):
+        _config(tmp_path, "--num_metatest_episodes=1")
+    assert (
+        _config(tmp_path, "--num_metatest_episodes=2").train.num_metatest_episodes == 2
+    )
+
+
 def test_largest_seed_is_accepted(tmp_path):
     assert _config(tmp_path, "--seed=2147483645").train.seed == 2**31 - 3
 

@@ -251,6 +251,10 @@ def test_evaluation_without_a_checkpoint_says_so(tmp_path):
             "--inner_lr_init=-1.0: must be a finite number >= 0",
         ),
         (dict(num_figure_tasks=7), "--num_figure_tasks=7: must be at most"),
+        (
+            dict(num_eval_tasks=1, num_figure_tasks=1),
+            "--num_eval_tasks=1: must be at least 2",
+        ),
         (dict(seed=-1), r"--seed=-1: must be an integer in \[0, 2147483645\]"),
         (dict(seed=2**70), r"--seed=1180591620717411303424: must be an integer"),
     ],

@@ -88,7 +88,9 @@ class RegressionConfig:
     summary_steps: int = option(100, "Steps between TensorBoard scalars.", at_least(1))
     # Evaluation.
     num_eval_tasks: int = option(
-        1000, "Held-out tasks of the final evaluation.", at_least(1)
+        1000,
+        "Held-out tasks of the final evaluation; at least 2, for a 95% interval.",
+        at_least(2),
     )
     num_eval_query_points: int = option(
         100, "Query points per held-out task.", at_least(1)
