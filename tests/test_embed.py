@@ -645,6 +645,48 @@ def test_folder_loader_gives_the_same_embeddings_as_the_packed_arrays(
     assert result.splits["test"].class_names == packed_result.splits["test"].class_names
 
 
+def _png_folder(root, sizes):
+    """root/<class>/<i>.png: one grey PNG of each (height, width) in `sizes`
+    per class "a" and "b"; their paths."""
+    paths = []
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i, (height, width) in enumerate(sizes):
+            image = np.full((height, width, 1), 100 + i, np.uint8)
+            paths.append(root / name / f"{i}.png")
+            paths[-1].write_bytes(tf.io.encode_png(image).numpy())
+    return paths
+
+
+@pytest.mark.parametrize("damage", ["garbage after the header", "truncated"])
+def test_an_image_that_cannot_be_decoded_is_named(tmp_path, damage):
+    paths = _png_folder(tmp_path / "pngs", [(20, 20)] * 3)
+    bad = paths[4]  # b/1.png
+    data = bad.read_bytes()
+    bad.write_bytes(
+        data[:16] + b"x" * 200 if damage.startswith("garbage") else data[:40]
+    )
+    with pytest.raises(images_lib.ImageSourceError) as error:
+        images_lib.load_image_folder(str(tmp_path / "pngs"), layout="class")
+    assert str(error.value).startswith(
+        f"--image_dir={tmp_path / 'pngs'}: cannot decode {bad}: "
+    )
+
+
+def test_images_of_several_sizes_kept_as_they_are_are_named(tmp_path):
+    _png_folder(tmp_path / "pngs", [(20, 20), (17, 50), (20, 20)])
+    with pytest.raises(images_lib.ImageSourceError) as error:
+        images_lib.load_image_folder(str(tmp_path / "pngs"), layout="class")
+    assert str(error.value) == (
+        f"--image_dir={tmp_path / 'pngs'} (all): images of 2 sizes (4 of 20x20, "
+        "2 of 17x50); pass --image_size to resize them all to one size"
+    )
+    resized = images_lib.load_image_folder(
+        str(tmp_path / "pngs"), layout="class", image_size=16
+    )
+    assert resized.images.shape == (6, 16, 16, 3)
+
+
 def test_flat_folder_layout_reads_class_folders_in_file_name_order(tmp_path):
     rng = np.random.default_rng(0)
     expected = {}

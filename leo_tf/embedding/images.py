@@ -24,6 +24,7 @@ Every source applies the same per-image conversion, `convert_images`
 pixels give the same arrays whatever the source.
 """
 
+import collections
 import dataclasses
 import logging
 import os
@@ -353,9 +354,45 @@ def _read_examples(
             values[key].append(example[key])
     if not images:
         raise ImageSourceError(f"{description}: no examples")
+    sizes = collections.Counter(image.shape[:2] for image in images)
+    if len(sizes) > 1:
+        shown = ", ".join(
+            f"{count} of {h}x{w}" for (h, w), count in sizes.most_common(4)
+        )
+        raise ImageSourceError(
+            f"{description}: images of {len(sizes)} sizes ({shown}"
+            f"{', ...' if len(sizes) > 4 else ''}); pass --image_size to resize "
+            "them all to one size"
+        )
     return np.stack(images).astype(np.uint8), {
         key: np.array(value) for key, value in values.items()
     }
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _undecodable(directory: str, error: Exception) -> ImageSourceError:
+    """ImageSourceError naming the first image file under `directory` (in
+    path order) that TensorFlow cannot decode: what made reading the folder
+    fail with `error`, whose message names no file."""
+    for root, folders, files in os.walk(directory, followlinks=True):
+        folders.sort()
+        for name in sorted(files):
+            if not name.lower().endswith(_IMAGE_SUFFIXES):
+                continue
+            path = os.path.join(root, name)
+            try:
+                tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+            except tf.errors.OpError as problem:
+                reason = problem.message.strip().splitlines()[0]
+                return ImageSourceError(
+                    f"--image_dir={directory}: cannot decode {path}: {reason}"
+                )
+    return ImageSourceError(
+        f"--image_dir={directory}: an image could not be decoded: "
+        f"{str(error).strip().splitlines()[-1]}"
+    )
 
 
 def _names(values: np.ndarray, names: Optional[Sequence[str]]) -> np.ndarray:
@@ -522,13 +559,16 @@ def load_image_folder(
         parts, file_names = [], []
         for split in sorted(builder.info.splits.keys()):
             dataset = builder.as_dataset(split=split, shuffle_files=False)
-            images, values = _read_examples(
-                dataset,
-                ["label", "image/filename"],
-                image_size,
-                channels,
-                description=f"--image_dir={directory} ({split})",
-            )
+            try:
+                images, values = _read_examples(
+                    dataset,
+                    ["label", "image/filename"],
+                    image_size,
+                    channels,
+                    description=f"--image_dir={directory} ({split})",
+                )
+            except tf.errors.InvalidArgumentError as error:
+                raise _undecodable(directory, error) from None
             class_names = _names(values["label"], label_names)
             if layout == "group/class":
                 class_names = np.char.add(split + "/", class_names)
