@@ -422,7 +422,9 @@ class TrainConfig:
     num_towers: int = option(
         0,
         "leo_tf: split each meta-batch into this many parts computed side by "
-        "side; 0: one per CPU core without a GPU, else 1.",
+        "side; 0: one per CPU core without a GPU, else 1. Under --distribution "
+        "each replica trains its share as one tower; the towers then split "
+        "evaluation batches only.",
         at_least(0, " (0: automatic)"),
     )
     distribution: str = option(

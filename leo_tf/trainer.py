@@ -73,6 +73,21 @@ class _StopRequest:
             signal.signal(number, handler)
 
 
+def warn_towers_under_strategy(config, strategy):
+    """Warns that an explicit --num_towers > 1 does not split the training
+    step under a tf.distribute strategy (each replica runs its share of the
+    meta-batch as one tower); evaluation still uses the towers."""
+    towers = config.train.num_towers
+    if strategy is not None and towers > 1:
+        logging.warning(
+            "--num_towers=%d: under --distribution=%s each replica trains its "
+            "share of the meta-batch as one tower; the towers split only the "
+            "evaluation batches",
+            towers,
+            config.train.distribution,
+        )
+
+
 def _validate(evaluator, num_batches, first_batch):
     """Mean accuracy and query loss over meta-validation batches.
 
@@ -232,6 +247,7 @@ class _TrainingLoop:
         self.data = data
         self.leo = leo
         self.saver = _Saver(leo, saving_dir, directory)
+        warn_towers_under_strategy(config, strategy)
         self.train_step = steps.compile_train_step(
             leo.model,
             leo.optimizer,

@@ -200,3 +200,26 @@ def test_an_unset_or_complete_tf_config_is_accepted():
     distribute.check_tf_config(
         '{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 0}}'
     )
+
+
+@pytest.mark.parametrize("towers, warned", [(2, True), (1, False), (0, False)])
+def test_explicit_towers_under_a_strategy_are_said_to_split_evaluation_only(
+    toy_data, tmp_path, caplog, towers, warned
+):
+    config = run_fixtures.toy_run_config(toy_data, tmp_path / "run")
+    config = dataclasses.replace(
+        config,
+        train=dataclasses.replace(
+            config.train, distribution="mirrored", num_towers=towers
+        ),
+    )
+    with caplog.at_level("WARNING"):
+        trainer.warn_towers_under_strategy(config, types.SimpleNamespace())
+        trainer.warn_towers_under_strategy(config, None)
+    expected = (
+        f"--num_towers={towers}: under --distribution=mirrored each replica "
+        "trains its share of the meta-batch as one tower"
+    )
+    assert [expected in record.getMessage() for record in caplog.records] == (
+        [True] if warned else []
+    )
