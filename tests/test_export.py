@@ -170,23 +170,30 @@ def test_metadata_signature_and_asset(trained):
     assert asset["training_config"]["data"]["dataset_name"] == "toy"
 
 
-@pytest.mark.slow
-def test_saved_model_cli_shows_the_promised_signature(trained):
-    _, export_dir = trained
+def _saved_model_cli(command, export_dir, *args):
+    """TensorFlow's saved_model_cli `command` on the serving_default
+    signature of the SavedModel in `export_dir`: the CompletedProcess."""
     cli = pathlib.Path(sys.executable).with_name("saved_model_cli")
-    process = run_fixtures.run_command(
+    return run_fixtures.run_command(
         [
             str(cli),
-            "show",
+            command,
             "--dir",
             str(export_dir),
             "--tag_set",
             "serve",
             "--signature_def",
             "serving_default",
+            *args,
         ],
         timeout=120,
     )
+
+
+@pytest.mark.slow
+def test_saved_model_cli_shows_the_promised_signature(trained):
+    _, export_dir = trained
+    process = _saved_model_cli("show", export_dir)
     assert process.returncode == 0, process.stderr
     text = " ".join(process.stdout.split())
     # D is dynamic in the signature; the serving function checks it.
@@ -214,23 +221,13 @@ def test_saved_model_cli_runs_the_signature_as_tensorflow_serving_loads_it(
     }
     for name, value in inputs.items():
         np.save(tmp_path / f"{name}.npy", value)
-    cli = pathlib.Path(sys.executable).with_name("saved_model_cli")
-    process = run_fixtures.run_command(
-        [
-            str(cli),
-            "run",
-            "--dir",
-            str(export_dir),
-            "--tag_set",
-            "serve",
-            "--signature_def",
-            "serving_default",
-            "--inputs",
-            ";".join(f"{name}={tmp_path / name}.npy" for name in inputs),
-            "--outdir",
-            str(tmp_path / "out"),
-        ],
-        timeout=120,
+    process = _saved_model_cli(
+        "run",
+        export_dir,
+        "--inputs",
+        ";".join(f"{name}={tmp_path / name}.npy" for name in inputs),
+        "--outdir",
+        str(tmp_path / "out"),
     )
     assert process.returncode == 0, process.stderr[-3000:]
     expected = loaded.signatures["serving_default"](
