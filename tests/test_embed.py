@@ -737,6 +737,16 @@ def test_dataset_to_image_set_maps_images_labels_and_groups():
     assert flat.shape == (4, 4, 1) and np.all(flat.numpy() == 77)
 
 
+def test_an_unknown_tfds_name_is_one_short_line_with_the_close_names():
+    with pytest.raises(images_lib.ImageSourceError) as error:
+        images_lib.load_tfds("omniglott", ["train"], download=False)
+    assert str(error.value).startswith(
+        "--tfds_name=omniglott: no such TFDS data set; did you mean omniglot"
+    )
+    assert str(error.value).endswith("(tensorflow_datasets.list_builders() lists them)")
+    assert "\n" not in str(error.value) and len(str(error.value)) < 200
+
+
 def test_tfds_source_reads_registered_omniglot_through_tfds(monkeypatch):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 

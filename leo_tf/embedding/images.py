@@ -26,6 +26,7 @@ pixels give the same arrays whatever the source.
 
 import collections
 import dataclasses
+import difflib
 import logging
 import os
 import tempfile
@@ -470,7 +471,13 @@ def load_tfds(
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
-        raise ImageSourceError(f"--tfds_name={name}: {error}") from error
+        # TFDS's own message lists every data set it knows (~9 KB).
+        close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ImageSourceError(
+            f"--tfds_name={name}: no such TFDS data set{hint} "
+            "(tensorflow_datasets.list_builders() lists them)"
+        ) from error
     if download:
         try:
             builder.download_and_prepare()
