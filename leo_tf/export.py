@@ -118,8 +118,11 @@ def _with_real_directory(prefix):
 
 def check_checkpoint_prefix(which, checkpoint_path):
     """ExportError unless --checkpoint=which (best, latest or a prefix) names
-    a checkpoint that exists: a prefix needs its .index file."""
-    if which in ("best", "latest") or os.path.exists(f"{which}.index"):
+    a checkpoint that exists: a prefix needs its .index file (on any file
+    system TensorFlow reads)."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    if which in ("best", "latest") or tf.io.gfile.exists(f"{which}.index"):
         return
     raise ExportError(
         f"--checkpoint={which}: no such checkpoint ({which}.index); a prefix is "
