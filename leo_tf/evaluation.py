@@ -5,7 +5,8 @@ checkpoint, saying so: run_directory.RunDirectory), averages meta-test accuracy 
 num_metatest_episodes episodes (the authors' 10000; drawn in batches of
 metatest_batch_size, the last one trimmed) with a 95% interval of 1.96 std / sqrt(episodes), computes
 the nearest-class-mean baseline on the same episodes, and writes
-`test_results.json`.
+`test_results.json`. A SIGTERM or SIGINT stops it between batches, before
+test_results.json is written (cli.Stopped).
 
 It takes no lock: it only reads checkpoints, which a running trainer never
 changes in place (best_checkpoint is resolved once, and the directory it
@@ -17,7 +18,16 @@ differ, and test_results.json records both the evaluated and the trained one.
 
 from absl import logging
 
-from leo_tf import baseline, checkpoints, meta_eval, run_directory, runtime
+from leo_tf import (
+    baseline,
+    checkpoints,
+    cli,
+    meta_eval,
+    progress,
+    run_directory,
+    runtime,
+    stop_request,
+)
 from leo_tf.data import meta_dataset
 
 _TASK_FIELDS = ("dataset_name", "num_classes", "num_tr_examples_per_class")
@@ -74,7 +84,7 @@ def evaluate(config):
         jit_compile=config.train.jit_compile,
         num_towers=runtime.num_towers(config.train.num_towers, batch_size),
     )
-    episodes = evaluator.evaluate_episodes(config.train.num_metatest_episodes)
+    episodes = _meta_test(evaluator, config.train.num_metatest_episodes)
     accuracy, ci95 = baseline.mean_and_ci95(episodes.accuracy)
     baseline_accuracy, baseline_ci95 = baseline.mean_and_ci95(
         episodes.baseline_accuracy
@@ -101,6 +111,27 @@ def evaluate(config):
     except checkpoints.CheckpointError as error:
         raise checkpoints.CheckpointError(f"{error}; {result_line(results)}") from error
     return results
+
+
+def _meta_test(evaluator, num_episodes):
+    """EpisodeResults of the meta-test's episodes, with a progress line.
+
+    A SIGTERM or SIGINT stops it after the batch it arrives in (cli.Stopped).
+    """
+    log = progress.EpisodeProgress("meta-test", num_episodes)
+    with stop_request.StopRequest() as stop:
+
+        def after_batch(done):
+            if stop.signal:
+                raise cli.Stopped(
+                    stop.signal,
+                    f"the meta-test stopped after {done} of {num_episodes} "
+                    f"episodes, before writing {checkpoints.RESULTS_FILE}; "
+                    "rerun the same command to evaluate",
+                )
+            log.update(done)
+
+        return evaluator.evaluate_episodes(num_episodes, after_batch)
 
 
 def result_line(results):

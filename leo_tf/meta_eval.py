@@ -113,14 +113,19 @@ class MetaEvaluator:
             ],
         )
 
-    def evaluate(self, first_batch, num_batches):
+    def evaluate(self, first_batch, num_batches, after_batch=None):
         """EpisodeResults of batches first_batch .. first_batch + num_batches - 1.
 
         Each array has num_batches * B entries, batch by batch, episode by
-        episode within a batch.
+        episode within a batch. after_batch, if given, is called after each
+        batch with the number of episodes evaluated so far; an exception it
+        raises ends the evaluation.
         """
-        steps = range(first_batch, first_batch + num_batches)
-        parts = [self.evaluate_batch(step) for step in steps]
+        parts = []
+        for step in range(first_batch, first_batch + num_batches):
+            parts.append(self.evaluate_batch(step))
+            if after_batch is not None:
+                after_batch(len(parts) * self._sampler.batch_size)
         return EpisodeResults(
             *(
                 None if values[0] is None else np.concatenate(values)
@@ -128,11 +133,19 @@ class MetaEvaluator:
             )
         )
 
-    def evaluate_episodes(self, num_episodes):
+    def evaluate_episodes(self, num_episodes, after_batch=None):
         """EpisodeResults of the first `num_episodes` episodes of batches 0,
-        1, ...: the last batch's episodes beyond them are dropped."""
+        1, ...: the last batch's episodes beyond them are dropped.
+
+        after_batch: as in `evaluate`, called with the episodes evaluated so
+        far, at most num_episodes.
+        """
         num_batches = -(-num_episodes // self._sampler.batch_size)
-        results = self.evaluate(0, num_batches)
+
+        def report(done):
+            after_batch(min(done, num_episodes))
+
+        results = self.evaluate(0, num_batches, after_batch and report)
         return EpisodeResults(
             *(None if values is None else values[:num_episodes] for values in results)
         )

@@ -26,7 +26,6 @@ import contextlib
 import math
 import pathlib
 import shutil
-import signal
 import tempfile
 
 import numpy as np
@@ -41,6 +40,7 @@ from leo_tf import (
     run_directory,
     runtime,
     steps,
+    stop_request,
 )
 from leo_tf import noise as noise_lib
 from leo_tf.config import ConfigError
@@ -50,27 +50,6 @@ from leo_tf.data import meta_dataset
 
 def _finite(model):
     return all(np.all(np.isfinite(v.numpy())) for v in model.trainable_variables)
-
-
-class _StopRequest:
-    """Turns SIGTERM / SIGINT into a request to checkpoint and stop."""
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def __enter__(self):
-        for number in (signal.SIGTERM, signal.SIGINT):
-            self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def _handle(self, number, frame):
-        del frame
-        self.signal = signal.Signals(number).name
-
-    def __exit__(self, *exc):
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
 
 
 def warn_towers_under_strategy(config, strategy):
@@ -306,7 +285,7 @@ class _TrainingLoop:
             self.summaries.writer, self.leo.model, first_step, limit, verbose=self.chief
         )
         outcome = {}
-        with _StopRequest() as stop:
+        with stop_request.StopRequest() as stop:
             for (step_tensor, episodes), noise in self._dataset(first_step, limit):
                 metrics = self.train_step(episodes, noise)
                 step = int(step_tensor) + 1

@@ -140,6 +140,36 @@ def test_evaluate_episodes_gives_exactly_the_asked_number_of_episodes():
             np.testing.assert_array_equal(getattr(asked, field), values[:count])
 
 
+def test_after_batch_hears_the_episodes_done_and_can_end_the_evaluation():
+    """Batches of 6: 13 episodes report 6, 12, 13; an exception raised after
+    the second batch ends it there, the third never evaluated."""
+    evaluator = meta_eval.MetaEvaluator(_model(), _sampler(UNEQUAL_SIZES, 1))
+    heard = []
+    evaluator.evaluate_episodes(13, heard.append)
+    assert heard == [6, 12, 13]
+
+    class Enough(Exception):
+        pass
+
+    def stop_after_twelve(done):
+        heard.append(done)
+        if done == 12:
+            raise Enough
+
+    evaluated = []
+    evaluate_batch = evaluator.evaluate_batch
+
+    def recorded_batch(step):
+        evaluated.append(step)
+        return evaluate_batch(step)
+
+    evaluator.evaluate_batch = recorded_batch
+    heard.clear()
+    with pytest.raises(Enough):
+        evaluator.evaluate_episodes(13, stop_after_twelve)
+    assert heard == [6, 12] and evaluated == [0, 1]
+
+
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "gathered"])
 def test_ties_go_to_the_first_label_as_in_run_episodes(grouped):
     # Classes 0 and 1 are the same vector, as are 2 and 3: every example

@@ -1,7 +1,7 @@
 """Preemption loses nothing: SIGKILL at any moment, SIGTERM and SIGINT.
 
 SIGKILL at random moments and at exact crash points loses nothing; SIGTERM
-and SIGINT checkpoint and exit cleanly.
+and SIGINT checkpoint and exit cleanly, or stop a meta-test before it writes.
 """
 
 import json
@@ -9,6 +9,7 @@ import logging
 import os
 import pathlib
 import random
+import re
 import signal
 import time
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from leo_tf import steps, trainer
+from leo_tf import cli, evaluation, meta_eval, steps, trainer
 from tests import run_fixtures
 
 # Long enough for every kill to land before the end: the toy run's
@@ -256,3 +257,80 @@ def test_a_signal_ends_the_command_with_a_checkpoint_and_128_plus_its_number(
     )
     assert "Meta-test accuracy" not in stdout
     assert not (directory / ".lock").exists()
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_meta_test_between_batches_and_writes_nothing(
+    toy_data, tmp_path, monkeypatch, signal_number
+):
+    """In process: the signal lands in the second of four batches; that batch
+    finishes, the third never starts, test_results.json (an earlier one
+    here) is untouched and the handlers in place before are restored."""
+    directory = tmp_path / "run"
+    config = run_fixtures.toy_run_config(toy_data, directory)  # 200 in batches of 50
+    trainer.train(config)
+    (directory / "test_results.json").write_text('{"accuracy": 0.5}')
+    before = run_fixtures.snapshot(directory)
+    evaluate_batch = meta_eval.MetaEvaluator.evaluate_batch
+    evaluated = []
+
+    def signalling_batch(self, step):
+        evaluated.append(step)
+        if step == 1:
+            os.kill(os.getpid(), signal_number)
+        return evaluate_batch(self, step)
+
+    monkeypatch.setattr(meta_eval.MetaEvaluator, "evaluate_batch", signalling_batch)
+    unhandled = []
+    previous = signal.signal(signal_number, lambda number, frame: unhandled.append(1))
+    try:
+        with pytest.raises(cli.Stopped) as stopped:
+            evaluation.evaluate(config)
+        assert signal.getsignal(signal_number) is not previous
+    finally:
+        signal.signal(signal_number, previous)
+    name = signal.Signals(signal_number).name
+    assert evaluated == [0, 1] and unhandled == []
+    assert stopped.value.status == 128 + signal_number
+    assert str(stopped.value) == (
+        f"{name}: the meta-test stopped after 100 of 200 episodes, before "
+        "writing test_results.json; rerun the same command to evaluate"
+    )
+    assert run_fixtures.snapshot(directory) == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_long_meta_test_after_training_ends_with_its_stopped_line(
+    toy_data, tmp_path
+):
+    """The real command: a meta-test longer than ten seconds prints progress;
+    Ctrl-C then ends the command with 130 and a line saying what to do,
+    training's checkpoint kept and no test_results.json."""
+    directory = tmp_path / "run"
+    total = 10**7
+    process = run_fixtures.start_module(
+        "leo_tf.train",
+        *run_fixtures.toy_run_flags(toy_data, directory, num_metatest_episodes=total),
+        "--evaluate_after_training",
+    )
+    progress_line = None
+    for line in process.stdout:
+        if line.startswith("meta-test "):
+            progress_line = line
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert re.fullmatch(
+        rf"meta-test \d+/{total} episodes \| [\d.]+ episodes/s \| ETA \S+\n",
+        progress_line,
+    )
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"leo_tf\.train: stopped: SIGINT: the meta-test stopped after \d+ of "
+        rf"{total} episodes, before writing test_results\.json; rerun the same "
+        "command to evaluate",
+        last,
+    ), last
+    assert tf.train.latest_checkpoint(str(directory)).endswith("ckpt-20")
+    assert not (directory / "test_results.json").exists()

@@ -155,6 +155,29 @@ def test_quiet_log_prints_nothing(tmp_path, clock, model, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_the_episode_progress_line_every_interval_rated_from_the_first_batch(
+    clock, capsys
+):
+    log = progress.EpisodeProgress("meta-test", 10000, interval=10.0)
+    clock.now += 30.0  # the first batch, tracing included: not in the rate
+    log.update(200)
+    clock.now += 9.9
+    log.update(400)
+    assert capsys.readouterr().out == ""  # not yet 10 s since the first
+    clock.now += 0.1
+    log.update(600)  # 400 episodes in 10 s since the first batch
+    clock.now += 4.0
+    log.update(1000)  # 4 s after the last line: none
+    clock.now += 6.0
+    log.update(1400)  # 1200 in 20 s
+    clock.now += 300.0
+    log.update(10000)  # the end: the result line follows
+    assert capsys.readouterr().out == (
+        "meta-test 600/10000 episodes | 40.0 episodes/s | ETA 3m55s\n"
+        "meta-test 1400/10000 episodes | 60.0 episodes/s | ETA 2m23s\n"
+    )
+
+
 @pytest.mark.parametrize(
     "seconds,text",
     [
