@@ -13,6 +13,7 @@ import pathlib
 import pickle
 import re
 import sys
+import tempfile
 import time
 
 import keras
@@ -706,6 +707,26 @@ def test_flat_folder_layout_reads_class_folders_in_file_name_order(tmp_path):
         images_lib.load_image_folder(str(tmp_path / "missing"))
 
 
+@pytest.mark.parametrize("layout", ["class", "group/class"])
+def test_reading_an_image_folder_leaves_nothing_in_the_temp_dir(
+    tmp_path, monkeypatch, layout
+):
+    """TFDS's builder makes a folder under the temp dir and keeps it; the
+    reader removes it, and the temp dir is Python's default again after."""
+    classes = tmp_path / "images" / ("alphabet/" if layout == "group/class" else "")
+    for name in ("a", "b"):
+        (classes / name).mkdir(parents=True)
+        png = tf.io.encode_png(np.zeros((4, 4, 3), np.uint8)).numpy()
+        (classes / name / "0.png").write_bytes(png)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    image_set = images_lib.load_image_folder(str(tmp_path / "images"), layout)
+    assert image_set.num_images == 2
+    assert list(temp.iterdir()) == []
+    assert tempfile.gettempdir() == str(temp)
+
+
 def test_dataset_to_image_set_maps_images_labels_and_groups():
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
@@ -745,6 +766,24 @@ def test_an_unknown_tfds_name_is_one_short_line_with_the_close_names():
     )
     assert str(error.value).endswith("(tensorflow_datasets.list_builders() lists them)")
     assert "\n" not in str(error.value) and len(str(error.value)) < 200
+
+
+def test_an_unprepared_tfds_data_set_is_refused_leaving_no_temp_folder(
+    tmp_path, monkeypatch
+):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    with pytest.raises(images_lib.ImageSourceError) as error:
+        images_lib.load_tfds(
+            "omniglot", ["train"], data_dir=str(tmp_path / "tfds"), download=False
+        )
+    message = str(error.value)  # the folder ends in TFDS's version of omniglot
+    assert message.startswith(
+        f"--tfds_name=omniglot: not prepared in {tmp_path / 'tfds' / 'omniglot'}/"
+    )
+    assert message.endswith(", and --notfds_download forbids downloading it")
+    assert list(temp.iterdir()) == []
 
 
 def test_tfds_source_reads_registered_omniglot_through_tfds(monkeypatch):

@@ -25,6 +25,7 @@ pixels give the same arrays whatever the source.
 """
 
 import collections
+import contextlib
 import dataclasses
 import difflib
 import logging
@@ -439,6 +440,23 @@ def dataset_to_image_set(
     return ImageSet(images, class_names, groups)
 
 
+@contextlib.contextmanager
+def _without_tfds_litter():
+    """Points Python's temp dir at a folder removed on exit.
+
+    Around a TFDS builder's construction: a builder whose data set is not
+    prepared makes a folder under the temp dir (its DatasetInfo's
+    `initialize_from_bucket`) and never removes it.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        previous = tempfile.tempdir
+        tempfile.tempdir = scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = previous
+
+
 def load_tfds(
     name: str,
     splits: Sequence[str],
@@ -469,7 +487,8 @@ def load_tfds(
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        with _without_tfds_litter():
+            builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
         # TFDS's own message lists every data set it knows (~9 KB).
         close = difflib.get_close_matches(name, tfds.list_builders(), n=3)
@@ -559,9 +578,10 @@ def load_image_folder(
         if layout == "class":
             # ImageFolder reads root/<split>/<label>/<image>: make DIR the only split.
             os.symlink(directory, os.path.join(link_root, "all"))
-            builder = tfds.folder_dataset.ImageFolder(link_root, shape=shape)
-        else:
-            builder = tfds.folder_dataset.ImageFolder(directory, shape=shape)
+        with _without_tfds_litter():
+            builder = tfds.folder_dataset.ImageFolder(
+                link_root if layout == "class" else directory, shape=shape
+            )
         label_names = builder.info.features["label"].names
         parts, file_names = [], []
         for split in sorted(builder.info.splits.keys()):
