@@ -116,13 +116,16 @@ def evaluate(config):
 def _meta_test(evaluator, num_episodes):
     """EpisodeResults of the meta-test's episodes, with a progress line.
 
-    A SIGTERM or SIGINT stops it after the batch it arrives in (cli.Stopped).
+    A SIGTERM or SIGINT stops it after the batch it arrives in (cli.Stopped),
+    unless that batch was the last.
     """
     log = progress.EpisodeProgress("meta-test", num_episodes)
-    with stop_request.StopRequest() as stop:
+    with stop_request.StopRequest(
+        "the meta-test stops after the current batch"
+    ) as stop:
 
         def after_batch(done):
-            if stop.signal:
+            if stop.signal and done < num_episodes:
                 raise cli.Stopped(
                     stop.signal,
                     f"the meta-test stopped after {done} of {num_episodes} "

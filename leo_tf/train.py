@@ -42,17 +42,31 @@ def _run(config):
         return evaluation.evaluate(config)
     strategy = distribute.make_strategy(config.train.distribution)
     outcome = trainer.train(config, strategy)
-    if "stopped_by" in outcome:
-        skipped = "; the meta-test did not run"
-        raise cli.Stopped(
-            outcome["stopped_by"],
-            f"checkpoint of step {outcome['step']} of "
-            f"{config.train.num_steps_limit} saved; rerun the same command to "
-            f"resume{skipped if config.train.evaluate_after_training else ''}",
+    evaluates = config.train.evaluate_after_training and distribute.is_chief(strategy)
+    finished = outcome["step"] >= config.train.num_steps_limit
+    if "stopped_by" in outcome and (evaluates or not finished):
+        raise cli.Stopped(outcome["stopped_by"], _stopped(outcome, config, evaluates))
+    return evaluation.evaluate(config) if evaluates else None
+
+
+def _stopped(outcome, config, evaluates):
+    """The `stopped:` line of a run that a signal stopped: what is saved,
+    what did not run, what to do."""
+    step, limit = outcome["step"], config.train.num_steps_limit
+    if outcome["saved"]:
+        saved = f"checkpoint of step {step} of {limit} saved"
+    else:
+        saved = (
+            f"step {step} of {limit} not saved (its weights are not finite; see "
+            "the log)"
         )
-    if not config.train.evaluate_after_training or not distribute.is_chief(strategy):
-        return None
-    return evaluation.evaluate(config)
+    if step >= limit:
+        return (
+            f"training finished, {saved}; the meta-test did not run; rerun the "
+            "same command to evaluate"
+        )
+    skipped = "; the meta-test did not run" if evaluates else ""
+    return f"{saved}; rerun the same command to resume{skipped}"
 
 
 def run(argv=None):

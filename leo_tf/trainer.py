@@ -285,7 +285,9 @@ class _TrainingLoop:
             self.summaries.writer, self.leo.model, first_step, limit, verbose=self.chief
         )
         outcome = {}
-        with stop_request.StopRequest() as stop:
+        with stop_request.StopRequest(
+            "training saves the current step and stops"
+        ) as stop:
             for (step_tensor, episodes), noise in self._dataset(first_step, limit):
                 metrics = self.train_step(episodes, noise)
                 step = int(step_tensor) + 1
@@ -296,15 +298,13 @@ class _TrainingLoop:
                 if step % config.train.summary_steps == 0 or step == limit:
                     with self.summaries.writing():
                         log.write(step)
-                if step % config.train.checkpoint_steps == 0 or step == limit:
+                checkpointed = step % config.train.checkpoint_steps == 0
+                if checkpointed or step == limit:
                     outcome = self._checkpoint(step)
                 if stop.signal:
-                    logging.warning(
-                        "%s received: saving step %d and stopping", stop.signal, step
+                    outcome = self._stop(
+                        stop.signal, step, checkpointed or step == limit
                     )
-                    self.leo.validation_accuracy.assign(math.nan)
-                    self.saver.save()
-                    outcome = {"stopped_by": stop.signal}
                     break
         self.summaries.flush()
         logging.info(
@@ -313,6 +313,24 @@ class _TrainingLoop:
             distribute.weights_digest(self.leo.model),
         )
         return {"step": int(self.leo.step.numpy()), **outcome}
+
+    def _stop(self, signal_name, step, checkpointed):
+        """Saves `step` unless its checkpoint was just written (with its
+        meta-validation accuracy, which a second save would overwrite with
+        NaN); the outcome: the signal, and whether the step is saved."""
+        if checkpointed:
+            logging.warning("%s received: stopping after step %d", signal_name, step)
+        else:
+            logging.warning(
+                "%s received: saving step %d and stopping", signal_name, step
+            )
+            self.leo.validation_accuracy.assign(math.nan)
+            self.saver.save()
+        latest = self.saver.latest()
+        saved = latest is not None and latest.endswith(
+            f"{checkpoints.CHECKPOINT_PREFIX}-{step}"
+        )
+        return {"stopped_by": signal_name, "saved": saved}
 
     def _checkpoint(self, step):
         """Validates (chief), saves with the accuracy inside, promotes if best."""

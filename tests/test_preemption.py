@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from leo_tf import cli, evaluation, meta_eval, steps, trainer
+from leo_tf import cli, evaluation, meta_eval, steps, train, trainer
 from tests import run_fixtures
 
 # Long enough for every kill to land before the end: the toy run's
@@ -204,7 +204,7 @@ def test_sigterm_and_sigint_checkpoint_and_stop(
         signal.signal(signal_number, previous)
     assert unhandled == []
     name = signal.Signals(signal_number).name
-    assert outcome == {"step": 3, "stopped_by": name}
+    assert outcome == {"step": 3, "stopped_by": name, "saved": True}
     assert f"{name} received: saving step 3 and stopping" in caplog.text
     prefix = tf.train.latest_checkpoint(str(directory))
     assert prefix == str(directory / "ckpt-3")
@@ -223,6 +223,53 @@ def test_sigterm_and_sigint_checkpoint_and_stop(
         )
     assert f"Resuming from {prefix} at step 3" in caplog.text
     assert resumed["step"] == 5
+
+
+def test_a_signal_at_a_checkpoint_step_keeps_that_checkpoint_and_its_accuracy(
+    toy_data, tmp_path, monkeypatch, caplog
+):
+    """Step 10 is validated and saved when the signal is seen: it is not saved
+    a second time (which would record its accuracy as NaN)."""
+    directory = tmp_path / "run"
+    config = run_fixtures.toy_run_config(toy_data, directory, checkpoint_steps=10)
+    _signal_at_step(monkeypatch, signal.SIGTERM, at_step=10)
+    with caplog.at_level(logging.INFO):
+        outcome = trainer.train(config)
+    assert outcome == {"step": 10, "stopped_by": "SIGTERM", "saved": True}
+    assert "SIGTERM received: stopping after step 10" in caplog.text
+    assert caplog.text.count("Step 10: meta-validation accuracy") == 1
+    reader = tf.train.load_checkpoint(str(directory / "ckpt-10"))
+    recorded = json.loads((directory / "best_checkpoint" / "metrics.json").read_text())
+    assert _value(reader, "validation_accuracy") == pytest.approx(
+        recorded["metavalid_accuracy"]
+    )
+    assert sorted(p.name for p in directory.glob("ckpt-*.index")) == ["ckpt-10.index"]
+
+
+@pytest.mark.parametrize("evaluate_after_training", [False, True])
+def test_a_signal_at_the_last_step_ends_a_finished_run_as_finished(
+    toy_data, tmp_path, monkeypatch, evaluate_after_training
+):
+    """Training is complete: without a meta-test to run the command ends as
+    usual (so `train && export` goes on); with one, it stops before it, saying
+    so."""
+    directory = tmp_path / "run"
+    config = run_fixtures.toy_run_config(
+        toy_data, directory, evaluate_after_training=evaluate_after_training
+    )
+    _signal_at_step(monkeypatch, signal.SIGINT, at_step=20)  # the last
+    if not evaluate_after_training:
+        assert train._run(config) is None
+    else:
+        with pytest.raises(cli.Stopped) as stopped:
+            train._run(config)
+        assert stopped.value.status == 130
+        assert str(stopped.value) == (
+            "SIGINT: training finished, checkpoint of step 20 of 20 saved; the "
+            "meta-test did not run; rerun the same command to evaluate"
+        )
+        assert not (directory / "test_results.json").exists()
+    assert tf.train.latest_checkpoint(str(directory)) == str(directory / "ckpt-20")
 
 
 @pytest.mark.slow
@@ -297,6 +344,26 @@ def test_a_signal_stops_the_meta_test_between_batches_and_writes_nothing(
         "writing test_results.json; rerun the same command to evaluate"
     )
     assert run_fixtures.snapshot(directory) == before
+
+
+def test_a_signal_in_the_last_meta_test_batch_lets_the_finished_meta_test_write(
+    toy_data, tmp_path, monkeypatch
+):
+    directory = tmp_path / "run"
+    config = run_fixtures.toy_run_config(toy_data, directory)  # 200 in batches of 50
+    trainer.train(config)
+    evaluate_batch = meta_eval.MetaEvaluator.evaluate_batch
+
+    def signalling_batch(self, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate_batch(self, step)
+
+    monkeypatch.setattr(meta_eval.MetaEvaluator, "evaluate_batch", signalling_batch)
+    results = evaluation.evaluate(config)
+    assert results["num_episodes"] == 200
+    written = json.loads((directory / "test_results.json").read_text())
+    assert written["accuracy"] == results["accuracy"]
 
 
 @pytest.mark.slow
