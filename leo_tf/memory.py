@@ -316,7 +316,8 @@ def run_evaluations(config):
 
     Meta-training validates on the val split (and, with
     --evaluate_after_training, tests on the test split); --evaluation_mode
-    tests only. Loads those splits, so data errors surface here first.
+    tests only. Loads those splits and checks that they can supply the
+    episodes, so data errors surface here first.
     """
     data, train = config.data, config.train
     splits = []
@@ -330,6 +331,12 @@ def run_evaluations(config):
         embedding_dim = classes.embedding_dim
         num_val = episodes.eval_num_val_examples(
             classes, data.num_tr_examples_per_class, data.total_examples_per_class
+        )
+        embeddings.check_episode_requirements(
+            classes,
+            num_classes=data.num_classes,
+            examples_per_class=data.num_tr_examples_per_class + num_val,
+            split=split,
         )
         evaluations.append(
             EvalShape(name, batch_flag, getattr(data, batch_flag), num_val)

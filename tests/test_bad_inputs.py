@@ -13,13 +13,14 @@ import subprocess
 import numpy as np
 import pytest
 
-from leo_tf import checkpoints, export, steps, trainer
+from leo_tf import checkpoints, export, memory, steps, trainer
 from leo_tf import config as config_lib
 from leo_tf.data.embeddings import DataError
 from tests import data_fixtures, run_fixtures
 
 TRAIN = "toy/center/train_embeddings.pkl"
 VAL = "toy/center/val_embeddings.pkl"
+TEST = "toy/center/test_embeddings.pkl"
 
 
 class _Malicious:
@@ -337,6 +338,41 @@ def test_malformed_input_fails_before_training_and_changes_nothing(
         assert fragment in message, (fragment, message)
     assert _snapshot(run) == before
     assert not (tmp_path / "MALICIOUS_RAN").exists()
+
+
+@pytest.mark.parametrize(
+    "setup,fragments",
+    [
+        (
+            _keep_classes(TEST, 3),
+            ["split 'test': expected at least 5 classes for 5-way episodes, found 3"],
+        ),
+        (
+            _drop_class_examples(TEST, 1),
+            ["expected more than 1 examples in every class", "found class 'nte"],
+        ),
+    ],
+    ids=["too_few_test_classes", "test_class_without_queries"],
+)
+def test_a_test_split_that_cannot_be_evaluated_is_refused_before_training(
+    existing, tmp_path, setup, fragments
+):
+    """The meta-test's data are checked with the run's (leo_tf.train checks
+    memory.check_run first), not after all of its training."""
+    data = tmp_path / "data"
+    shutil.copytree(existing[0], data)
+    setup(data, tmp_path / "run")
+    config = _config(
+        data, tmp_path / "run", {"train": {"evaluate_after_training": True}}
+    )
+    with pytest.raises(DataError) as raised:
+        memory.check_run(config)
+    assert str(raised.value).startswith(str(data / TEST))
+    for fragment in fragments:
+        assert fragment in str(raised.value), str(raised.value)
+    memory.check_run(  # without the meta-test, the test split is not needed
+        _config(data, tmp_path / "run", {})
+    )
 
 
 def test_existing_export_directory_is_refused_and_kept(existing, tmp_path):

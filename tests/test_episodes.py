@@ -277,8 +277,12 @@ def test_eval_num_val_examples():
     assert episodes.eval_num_val_examples(tiered_like, 1) == 599
     small = make_classes(UNEQUAL)
     assert episodes.eval_num_val_examples(small, 5) == 15
-    with pytest.raises(DataError, match="more than 20 examples"):
+    with pytest.raises(DataError) as error:
         episodes.eval_num_val_examples(small, 20)
+    assert str(error.value) == (
+        "mem.pkl: expected more than 20 examples in every class, to leave query "
+        "examples after 20 support examples, found class 'c00' with 20"
+    )
 
 
 def test_eval_sampler_uses_every_remaining_example():

@@ -337,11 +337,14 @@ def eval_num_val_examples(
     """
     total = min(total_examples_per_class, classes.min_examples_per_class)
     if total <= num_tr_examples_per_class:
+        counts = classes.examples_per_class
+        smallest = min(range(len(counts)), key=counts.__getitem__)
+        count, class_id = counts[smallest], classes.class_ids[smallest]
         raise embeddings_lib.DataError(
             f"{classes.source}: expected more than {num_tr_examples_per_class} "
             f"examples in every class, to leave query examples after "
-            f"{num_tr_examples_per_class} support examples, found a class "
-            f"with {classes.min_examples_per_class}"
+            f"{num_tr_examples_per_class} support examples, found class "
+            f"{class_id!r} with {count}"
         )
     return total - num_tr_examples_per_class
 
