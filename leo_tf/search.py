@@ -4,8 +4,10 @@
         --data_path=DIR --search_dir=runs/search_5way1shot --num_trials=20
 
 As in the paper, a random search that maximises meta-validation accuracy;
-the test split is never read (only `--evaluate_best`, after the search,
-meta-tests the winner). Every flag of `leo_tf.train` is accepted and sets
+no trial is evaluated on the test split, which is read only to check that
+it shares no class or example with the other splits (and, with
+`--evaluate_best`, checked before the first trial and used after the search
+to meta-test the winner). Every flag of `leo_tf.train` is accepted and sets
 the trials' common values; `--space` entries say which flags each trial
 draws and how, one entry per flag:
 
@@ -55,7 +57,12 @@ Layout under `--search_dir`:
 
 Killed at any moment and rerun with the same command, the search keeps every
 trial in results.jsonl and resumes the interrupted one from its latest
-checkpoint; to run a finished trial again, delete its line. SIGTERM or
+checkpoint; to run a finished trial again, delete its line. The rerun may
+change the flags that do not change what a trial trains
+(trials.FREE_IN_A_SEARCH: summary_steps, data_path, metatest_batch_size,
+num_metatest_episodes, num_towers, jit_compile, distribution); the
+trials' flagfiles and best.cfg take the new values. Any other change is
+refused. SIGTERM or
 SIGINT stop it after a checkpoint of the running trial (exit status 143 or
 130). A trial whose training raises an error is recorded as failed with the
 error, one that never reaches a finite meta-validation accuracy as diverged,
@@ -119,6 +126,7 @@ def main(argv):
             options.search_dir,
             options.num_trials,
             flags.FLAGS.seed,
+            evaluate_best=options.evaluate_best,
         )
         if outcome.stopped_by:
             raise cli.Stopped(

@@ -19,7 +19,7 @@ import tensorflow as tf
 from absl import logging
 from tensorboard.plugins.hparams import api as hp
 
-from leo_tf import checkpoints, progress, trainer
+from leo_tf import checkpoints, memory, progress, trainer
 from leo_tf import config as config_lib
 from leo_tf.data import meta_dataset
 from leo_tf.data.embeddings import DataError
@@ -67,17 +67,51 @@ def trial_flag_lines(base_args, draws, directory):
     return serialized(values)
 
 
+# leo_tf.train flags that do not change what a trial trains: the ones a
+# training run may change on resume, less num_steps_limit and
+# checkpoint_steps, which change the trial. A rerun of the search may give
+# them other values; every trial's flagfile (and best.cfg) then takes them.
+FREE_IN_A_SEARCH = frozenset(
+    {
+        "summary_steps",
+        "data_path",
+        "metatest_batch_size",
+        "num_metatest_episodes",
+        "num_towers",
+        "jit_compile",
+        "distribution",
+    }
+)
+
+
+_TRAIN_FLAGS = frozenset(config_lib.train_flag_names())
+
+
 def _flag_lines(text):
     return [line for line in text.splitlines() if line and not line.startswith("#")]
 
 
+def _flag_name(line):
+    """The flag a flagfile line sets: "--seed=3" -> "seed", "--nojit_compile"
+    -> "jit_compile"."""
+    name = line.lstrip("-").split("=", 1)[0]
+    if name.startswith("no") and name not in _TRAIN_FLAGS:
+        return name[2:]
+    return name
+
+
 def _check_same_trial(path, lines):
-    """SearchError unless the flagfile at `path`, if any, holds `lines`."""
+    """SearchError unless the flagfile at `path`, if any, holds `lines` but
+    for the flags FREE_IN_A_SEARCH."""
     if not path.exists():
         return
-    # In any order: flagfiles of earlier versions list the flags in another.
-    saved = sorted(_flag_lines(path.read_text(encoding="utf-8")))
-    lines = sorted(lines)
+
+    def fixed(flag_lines):
+        # In any order: flagfiles of earlier versions list the flags in another.
+        return sorted(x for x in flag_lines if _flag_name(x) not in FREE_IN_A_SEARCH)
+
+    saved = fixed(_flag_lines(path.read_text(encoding="utf-8")))
+    lines = fixed(lines)
     if saved == lines:
         return
     difference = next(
@@ -349,13 +383,17 @@ def _progress_line(trial, num_trials, record, best, elapsed, eta):
     )
 
 
-def _check_search(base_args, space, num_trials):
+def _check_search(base_args, space, num_trials, evaluate_best):
     """SearchError, ConfigError or DataError if the flags or the space are
     unusable: the common flags are validated as a leo_tf.train run, then with
-    each searched flag at its extremes (search_space.check_space)."""
+    each searched flag at its extremes (search_space.check_space); with
+    evaluate_best, the test split as that meta-test will read it."""
     config_lib.check(SearchOptions(num_trials=num_trials))
     config = check_space(base_args, space)
     meta_dataset.check_dataset_name(config.data)
+    if evaluate_best:
+        train = dataclasses.replace(config.train, evaluation_mode=True)
+        memory.check_run(dataclasses.replace(config, train=train))
 
 
 def _plan(base_args, space, search_dir, num_trials, seed):
@@ -371,12 +409,14 @@ def _plan(base_args, space, search_dir, num_trials, seed):
     return plan
 
 
-def _start_trial(trial, draws, directory, lines, header):
-    """Makes the trial's directory and writes its flagfile, if not yet there."""
+def _write_flagfile(directory, lines, header):
+    """Writes the trial's flagfile unless it holds `lines` already (the free
+    flags of an earlier command are replaced by this one's)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / TRIAL_FLAGFILE
-    if not path.exists():
-        checkpoints.write_text_atomically(path, header + "\n".join(lines) + "\n")
+    if path.exists() and _flag_lines(path.read_text(encoding="utf-8")) == lines:
+        return
+    checkpoints.write_text_atomically(path, header + "\n".join(lines) + "\n")
 
 
 def _check_search_dir(search_dir):
@@ -390,7 +430,9 @@ def _check_search_dir(search_dir):
         )
 
 
-def run_search(base_args, space, search_dir, num_trials, seed, log=print):
+def run_search(
+    base_args, space, search_dir, num_trials, seed, log=print, evaluate_best=False
+):
     """Runs (or resumes) the search; returns a SearchOutcome.
 
     Args:
@@ -401,26 +443,31 @@ def run_search(base_args, space, search_dir, num_trials, seed, log=print):
       num_trials: trials 0 .. num_trials - 1.
       seed: the draws' seed (the trials train with base_args' --seed).
       log: prints a line.
+      evaluate_best: the best trial will be meta-tested after the search:
+        its test split is checked first.
 
     Raises SearchError, ConfigError, DataError or CheckpointError, before
     any trial trains if the flags, space or directory are unusable.
     """
     search_dir = pathlib.Path(search_dir)
     _check_search_dir(search_dir)
-    _check_search(base_args, space, num_trials)
+    _check_search(base_args, space, num_trials, evaluate_best)
     plan = _plan(base_args, space, search_dir, num_trials, seed)
     try:
         search_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise SearchError(f"--search_dir={search_dir}: {error}") from None
     results = read_results(search_dir)
+    for trial, _, directory, lines in plan:
+        if (directory / TRIAL_FLAGFILE).exists():
+            _write_flagfile(directory, lines, _trial_header(trial, seed, space))
     _write_hparams_config(search_dir, space)
     best = _write_best(search_dir, results) if results else None
     started, durations = time.perf_counter(), []
     for trial, draws, directory, lines in plan:
         if trial in results:
             continue
-        _start_trial(trial, draws, directory, lines, _trial_header(trial, seed, space))
+        _write_flagfile(directory, lines, _trial_header(trial, seed, space))
         values = " ".join(f"--{name}={text}" for name, text in draws.items())
         log(f"{directory.name} ({trial + 1}/{num_trials}): {values}")
         try:

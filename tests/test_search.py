@@ -286,6 +286,73 @@ def test_a_changed_command_refuses_the_directory_of_another_search(interrupted):
 
 
 @pytest.mark.slow
+def test_a_rerun_may_change_the_flags_that_do_not_change_a_trial(tmp_path):
+    """A finished one-trial search rerun with another meta-test size, summary
+    interval and towers: nothing retrains, and trial.cfg and best.cfg take
+    the new values (what --evaluate_best and a rerun trial read)."""
+    data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
+    search_dir = tmp_path / "search"
+    space = search_space.parse_space(SPACE)
+    trials.run_search(
+        _base_args(data_path), space, search_dir, 1, seed=0, log=lambda line: None
+    )
+    results = (search_dir / trials.RESULTS_FILE).read_text()
+    trial_cfg = search_dir / "trial-000" / trials.TRIAL_FLAGFILE
+    checkpoint_files = sorted(p.name for p in (search_dir / "trial-000").iterdir())
+    changed = [
+        "--num_metatest_episodes=1000",
+        "--summary_steps=5",
+        "--num_towers=1",
+        "--jit_compile",
+    ]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished trial trained again")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "train", no_training)
+        outcome = trials.run_search(
+            [*_base_args(data_path), *changed],
+            space,
+            search_dir,
+            1,
+            seed=0,
+            log=lambda line: None,
+        )
+    assert outcome.best["directory"] == "trial-000"
+    assert (search_dir / trials.RESULTS_FILE).read_text() == results
+    for flagfile in (trial_cfg, search_dir / trials.BEST_FLAGFILE):
+        lines = flagfile.read_text().splitlines()
+        for flag in changed:
+            assert flag in lines, (flagfile, flag)
+        assert "--summary_steps=10" not in lines
+    assert trials.trial_config(trial_cfg).train.num_metatest_episodes == 1000
+    assert sorted(p.name for p in (search_dir / "trial-000").iterdir()) == (
+        checkpoint_files
+    )
+
+
+def test_a_test_split_the_winner_cannot_be_tested_on_is_refused_before_any_trial(
+    tmp_path,
+):
+    data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
+    test_file = data_path / "toy" / "center" / "test_embeddings.pkl"
+    test_file.unlink()
+    search_dir = tmp_path / "search"
+    with pytest.raises(embeddings.DataError) as error:
+        trials.run_search(
+            _base_args(data_path),
+            search_space.parse_space(SPACE),
+            search_dir,
+            NUM_TRIALS,
+            seed=0,
+            evaluate_best=True,
+        )
+    assert str(test_file) in str(error.value)
+    assert not search_dir.exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["file", "training run"])
 def test_a_file_or_a_training_run_as_search_dir_is_refused(interrupted, tmp_path, kind):
     search_dir = tmp_path / "target"
