@@ -646,7 +646,7 @@ def test_unreadable_checkpoint_is_named(run_copy, tmp_path):
     (run_copy / "ckpt-10.index").write_bytes(b"garbage" * 10)
     with pytest.raises(
         export_lib.ExportError,
-        match=r"--checkpoint=.*/ckpt-10: cannot read .*/ckpt-10: .*",
+        match=r"--checkpoint=.*/ckpt-10: .*/ckpt-10\.index: damaged \(.+\)$",
     ):
         export_lib.export(run_copy, tmp_path / "model", which=str(run_copy / "ckpt-10"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
@@ -658,10 +658,38 @@ def test_truncated_checkpoint_data_is_named(run_copy, tmp_path):
     with pytest.raises(export_lib.ExportError) as error:
         export_lib.export(run_copy, tmp_path / "model", which=str(run_copy / "ckpt-10"))
     assert str(error.value) == (
-        f"--checkpoint={run_copy / 'ckpt-10'}: cannot read "
-        f"{run_copy.resolve() / 'ckpt-10'}: Read less bytes than requested"
+        f"--checkpoint={run_copy / 'ckpt-10'}: "
+        f"{run_copy.resolve() / 'ckpt-10.data-00000-of-00001'}: damaged (Read "
+        "less bytes than requested)"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_checkpoint_with_a_flipped_byte_ends_the_command_in_its_error_line(
+    run_copy, tmp_path
+):
+    """Read back whole before the restore, as best and latest are: the
+    checksum's failure names the data file, and no partial restore is left
+    to warn after the error line."""
+    data = run_copy / "ckpt-10.data-00000-of-00001"
+    content = bytearray(data.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    data.write_bytes(bytes(content))
+    prefix = run_copy / "ckpt-10"
+    process = run_fixtures.run_module(
+        "leo_tf.export",
+        f"--checkpoint_path={run_copy}",
+        f"--export_dir={tmp_path / 'model'}",
+        f"--checkpoint={prefix}",
+    )
+    assert process.returncode == 1
+    last = process.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"leo_tf.export: error: --checkpoint={prefix}: "
+        f"{run_copy.resolve() / 'ckpt-10.data-00000-of-00001'}: damaged ("
+    ), process.stderr[-3000:]
+    assert "function_node" not in last
+    assert not (tmp_path / "model").exists()
 
 
 @pytest.mark.parametrize(
