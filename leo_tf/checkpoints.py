@@ -665,13 +665,16 @@ def indexed_checkpoint(directory):
         return None
 
 
-def latest_intact_checkpoint(directory):
+def latest_intact_checkpoint(
+    directory, remedy="move the damaged ones away to start again from step 0"
+):
     """The latest checkpoint in `directory` that reads back whole, or None.
 
     The latest is the one TensorFlow's `checkpoint` index names, else (no
     index) the highest step; damaged ones are skipped for the next older,
     with a warning naming each. If there are checkpoints but none is intact,
-    CheckpointError names them all.
+    CheckpointError names them all, then says `remedy` (by default, the
+    advice to a trainer).
     """
     candidates = checkpoint_prefixes(directory)
     indexed = indexed_checkpoint(directory)
@@ -691,7 +694,7 @@ def latest_intact_checkpoint(directory):
         raise CheckpointError(
             f"--checkpoint_path={directory}: no intact checkpoint ("
             + "; ".join(damaged)
-            + "); move the damaged ones away to start again from step 0"
+            + f"); {remedy}"
         )
     return None
 

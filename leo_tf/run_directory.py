@@ -297,7 +297,9 @@ class RunDirectory:
             best = self._intact_best_prefix(gerund)
             if best is not None:
                 return best, "best"
-        prefix = checkpoints.latest_intact_checkpoint(self.path)
+        prefix = checkpoints.latest_intact_checkpoint(
+            self.path, remedy=f"nothing to {purpose}"
+        )
         if prefix is None:
             raise checkpoints.CheckpointError(
                 f"--checkpoint_path={self.path}: no checkpoint to {purpose} "

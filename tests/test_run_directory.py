@@ -246,6 +246,15 @@ def test_no_intact_checkpoint_is_refused_naming_each(data_path, run, no_training
     assert f"--checkpoint_path={run}: no intact checkpoint" in message
     assert f"{run / DATA_FILE.format(20)}: damaged" in message
     assert f"{run / 'ckpt-10.index'}: damaged" in message
+    assert message.endswith("); move the damaged ones away to start again from step 0")
+
+    # A reader is not told how to train again.
+    (run / "best_checkpoint").unlink()
+    shutil.rmtree(run / ".best")
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        evaluation.evaluate(_config(data_path, run))
+    assert str(error.value).startswith(f"--checkpoint_path={run}: no intact")
+    assert str(error.value).endswith("); nothing to evaluate")
 
 
 def _replace_by_a_directory(path):
