@@ -21,9 +21,7 @@ from absl import logging
 from leo_tf import (
     baseline,
     checkpoints,
-    cli,
     meta_eval,
-    progress,
     run_directory,
     runtime,
     stop_request,
@@ -119,21 +117,9 @@ def _meta_test(evaluator, num_episodes):
     A SIGTERM or SIGINT stops it after the batch it arrives in (cli.Stopped),
     unless that batch was the last.
     """
-    log = progress.EpisodeProgress("meta-test", num_episodes)
-    with stop_request.StopRequest(
-        "the meta-test stops after the current batch"
-    ) as stop:
-
-        def after_batch(done):
-            if stop.signal and done < num_episodes:
-                raise cli.Stopped(
-                    stop.signal,
-                    f"the meta-test stopped after {done} of {num_episodes} "
-                    f"episodes, before writing {checkpoints.RESULTS_FILE}; "
-                    "rerun the same command to evaluate",
-                )
-            log.update(done)
-
+    with stop_request.stoppable_evaluation(
+        "meta-test", num_episodes, "episodes", checkpoints.RESULTS_FILE
+    ) as after_batch:
         return evaluator.evaluate_episodes(num_episodes, after_batch)
 
 

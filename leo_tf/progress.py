@@ -8,7 +8,7 @@ finetuning learning rates, train/steps_per_second, and histograms of the
 latent codes and of both learning-rate vectors. Meta-validation adds
 validation/accuracy and validation/loss.
 
-A meta-test longer than ten seconds prints its own progress line
+An evaluation longer than ten seconds prints its own progress line
 (`EpisodeProgress`).
 """
 
@@ -101,15 +101,17 @@ class TrainingLog:
 class EpisodeProgress:
     """The progress line of a long evaluation, printed at most every `interval` s.
 
-    `meta-test 4000/10000 episodes | 950.2 episodes/s | ETA 0m06s`; the
-    rate counts from the first update (its batch includes the tracing), so
-    an evaluation shorter than `interval` prints nothing.
+    `meta-test 4000/10000 episodes | 950.2 episodes/s | ETA 0m06s` (`unit`
+    names what is counted); the rate counts from the first update (its batch
+    includes the tracing), so an evaluation shorter than `interval` prints
+    nothing.
     """
 
-    def __init__(self, label, num_episodes, interval=10.0):
+    def __init__(self, label, num_episodes, interval=10.0, unit="episodes"):
         self.label = label
         self.num_episodes = num_episodes
         self.interval = interval
+        self.unit = unit
         self._start = None
         self._printed = None
 
@@ -126,8 +128,8 @@ class EpisodeProgress:
         eta = (self.num_episodes - done) / rate if rate > 0 else math.nan
         self._printed = (done, now)
         print(
-            f"{self.label} {done}/{self.num_episodes} episodes | "
-            f"{rate:.1f} episodes/s | ETA {duration(eta)}",
+            f"{self.label} {done}/{self.num_episodes} {self.unit} | "
+            f"{rate:.1f} {self.unit}/s | ETA {duration(eta)}",
             flush=True,
         )
 

@@ -1,15 +1,18 @@
 """SIGTERM and SIGINT as a request to stop, which a long loop checks between steps.
 
-Training saves its step and stops; a meta-test stops between batches and
-writes nothing. Inside the `with` block the first signal only sets `signal`
+Training saves its step and stops; an evaluation stops between batches and
+writes nothing (`stoppable_evaluation`). Inside the `with` block the first signal only sets `signal`
 and says so in the log; a second one is handled as it would be outside the
 block (SIGINT: KeyboardInterrupt; SIGTERM: the process ends), for a user who
 will not wait. The handlers in place before are restored on leaving it.
 """
 
+import contextlib
 import signal
 
 from absl import logging
+
+from leo_tf import cli, progress
 
 
 class StopRequest:
@@ -49,3 +52,52 @@ class StopRequest:
     def __exit__(self, *exc):
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def stoppable_evaluation(name, total, unit, results_file):
+    """The block of an evaluation of `total` `unit` (e.g. "episodes") in batches.
+
+    Yields after_batch(done), to call after each batch with the count done so
+    far: it prints the progress line (progress.EpisodeProgress, labelled
+    `name`) and, once a SIGTERM or SIGINT has arrived, raises cli.Stopped
+    saying that nothing was written to `results_file`, unless that batch
+    was the last.
+    """
+    log = progress.EpisodeProgress(name, total, unit=unit)
+    with StopRequest(f"the {name} stops after the current batch") as stop:
+
+        def after_batch(done):
+            if stop.signal and done < total:
+                raise cli.Stopped(
+                    stop.signal,
+                    f"the {name} stopped after {done} of {total} {unit}, before "
+                    f"writing {results_file}; rerun the same command to evaluate",
+                )
+            log.update(done)
+
+        yield after_batch
+
+
+def training_stopped(step, limit, saved, skipped=None):
+    """What a training command that a signal stopped says it saved and how
+    to go on: the message of its `stopped:` line.
+
+    Args:
+      step: the step reached; limit: --num_steps_limit.
+      saved: whether the checkpoint of `step` is saved (it is not when the
+        weights are not finite).
+      skipped: the evaluation that would have run after training, e.g.
+        "the meta-test", or None.
+    """
+    if saved:
+        state = f"checkpoint of step {step} of {limit} saved"
+    else:
+        state = f"step {step} of {limit} not saved (its weights are not finite; see the log)"
+    if step >= limit and skipped:
+        return (
+            f"training finished, {state}; {skipped} did not run; rerun the same "
+            "command to evaluate"
+        )
+    after = f"; {skipped} did not run" if skipped else ""
+    return f"{state}; rerun the same command to resume{after}"

@@ -35,7 +35,7 @@ def main(argv):
 def _run(config):
     """Trains and/or evaluates; the meta-test results, or None if not tested."""
     # pylint: disable=g-import-not-at-top
-    from leo_tf import distribute, evaluation, trainer
+    from leo_tf import distribute, evaluation, stop_request, trainer
 
     # pylint: enable=g-import-not-at-top
     if config.train.evaluation_mode:
@@ -45,28 +45,16 @@ def _run(config):
     evaluates = config.train.evaluate_after_training and distribute.is_chief(strategy)
     finished = outcome["step"] >= config.train.num_steps_limit
     if "stopped_by" in outcome and (evaluates or not finished):
-        raise cli.Stopped(outcome["stopped_by"], _stopped(outcome, config, evaluates))
+        raise cli.Stopped(
+            outcome["stopped_by"],
+            stop_request.training_stopped(
+                outcome["step"],
+                config.train.num_steps_limit,
+                outcome["saved"],
+                "the meta-test" if evaluates else None,
+            ),
+        )
     return evaluation.evaluate(config) if evaluates else None
-
-
-def _stopped(outcome, config, evaluates):
-    """The `stopped:` line of a run that a signal stopped: what is saved,
-    what did not run, what to do."""
-    step, limit = outcome["step"], config.train.num_steps_limit
-    if outcome["saved"]:
-        saved = f"checkpoint of step {step} of {limit} saved"
-    else:
-        saved = (
-            f"step {step} of {limit} not saved (its weights are not finite; see "
-            "the log)"
-        )
-    if step >= limit:
-        return (
-            f"training finished, {saved}; the meta-test did not run; rerun the "
-            "same command to evaluate"
-        )
-    skipped = "; the meta-test did not run" if evaluates else ""
-    return f"{saved}; rerun the same command to resume{skipped}"
 
 
 def run(argv=None):
