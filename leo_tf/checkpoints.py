@@ -344,15 +344,17 @@ def write_json_atomically(path, payload):
 
 
 def write_text_atomically(path, text):
-    """Writes `text` to `path` via a temporary file, fsync and a rename.
+    """Writes `text` (str, UTF-8; or bytes) to `path` via a temporary file,
+    fsync and a rename.
 
     On failure removes the temporary file and raises the OSError.
     """
     path = pathlib.Path(path)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    content = text.encode("utf-8") if isinstance(text, str) else text
     try:
-        with open(temporary, "w", encoding="utf-8") as stream:
-            stream.write(text)
+        with open(temporary, "wb") as stream:
+            stream.write(content)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
@@ -506,6 +508,28 @@ def _foreign_entries(directory):
     )
 
 
+def check_unconfigured(directory):
+    """CheckpointError unless `directory`, which has no config.json, is new or
+    holds only what a run writes before it: checkpoints there could not be
+    checked against the flags, and other files are not a run's."""
+    if checkpoint_prefixes(directory):
+        raise CheckpointError(
+            f"{pathlib.Path(directory) / CONFIG_FILE}: missing, but the "
+            "directory holds checkpoints; restore the file or use another "
+            "--checkpoint_path"
+        )
+    foreign = _foreign_entries(directory)
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise CheckpointError(
+            f"--checkpoint_path={directory}: not a leo_tf run directory "
+            f"(no {CONFIG_FILE}) and not empty (holds {listed}); use a new "
+            "or empty directory"
+        )
+
+
 def check_compatible(directory, config, embedding_dim, fixed):
     """ConfigError unless `config` agrees with the run's config.json on `fixed`.
 
@@ -520,22 +544,7 @@ def check_compatible(directory, config, embedding_dim, fixed):
     """
     saved = read_config(directory)
     if saved is None:
-        if checkpoint_prefixes(directory):
-            raise CheckpointError(
-                f"{pathlib.Path(directory) / CONFIG_FILE}: missing, but the "
-                "directory holds checkpoints; restore the file or use another "
-                "--checkpoint_path"
-            )
-        foreign = _foreign_entries(directory)
-        if foreign:
-            listed = ", ".join(foreign[:3]) + (
-                f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-            )
-            raise CheckpointError(
-                f"--checkpoint_path={directory}: not a leo_tf run directory "
-                f"(no {CONFIG_FILE}) and not empty (holds {listed}); use a new "
-                "or empty directory"
-            )
+        check_unconfigured(directory)
         return
     if saved["embedding_dim"] != embedding_dim:
         raise ConfigError(
