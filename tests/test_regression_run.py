@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 
@@ -79,8 +80,8 @@ def test_training_resumed_from_a_checkpoint_equals_an_uninterrupted_run(
     trained, tmp_path
 ):
     interrupted = tmp_path / "run"
-    assert run.train(_config(interrupted, num_steps_limit=2)) == 2
-    assert run.train(_config(interrupted)) == 4
+    assert run.train(_config(interrupted, num_steps_limit=2)) == {"step": 2}
+    assert run.train(_config(interrupted)) == {"step": 4}
 
     straight = _variables(str(trained / "ckpt-4"))
     resumed = _variables(str(interrupted / "ckpt-4"))
@@ -118,7 +119,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_by_evaluation_and_resumption(
     assert f"Skipping checkpoint {directory / 'ckpt-4'}" in caplog.text
     # Training resumes from step 2 and saves a new, intact ckpt-4 over the
     # damaged one: the same weights as the uninterrupted run's.
-    assert run.train(_config(directory)) == 4
+    assert run.train(_config(directory)) == {"step": 4}
     checkpoints.verify_checkpoint(directory / "ckpt-4")
     straight, resumed = _variables(str(trained / "ckpt-4")), _variables(
         str(directory / "ckpt-4")
@@ -152,11 +153,19 @@ def test_evaluation_writes_results_figure_and_summaries(trained):
     results = run.evaluate(_config(trained))
 
     saved = json.loads((trained / run.RESULTS_FILE).read_text())
+    task = dict(num_shots=5, noise_stddev=0.3, seed=0)
+    assert saved.pop("training_task") == results.pop("training_task") == task
     assert saved == pytest.approx(results)
     for name in ("leo_mse", "maml_mse", "leo_nll", "leo_nll_of_mean"):
         assert np.isfinite(saved[name]) and saved[f"{name}_ci95"] > 0, name
-    assert saved["num_tasks"] == 6 and saved["step"] == 4
-    assert "MSE LEO" in run.result_line(saved)
+    assert saved["num_tasks"] == 6 and saved["step"] == 4 and saved["seed"] == 0
+    assert saved["inner_unroll_length"] == saved["finetuning_unroll_length"] == 1
+    assert run.result_line(saved) == (
+        f"5-shot regression, 6 held-out tasks, step 4: MSE LEO "
+        f"{saved['leo_mse']:.3f} ± {saved['leo_mse_ci95']:.3f}, MAML "
+        f"{saved['maml_mse']:.3f} ± {saved['maml_mse_ci95']:.3f}; LEO predictive "
+        f"NLL {saved['leo_nll']:.3f} ± {saved['leo_nll_ci95']:.3f} (3 samples)"
+    )
     # The figure: 2 panels of 3 x 3 inches at 80 dpi.
     assert _png_size((trained / run.FIGURE_FILE).read_bytes()) == (480, 240)
     [events] = glob.glob(str(trained / "events.out.tfevents.*"))
@@ -192,12 +201,191 @@ def test_figure_is_a_png_of_three_inch_panels():
     assert decoded.shape == (240, 720, 3) and decoded.std() > 0
 
 
-def test_evaluation_refuses_checkpoints_of_another_regressor(trained):
+@pytest.mark.parametrize(
+    "name", ["hidden_units", "inner_unroll_length", "maml_inner_steps"]
+)
+def test_evaluation_refuses_checkpoints_of_another_regressor(trained, name):
+    """Another architecture, or another adaptation than the one meta-learned."""
+    value = getattr(_config(trained), name) + 1
     with pytest.raises(
-        options.ConfigError,
-        match="made with hidden_units=4 .*, not --hidden_units=5",
+        options.ConfigError, match=f"made with {name}=.*, not --{name}={value}"
     ):
-        run.evaluate(_config(trained, hidden_units=5))
+        run.evaluate(_config(trained, **{name: value}))
+
+
+def test_evaluating_another_task_records_the_trained_one_and_warns(
+    trained, tmp_path, caplog
+):
+    directory = tmp_path / "run"
+    shutil.copytree(trained, directory)
+    with caplog.at_level("WARNING"):
+        results = run.evaluate(_config(directory, num_shots=3, seed=7))
+    assert results["num_shots"] == 3 and results["seed"] == 7
+    assert results["training_task"] == dict(num_shots=5, noise_stddev=0.3, seed=0)
+    assert "the run was trained with" in caplog.text
+
+
+def test_a_non_finite_metric_is_null_with_a_warning(caplog):
+    values = np.array([1.0, np.nan, 3.0, np.inf])
+    with caplog.at_level("WARNING"):
+        assert run._mean_and_ci95("leo_mse", values) == {
+            "leo_mse": None,
+            "leo_mse_ci95": None,
+        }
+    assert "leo_mse is not finite on 2 of 4 held-out tasks" in caplog.text
+    finite = run._mean_and_ci95("maml_mse", np.array([1.0, 3.0]))
+    # 1.96 std / sqrt(n), std of [1, 3] about their mean 1.
+    assert finite == {"maml_mse": 2.0, "maml_mse_ci95": pytest.approx(1.96 / 2**0.5)}
+    results = {
+        "num_shots": 5,
+        "num_tasks": 4,
+        "step": 9,
+        "num_prediction_samples": 1,
+        "leo_mse": None,
+        "leo_mse_ci95": None,
+        "maml_mse": 2.0,
+        "maml_mse_ci95": 1.96,
+        "leo_nll": None,
+        "leo_nll_ci95": None,
+    }
+    assert run.result_line(results) == (
+        "5-shot regression, 4 held-out tasks, step 9: MSE LEO not finite, MAML "
+        "2.000 ± 1.960; LEO predictive NLL not finite (1 sample)"
+    )
+
+
+def test_a_figure_that_cannot_be_written_is_named_and_the_results_stay(
+    trained, tmp_path
+):
+    directory = tmp_path / "run"
+    shutil.copytree(trained, directory)
+    (directory / run.RESULTS_FILE).unlink()
+    (directory / run.FIGURE_FILE).unlink()
+    (directory / run.FIGURE_FILE).mkdir()
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        run.evaluate(_config(directory))
+    assert str(error.value).startswith(f"could not write {directory / run.FIGURE_FILE}")
+    assert not (directory / run.RESULTS_FILE).exists()  # results only with a figure
+    assert [p.name for p in directory.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_a_foreign_directory_or_checkpoints_without_config_are_refused(
+    trained, tmp_path
+):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    (foreign / "checkpoint").write_text("my own file")
+    with pytest.raises(checkpoints.CheckpointError, match="not a leo_tf run directory"):
+        run.train(_config(foreign))
+    assert (foreign / "checkpoint").read_text() == "my own file"
+    orphans = tmp_path / "orphans"
+    shutil.copytree(trained, orphans)
+    (orphans / checkpoints.CONFIG_FILE).unlink()
+    for command in (run.train, run.evaluate):
+        with pytest.raises(
+            checkpoints.CheckpointError, match="config.json: missing, but the directory"
+        ):
+            command(_config(orphans, seed=7, num_steps_limit=6))
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_be_rerun_corrected(
+    tmp_path, monkeypatch
+):
+    """Its config.json protects no checkpoint: a corrected rerun replaces it."""
+    directory = tmp_path / "run"
+
+    def failing_step(config, models):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run, "make_train_step", failing_step)
+        with pytest.raises(tf.errors.ResourceExhaustedError):
+            run.train(_config(directory, metatrain_batch_size=3))
+    assert run.train(_config(directory, num_steps_limit=2)) == {"step": 2}
+    saved = json.loads((directory / checkpoints.CONFIG_FILE).read_text())
+    assert saved["metatrain_batch_size"] == 2
+
+
+def test_a_restore_that_fails_leaves_config_json_as_it_was(trained, tmp_path):
+    """Checkpoints without their config.json, restored with the wrong
+    architecture: the error comes before config.json is written."""
+    directory = tmp_path / "run"
+    shutil.copytree(trained, directory)
+    before = (directory / checkpoints.CONFIG_FILE).read_text()
+    stale = json.loads(before)
+    (directory / checkpoints.CONFIG_FILE).write_text(
+        json.dumps({**stale, "hidden_units": 5})
+    )
+    edited = (directory / checkpoints.CONFIG_FILE).read_text()
+    with pytest.raises(ValueError):
+        run.train(_config(directory, hidden_units=5, num_steps_limit=6))
+    assert (directory / checkpoints.CONFIG_FILE).read_text() == edited
+
+
+@pytest.mark.parametrize("at_step", [1, 2])
+def test_a_signal_saves_the_step_and_stops(trained, tmp_path, monkeypatch, at_step):
+    """At step 1 the step is saved for the signal; at 2 (a checkpoint step)
+    its checkpoint is already written, after its validation."""
+    directory = tmp_path / "run"
+    make_train_step = run.make_train_step
+
+    def signalling(config, models):
+        step_fn = make_train_step(config, models)
+
+        def step(batch, seed):
+            metrics = step_fn(batch, seed)
+            if int(models.step.numpy()) + 1 == at_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return metrics
+
+        return step
+
+    monkeypatch.setattr(run, "make_train_step", signalling)
+    outcome = run.train(_config(directory))
+    assert outcome == {"step": at_step, "stopped_by": "SIGTERM"}
+    assert tf.train.latest_checkpoint(str(directory)) == str(
+        directory / f"ckpt-{at_step}"
+    )
+    monkeypatch.undo()
+    assert run.train(_config(directory)) == {"step": 4}
+    straight = _variables(str(trained / "ckpt-4"))
+    for name, value in _variables(str(directory / "ckpt-4")).items():
+        if not name.startswith("save_counter"):  # one save more
+            np.testing.assert_array_equal(value, straight[name], err_msg=name)
+
+
+class _Killed(BaseException):
+    """Stands for the process dying."""
+
+
+def test_a_run_killed_while_validating_validates_again_on_resume(tmp_path, monkeypatch):
+    """Validation comes before the save: killed during step 4's, the step is
+    not saved, so the rerun trains and validates it again, and TensorBoard
+    has every validation."""
+    directory = tmp_path / "run"
+    validate = run._validate
+
+    def dying_validation(writer, step, *args):
+        if step == 4:
+            raise _Killed
+        return validate(writer, step, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run, "_validate", dying_validation)
+        with pytest.raises(_Killed):
+            run.train(_config(directory))
+    assert tf.train.latest_checkpoint(str(directory)) == str(directory / "ckpt-2")
+    assert run.train(_config(directory)) == {"step": 4}
+    steps = set()
+    for events in glob.glob(str(directory / "events.out.tfevents.*")):
+        accumulator = event_accumulator.EventAccumulator(
+            events, size_guidance={event_accumulator.TENSORS: 0}
+        )
+        accumulator.Reload()
+        if "validation/leo_mse" in accumulator.Tags()["tensors"]:
+            steps.update(e.step for e in accumulator.Tensors("validation/leo_mse"))
+    assert steps == {2, 4}
 
 
 def test_a_classification_run_directory_is_refused_in_both_directions(
@@ -308,3 +496,28 @@ def test_command_line_trains_and_evaluates_a_run(tmp_path):
     results = json.loads((directory / "regression_results.json").read_text())
     assert process.stdout.strip().splitlines()[-1] == run.result_line(results)
     assert results["num_tasks"] == 6
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_command_with_its_stopped_line(tmp_path):
+    directory = tmp_path / "run"
+    values = {**dataclasses.asdict(_config(directory)), "num_steps_limit": 10**6}
+    process = run_fixtures.start_module(
+        "leo_tf.regression", *[f"--{name}={value}" for name, value in values.items()]
+    )
+    for line in process.stdout:
+        if line.startswith("step 4/"):
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    prefix = tf.train.latest_checkpoint(str(directory))
+    step = int(prefix.rsplit("-", 1)[1])
+    assert step >= 4
+    assert stderr.strip().splitlines()[-1] == (
+        f"leo_tf.regression: stopped: SIGINT: checkpoint of step {step} of "
+        "1000000 saved; rerun the same command to resume; the evaluation did "
+        "not run"
+    )
+    assert not (directory / run.RESULTS_FILE).exists()
+    assert not (directory / checkpoints.LOCK_FILE).exists()

@@ -36,14 +36,24 @@ def main(argv):
     with cli.reported(options.ConfigError):
         config = config_from_flags()  # before TensorFlow is even imported
     # pylint: disable=g-import-not-at-top
-    from leo_tf import checkpoints, runtime
+    from leo_tf import checkpoints, runtime, stop_request
     from leo_tf.regression import run
 
     # pylint: enable=g-import-not-at-top
     runtime.configure_threads()
     with cli.reported(options.ConfigError, checkpoints.CheckpointError):
         if not config.evaluation_mode:
-            run.train(config)
+            outcome = run.train(config)
+            if "stopped_by" in outcome:
+                raise cli.Stopped(
+                    outcome["stopped_by"],
+                    stop_request.training_stopped(
+                        outcome["step"],
+                        config.num_steps_limit,
+                        saved=True,
+                        skipped="the evaluation",
+                    ),
+                )
         results = run.evaluate(config)
     print(run.result_line(results), flush=True)
 

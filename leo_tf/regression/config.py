@@ -108,8 +108,19 @@ class RegressionConfig:
         return dataclasses.asdict(self)
 
 
-# Fields the model's variables depend on: a checkpoint needs the same values.
-ARCHITECTURE_FIELDS = ("hidden_units", "num_latents")
+# What the checkpoint's variables, and the adaptations they were meta-learned
+# for, depend on: evaluating with other values is refused. The task (K, the
+# noise) and the seed may differ; the results record the trained ones.
+FIXED_FOR_EVALUATION = (
+    "hidden_units",
+    "num_latents",
+    "inner_unroll_length",
+    "finetuning_unroll_length",
+    "maml_inner_steps",
+    "maml_inner_lr",
+)
+# The task a run trains on, recorded beside the evaluated one.
+TASK_FIELDS = ("num_shots", "noise_stddev", "seed")
 # What may change when a run resumes: its length, its logging and its
 # evaluation. Every other field shapes the training and must stay as saved.
 FREE_ON_RESUME = (

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from leo_tf import baseline, checkpoints, steps
+from leo_tf import baseline, checkpoints, steps, stop_request
 from leo_tf.config import ConfigError
 from leo_tf.regression import config as config_lib
 from leo_tf.regression import figure as figure_lib
@@ -156,13 +156,18 @@ def _held_out_batch(config, stream, index, batch_size, num_query_points):
     )
 
 
-def evaluate_tasks(config, models, predict, stream, num_tasks, num_query_points):
+def evaluate_tasks(
+    config, models, predict, stream, num_tasks, num_query_points, after_batch=None
+):
     """Per-task metrics of both models on held-out tasks of a stream.
 
     Returns a dict of [num_tasks] arrays: leo_mse and maml_mse (mean squared
     error against the noise-free function), leo_nll (negative log-likelihood
     of the noisy observations under the mixture of LEO's sampled predictions),
     leo_nll_of_mean (under LEO's deterministic prediction alone).
+    after_batch, if given, is called after each batch with the number of
+    tasks evaluated so far (at most num_tasks); an exception it raises ends
+    the evaluation.
     """
     batch_size = min(num_tasks, config_lib.eval_batch_size(config))
     per_task = {"leo_mse": [], "maml_mse": [], "leo_nll": [], "leo_nll_of_mean": []}
@@ -181,6 +186,8 @@ def evaluate_tasks(config, models, predict, stream, num_tasks, num_query_points)
         per_task["leo_nll_of_mean"].append(
             models.leo.predictive_nll(leo_mean[None], batch.query_y)
         )
+        if after_batch is not None:
+            after_batch(min((index + 1) * batch_size, num_tasks))
     return {
         name: np.concatenate([v.numpy() for v in values])[:num_tasks]
         for name, values in per_task.items()
@@ -216,19 +223,27 @@ def figure_png(config, models, predict, stream):
 
 
 def _check_compatible(directory, config, names):
-    """ConfigError naming the fields `names` whose values differ from the
-    directory's saved configuration (if it has one)."""
+    """The directory's saved configuration, or None for a new run directory.
+
+    Raises ConfigError naming the fields `names` whose values differ from the
+    saved ones (unless no checkpoint was made with them), or if the
+    directory is leo_tf.train's; CheckpointError if it has checkpoints or
+    other files but no configuration (checkpoints.check_unconfigured).
+    """
     saved = checkpoints.read_json(directory / checkpoints.CONFIG_FILE)
     if saved is None:
-        return
+        checkpoints.check_unconfigured(directory)
+        return None
     if checkpoints.written_by(saved) == "leo_tf.train":
         raise ConfigError(
             f"--checkpoint_path={directory}: a leo_tf.train run directory (its "
             f"{checkpoints.CONFIG_FILE}), not a leo_tf.regression one; use "
             "another --checkpoint_path"
         )
-    current = {name: getattr(config, name) for name in names}
-    checkpoints.check_unchanged(directory, saved, current)
+    if checkpoints.checkpoint_prefixes(directory):
+        current = {name: getattr(config, name) for name in names}
+        checkpoints.check_unchanged(directory, saved, current)
+    return saved
 
 
 def _fixed_on_resume():
@@ -240,14 +255,14 @@ def _fixed_on_resume():
     ]
 
 
-def _restore_latest(models, directory):
+def _restore_latest(models, directory, **remedy):
     """Restores the latest intact checkpoint in directory; its prefix, or None.
 
     Damaged checkpoints are skipped for the next older one, with a warning
-    naming each (checkpoints.latest_intact_checkpoint); CheckpointError if
-    none is intact.
+    naming each (checkpoints.latest_intact_checkpoint, which `remedy` goes
+    to); CheckpointError if none is intact.
     """
-    latest = checkpoints.latest_intact_checkpoint(directory)
+    latest = checkpoints.latest_intact_checkpoint(directory, **remedy)
     if latest is not None:
         models.checkpoint.restore(latest).assert_existing_objects_matched()
     return latest
@@ -309,7 +324,10 @@ def _validate(writer, step, config, models, predict):
 
 def train(config):
     """Meta-trains both models to num_steps_limit, resuming from the latest
-    checkpoint under checkpoint_path. Returns the step reached.
+    checkpoint under checkpoint_path.
+
+    Returns {"step": the step reached}, with "stopped_by": the signal's name
+    if a SIGTERM or SIGINT stopped it (its step then saved).
 
     Holds the directory's lock (checkpoints.RunLock) throughout: a second
     trainer on it is refused, naming this one.
@@ -324,52 +342,75 @@ def train(config):
 
 
 def _train_holding_the_lock(config, directory):
-    """train's work, once the lock on `directory` is held."""
-    checkpoints.write_json_atomically(
-        directory / checkpoints.CONFIG_FILE, config.to_dict()
-    )
+    """train's work, once the lock on `directory` is held.
+
+    config.json is written once the checkpoint to resume from (if any) is
+    restored: a run that fails before leaves the directory's as it was.
+    """
     models = Models(config)
     latest = _restore_latest(models, directory)
     checkpoints.check_newer_replaceable(directory, latest)
+    checkpoints.write_json_atomically(
+        directory / checkpoints.CONFIG_FILE, config.to_dict()
+    )
+    first, limit = int(models.step.numpy()), config.num_steps_limit
     if latest:
         # The index names the checkpoint resumed from, so that the manager
         # saves after it (and replaces a newer, damaged one).
         checkpoints.index_checkpoint(directory, latest)
-        logging.info("Resuming from %s at step %d", latest, int(models.step.numpy()))
+        logging.info("Resuming from %s at step %d", latest, first)
+    if first >= limit:
+        logging.info("Step %d already reaches --num_steps_limit=%d", first, limit)
+        return {"step": first}
     manager = tf.train.CheckpointManager(
         models.checkpoint,
         str(directory),
-        max_to_keep=3,
+        max_to_keep=5,
         checkpoint_name=checkpoints.CHECKPOINT_PREFIX,
     )
     train_step = make_train_step(config, models)
     predict = make_predict_step(config, models)
     writer = tf.summary.create_file_writer(str(directory))
-    first = int(models.step.numpy())
     window = _Window(first)
-    for step in range(first, config.num_steps_limit):
-        _, batch = tasks_lib.sample_batch(
-            tasks_lib.task_rng(config.seed, tasks_lib.TRAIN_STREAM, step),
-            config.metatrain_batch_size,
-            config.num_shots,
-            config.num_query_points,
-            config.noise_stddev,
-        )
-        window.add(
-            train_step(batch, stateless_seed(config, tasks_lib.TRAIN_STREAM, step))
-        )
-        done = step + 1
-        models.step.assign(done)
-        last = done == config.num_steps_limit
-        if done % config.summary_steps == 0 or last:
-            _write_summaries(writer, done, window, config.num_steps_limit)
-            window = _Window(done)
-        if done % config.checkpoint_steps == 0 or last:
-            manager.save(checkpoint_number=done)
-            _validate(writer, done, config, models, predict)
-            window = _Window(done)  # validation time is not training speed
+    outcome = {}
+    with stop_request.StopRequest("training saves the current step and stops") as stop:
+        for step in range(first, limit):
+            _, batch = tasks_lib.sample_batch(
+                tasks_lib.task_rng(config.seed, tasks_lib.TRAIN_STREAM, step),
+                config.metatrain_batch_size,
+                config.num_shots,
+                config.num_query_points,
+                config.noise_stddev,
+            )
+            window.add(
+                train_step(batch, stateless_seed(config, tasks_lib.TRAIN_STREAM, step))
+            )
+            done = step + 1
+            models.step.assign(done)
+            if done % config.summary_steps == 0 or done == limit:
+                _write_summaries(writer, done, window, limit)
+                window = _Window(done)
+            checkpointed = done % config.checkpoint_steps == 0 or done == limit
+            if checkpointed:
+                # Validated before the save: a run killed in between redoes
+                # both on resume, so TensorBoard misses no validation.
+                _validate(writer, done, config, models, predict)
+                writer.flush()
+                manager.save(checkpoint_number=done)
+                window = _Window(done)  # validation time is not training speed
+            if stop.signal:
+                logging.warning(
+                    "%s received: %s step %d and stopping",
+                    stop.signal,
+                    "saved" if checkpointed else "saving",
+                    done,
+                )
+                if not checkpointed:
+                    manager.save(checkpoint_number=done)
+                outcome = {"stopped_by": stop.signal}
+                break
     writer.flush()
-    return int(models.step.numpy())
+    return {"step": int(models.step.numpy()), **outcome}
 
 
 def evaluate(config):
@@ -380,52 +421,110 @@ def evaluate(config):
     """
     directory = pathlib.Path(config.checkpoint_path)
     checkpoints.check_usable(directory, for_writing=False)
-    _check_compatible(directory, config, config_lib.ARCHITECTURE_FIELDS)
+    saved = _check_compatible(directory, config, config_lib.FIXED_FOR_EVALUATION)
     models = Models(config)
-    latest = _restore_latest(models, directory)
+    latest = _restore_latest(models, directory, remedy="nothing to evaluate")
     if latest is None:
         raise checkpoints.CheckpointError(
             f"--checkpoint_path={directory}: no checkpoint to evaluate "
             "(train first, or point at a training directory)"
         )
     predict = make_predict_step(config, models)
-    metrics = evaluate_tasks(
-        config,
-        models,
-        predict,
-        tasks_lib.TEST_STREAM,
-        config.num_eval_tasks,
-        config.num_eval_query_points,
-    )
+    metrics = _held_out_metrics(config, models, predict)
     results = {"checkpoint": latest, "step": int(models.step.numpy())}
     for name, values in metrics.items():
-        mean, ci95 = baseline.mean_and_ci95(values)
-        results[name], results[f"{name}_ci95"] = mean, ci95
+        results.update(_mean_and_ci95(name, values))
     results.update(
         num_tasks=config.num_eval_tasks,
         num_shots=config.num_shots,
+        seed=config.seed,
         num_query_points=config.num_eval_query_points,
         num_prediction_samples=config.num_prediction_samples,
         noise_stddev=config.noise_stddev,
         leo_learned_noise_stddev=float(models.leo.noise_stddev().numpy()),
+        inner_unroll_length=config.inner_unroll_length,
+        finetuning_unroll_length=config.finetuning_unroll_length,
         maml_inner_steps=config.maml_inner_steps,
         maml_order="second",
+        training_task=_training_task(saved, config),
     )
-    checkpoints.write_json_atomically(directory / RESULTS_FILE, results)
     png = figure_png(config, models, predict, tasks_lib.TEST_STREAM)
     if png is None:
         logging.warning("matplotlib is not installed: no %s", FIGURE_FILE)
     else:
-        (directory / FIGURE_FILE).write_bytes(png)
+        _write_atomically(directory / FIGURE_FILE, png)
+    checkpoints.write_json_atomically(directory / RESULTS_FILE, results)
     return results
+
+
+def _held_out_metrics(config, models, predict):
+    """evaluate_tasks on the test stream, with a progress line; a SIGTERM or
+    SIGINT stops it between batches (cli.Stopped), before anything is
+    written."""
+    with stop_request.stoppable_evaluation(
+        "evaluation", config.num_eval_tasks, "tasks", RESULTS_FILE
+    ) as after_batch:
+        return evaluate_tasks(
+            config,
+            models,
+            predict,
+            tasks_lib.TEST_STREAM,
+            config.num_eval_tasks,
+            config.num_eval_query_points,
+            after_batch,
+        )
+
+
+def _mean_and_ci95(name, values):
+    """{name: mean, name_ci95: 95% interval} of per-task values; both None
+    (JSON null), with a warning, if a task's value is not finite (a model
+    that diverged on it)."""
+    finite = np.isfinite(values)
+    if finite.all():
+        mean, ci95 = baseline.mean_and_ci95(values)
+        return {name: mean, f"{name}_ci95": ci95}
+    logging.warning(
+        "%s is not finite on %d of %d held-out tasks: reported as null",
+        name,
+        int((~finite).sum()),
+        len(values),
+    )
+    return {name: None, f"{name}_ci95": None}
+
+
+def _training_task(saved, config):
+    """The task fields of the run's config.json (None if it has none),
+    warning if they are not the evaluated ones."""
+    if saved is None:
+        return None
+    trained = {name: saved.get(name) for name in config_lib.TASK_FIELDS}
+    evaluated = {name: getattr(config, name) for name in config_lib.TASK_FIELDS}
+    if trained != evaluated:
+        logging.warning(
+            "Evaluating with %s; the run was trained with %s", evaluated, trained
+        )
+    return trained
+
+
+def _write_atomically(path, content):
+    """checkpoints.write_text_atomically, a failure as a CheckpointError."""
+    try:
+        checkpoints.write_text_atomically(path, content)
+    except OSError as error:
+        raise checkpoints.CheckpointError(f"could not write {path}: {error}") from error
 
 
 def result_line(results):
     """The one line that states the held-out results."""
+
+    def figure(name):
+        mean, ci95 = results[name], results[f"{name}_ci95"]
+        return "not finite" if mean is None else f"{mean:.3f} ± {ci95:.3f}"
+
+    samples = results["num_prediction_samples"]
     return (
         f"{results['num_shots']}-shot regression, {results['num_tasks']} held-out "
-        f"tasks: MSE LEO {results['leo_mse']:.3f} ± {results['leo_mse_ci95']:.3f}, "
-        f"MAML {results['maml_mse']:.3f} ± {results['maml_mse_ci95']:.3f}; "
-        f"LEO predictive NLL {results['leo_nll']:.3f} ± "
-        f"{results['leo_nll_ci95']:.3f} ({results['num_prediction_samples']} samples)"
+        f"tasks, step {results['step']}: MSE LEO {figure('leo_mse')}, MAML "
+        f"{figure('maml_mse')}; LEO predictive NLL {figure('leo_nll')} "
+        f"({samples} sample{'s' if samples != 1 else ''})"
     )
