@@ -9,6 +9,8 @@ one line on stderr and a non-zero exit status:
 * any other exception: `<prog>: error: <Type>: <first line of its message>
   (rerun with --debug for the traceback)`, exit 1;
 * Ctrl-C: exit 130, quietly;
+* standard output closed by its reader (`... | head -1`): exit 141 (128 +
+  SIGPIPE), quietly, as a program that SIGPIPE ends;
 * a run that a signal stopped after saving its state (`Stopped`):
   `<prog>: stopped: <message>`, exit 128 + the signal's number (SIGINT 130,
   SIGTERM 143), as shells report a command that the signal ended, so that
@@ -20,6 +22,7 @@ imported here, so flag errors are reported before it loads.
 
 import contextlib
 import errno
+import os
 import signal
 import sys
 import traceback
@@ -31,6 +34,7 @@ flags.DEFINE_boolean(
 )
 
 _INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+_PIPE_CLOSED = 141  # 128 + SIGPIPE
 
 
 class Failure(Exception):
@@ -99,6 +103,11 @@ def _guarded(prog, main):
             _exit(prog, str(stop), stop.status, label="stopped")
         except KeyboardInterrupt:
             _exit(prog, None, _INTERRUPTED)
+        except BrokenPipeError:
+            # Later writes (the log's flush, the interpreter's at exit) would
+            # fail again: standard output goes nowhere from here on.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _exit(prog, None, _PIPE_CLOSED)
         except Exception as error:  # pylint: disable=broad-except
             hint = "" if _debug() else " (rerun with --debug for the traceback)"
             _exit(prog, f"{type(error).__name__}: {summary(error)}{hint}", 1)

@@ -1,6 +1,7 @@
 """Every way a command can fail ends in one line `leo_tf.<prog>: error: ...`."""
 
 import concurrent.futures
+import subprocess
 import sys
 
 import pytest
@@ -223,3 +224,27 @@ def test_flags_are_checked_before_tensorflow_is_imported():
         check=True,
     )
     assert completed.stdout.strip() == "False"
+
+
+def test_a_closed_standard_output_ends_the_command_quietly_with_141():
+    """`leo_tf.<command> | head -1`: the reader goes away; the command ends
+    as a program that SIGPIPE ends would, with no error line."""
+    source = (
+        "from leo_tf import cli\n"
+        "def main(argv):\n"
+        "    for line in range(10**7):\n"
+        "        print(line, flush=True)\n"
+        "cli.run('leo_tf.test', main)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", source],
+        cwd=run_fixtures.REPO,
+        env=run_fixtures.subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout.readline() == "0\n"
+    process.stdout.close()
+    assert process.wait(timeout=60) == 141
+    assert process.stderr.read() == ""
