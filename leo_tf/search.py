@@ -58,11 +58,11 @@ Layout under `--search_dir`:
 Killed at any moment and rerun with the same command, the search keeps every
 trial in results.jsonl and resumes the interrupted one from its latest
 checkpoint; to run a finished trial again, delete its line. The rerun may
-change the flags that do not change what a trial trains
-(trials.FREE_IN_A_SEARCH: summary_steps, data_path, metatest_batch_size,
-num_metatest_episodes, num_towers, jit_compile, distribution); the
-trials' flagfiles and best.cfg take the new values. Any other change is
-refused. SIGTERM or
+change the flags that change neither what a trial trains nor how it is
+scored (trials.FREE_IN_A_SEARCH: summary_steps, data_path,
+metatest_batch_size, num_metatest_episodes), e.g. to meta-test the best
+trial on more episodes; the trials still to train and --evaluate_best use
+the new values. Any other change is refused, naming the flag. SIGTERM or
 SIGINT stop it after a checkpoint of the running trial (exit status 143 or
 130). A trial whose training raises an error is recorded as failed with the
 error, one that never reaches a finite meta-validation accuracy as diverged,
@@ -129,11 +129,7 @@ def main(argv):
             evaluate_best=options.evaluate_best,
         )
         if outcome.stopped_by:
-            raise cli.Stopped(
-                outcome.stopped_by,
-                "the running trial's checkpoint saved; rerun the same command "
-                "to resume",
-            )
+            raise cli.Stopped(outcome.stopped_by, outcome.stop_message)
         print(trials.results_table(outcome.results), flush=True)
         if outcome.best is None:
             raise search_space.SearchError(
@@ -147,7 +143,10 @@ def main(argv):
             flush=True,
         )
         if options.evaluate_best:
-            results = evaluation.evaluate(trials.trial_config(best_flagfile))
+            config = trials.trial_config(
+                best_flagfile, trials.free_flag_lines(_base_args())
+            )
+            results = evaluation.evaluate(config)
             print(evaluation.result_line(results), flush=True)
 
 

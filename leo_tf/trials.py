@@ -19,7 +19,7 @@ import tensorflow as tf
 from absl import logging
 from tensorboard.plugins.hparams import api as hp
 
-from leo_tf import checkpoints, memory, progress, trainer
+from leo_tf import checkpoints, memory, progress, stop_request, trainer
 from leo_tf import config as config_lib
 from leo_tf.data import meta_dataset
 from leo_tf.data.embeddings import DataError
@@ -43,9 +43,13 @@ _HPARAMS_SUFFIX = ".hparams"
 # --- Trial flagfiles ------------------------------------------------------------
 
 
-def trial_config(flagfile):
-    """The validated RunConfig of a trial's flagfile (ConfigError if invalid)."""
-    return config_lib.from_flags(parse_train_flags([f"--flagfile={flagfile}"]))
+def trial_config(flagfile, overrides=()):
+    """The validated RunConfig of a trial's flagfile (ConfigError if invalid),
+    with `overrides` (flag arguments, e.g. free_flag_lines of this search's
+    command) after it."""
+    return config_lib.from_flags(
+        parse_train_flags([f"--flagfile={flagfile}", *overrides])
+    )
 
 
 def trial_flag_lines(base_args, draws, directory):
@@ -67,21 +71,21 @@ def trial_flag_lines(base_args, draws, directory):
     return serialized(values)
 
 
-# leo_tf.train flags that do not change what a trial trains: the ones a
-# training run may change on resume, less num_steps_limit and
-# checkpoint_steps, which change the trial. A rerun of the search may give
-# them other values; every trial's flagfile (and best.cfg) then takes them.
+# leo_tf.train flags that do not change what a trial trains or how it is
+# scored: a rerun of the search may give them other values, which the
+# trials still to train and --evaluate_best then use (the flagfiles keep the
+# values they were written with). The other flags a training run may change
+# on resume change a trial: its length and checkpoints (num_steps_limit,
+# checkpoint_steps), its float rounding (num_towers, jit_compile); a search
+# trains without a tf.distribute strategy.
 FREE_IN_A_SEARCH = frozenset(
-    {
-        "summary_steps",
-        "data_path",
-        "metatest_batch_size",
-        "num_metatest_episodes",
-        "num_towers",
-        "jit_compile",
-        "distribution",
-    }
+    {"summary_steps", "data_path", "metatest_batch_size", "num_metatest_episodes"}
 )
+
+
+def free_flag_lines(lines):
+    """The lines (flag arguments) of `lines` that set flags FREE_IN_A_SEARCH."""
+    return [line for line in lines if _flag_name(line) in FREE_IN_A_SEARCH]
 
 
 _TRAIN_FLAGS = frozenset(config_lib.train_flag_names())
@@ -102,25 +106,28 @@ def _flag_name(line):
 
 def _check_same_trial(path, lines):
     """SearchError unless the flagfile at `path`, if any, holds `lines` but
-    for the flags FREE_IN_A_SEARCH."""
+    for the flags FREE_IN_A_SEARCH, naming the first flag that differs."""
     if not path.exists():
         return
 
     def fixed(flag_lines):
-        # In any order: flagfiles of earlier versions list the flags in another.
-        return sorted(x for x in flag_lines if _flag_name(x) not in FREE_IN_A_SEARCH)
+        # By name: flagfiles of earlier versions list the flags in another
+        # order, and a boolean's line is --name or --noname.
+        return {
+            _flag_name(line): line
+            for line in flag_lines
+            if _flag_name(line) not in FREE_IN_A_SEARCH
+        }
 
     saved = fixed(_flag_lines(path.read_text(encoding="utf-8")))
-    lines = fixed(lines)
-    if saved == lines:
+    current = fixed(lines)
+    if saved == current:
         return
-    difference = next(
-        (f"{old} here, {new} now" for old, new in zip(saved, lines) if old != new),
-        f"{len(saved)} flags here, {len(lines)} now",
-    )
+    name = next(n for n in sorted({*saved, *current}) if saved.get(n) != current.get(n))
+    here, now = saved.get(name, f"no --{name}"), current.get(name, f"no --{name}")
     raise SearchError(
-        f"{path}: made by another search ({difference}); rerun the command that "
-        "made it or use another --search_dir"
+        f"{path}: made by another search ({here} here, {now} now); rerun the "
+        "command that made it or use another --search_dir"
     )
 
 
@@ -279,17 +286,19 @@ def _trial_header(trial, seed, space):
     )
 
 
-def _run_trial(trial, draws, space, directory, log):
-    """Trains one trial (resuming it); returns its record.
+def _run_trial(trial, draws, space, directory, free_lines, log):
+    """Trains one trial (resuming it), its flagfile with this command's
+    `free_lines` (free_flag_lines) after it; returns its record.
 
     Raises DataError or CheckpointError (they concern every trial), or
-    TrialStopped if a signal stopped it (its checkpoint saved).
+    TrialStopped if a signal stopped it: before its last step (its
+    checkpoint saved), or at it (the trial's record then goes with it).
     """
     hparams = {d.flag: d.value(draws[d.flag]) for d in space}
     started = time.perf_counter()
     record = {"trial": trial, "directory": directory.name, "hparams": hparams}
     try:
-        config = trial_config(directory / TRIAL_FLAGFILE)
+        config = trial_config(directory / TRIAL_FLAGFILE, free_lines)
     except config_lib.ConfigError as error:
         return {**record, "status": "failed", "reason": str(error), "wall_s": 0.0}
     resumed = checkpoints.indexed_checkpoint(directory)
@@ -305,21 +314,38 @@ def _run_trial(trial, draws, space, directory, log):
         return {**record, "status": "failed", "reason": _reason(error), "wall_s": wall}
     finally:
         keras.backend.clear_session()
-    if "stopped_by" in outcome:
+    signal_name = outcome.get("stopped_by")
+    limit = config.train.num_steps_limit
+    if signal_name and outcome["step"] < limit:
         log(
-            f"{directory.name}: stopped by {outcome['stopped_by']}; rerun the "
-            "same command to resume"
+            f"{directory.name}: stopped by {signal_name}; rerun the same command to resume"
         )
-        raise TrialStopped(outcome["stopped_by"])
+        raise TrialStopped(
+            signal_name,
+            f"{directory.name}: "
+            + stop_request.training_stopped(outcome["step"], limit, outcome["saved"]),
+        )
     record.update(steps=outcome["step"], wall_s=time.perf_counter() - started)
+    record.update(_scored(directory))
+    if signal_name:
+        raise TrialStopped(
+            signal_name,
+            f"{directory.name} finished and recorded; rerun the same command to "
+            "go on with the search",
+            record,
+        )
+    return record
+
+
+def _scored(directory):
+    """The status fields of a trained trial's record, from its best checkpoint."""
     best = checkpoints.best_metrics(directory)
     accuracy = best and best["metavalid_accuracy"]
     if accuracy is None or not math.isfinite(accuracy):
         reason = "no checkpoint with finite weights and meta-validation accuracy"
-        return {**record, "status": "diverged", "reason": reason}
+        return {"status": "diverged", "reason": reason}
     _write_objective(directory, accuracy, best["step"])
     return {
-        **record,
         "status": "ok",
         "metavalid_accuracy": accuracy,
         "best_step": best["step"],
@@ -352,14 +378,25 @@ def _write_best(search_dir, results):
 
 
 class TrialStopped(Exception):
-    """A signal (its name, e.g. "SIGTERM", is the message) stopped a trial."""
+    """A signal stopped a trial.
+
+    signal_name: e.g. "SIGTERM"; message: what was saved and how to go on;
+    record: the trial's record if it had finished, else None.
+    """
+
+    def __init__(self, signal_name, message, record=None):
+        super().__init__(message)
+        self.signal_name = signal_name
+        self.message = message
+        self.record = record
 
 
 @dataclasses.dataclass
 class SearchOutcome:
     results: dict  # {trial: record} of every finished trial
     best: dict  # the best ok record, or None
-    stopped_by: str | None  # the signal that stopped the search, if one did
+    stopped_by: str | None = None  # the signal that stopped the search, if one did
+    stop_message: str | None = None  # what was saved then, and how to go on
 
 
 def _progress_line(trial, num_trials, record, best, elapsed, eta):
@@ -409,14 +446,12 @@ def _plan(base_args, space, search_dir, num_trials, seed):
     return plan
 
 
-def _write_flagfile(directory, lines, header):
-    """Writes the trial's flagfile unless it holds `lines` already (the free
-    flags of an earlier command are replaced by this one's)."""
+def _start_trial(directory, lines, header):
+    """Makes the trial's directory and writes its flagfile, if not yet there."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / TRIAL_FLAGFILE
-    if path.exists() and _flag_lines(path.read_text(encoding="utf-8")) == lines:
-        return
-    checkpoints.write_text_atomically(path, header + "\n".join(lines) + "\n")
+    if not path.exists():
+        checkpoints.write_text_atomically(path, header + "\n".join(lines) + "\n")
 
 
 def _check_search_dir(search_dir):
@@ -458,22 +493,25 @@ def run_search(
     except OSError as error:
         raise SearchError(f"--search_dir={search_dir}: {error}") from None
     results = read_results(search_dir)
-    for trial, _, directory, lines in plan:
-        if (directory / TRIAL_FLAGFILE).exists():
-            _write_flagfile(directory, lines, _trial_header(trial, seed, space))
     _write_hparams_config(search_dir, space)
     best = _write_best(search_dir, results) if results else None
     started, durations = time.perf_counter(), []
     for trial, draws, directory, lines in plan:
         if trial in results:
             continue
-        _write_flagfile(directory, lines, _trial_header(trial, seed, space))
+        _start_trial(directory, lines, _trial_header(trial, seed, space))
         values = " ".join(f"--{name}={text}" for name, text in draws.items())
         log(f"{directory.name} ({trial + 1}/{num_trials}): {values}")
         try:
-            record = _run_trial(trial, draws, space, directory, log)
+            record = _run_trial(
+                trial, draws, space, directory, free_flag_lines(lines), log
+            )
         except TrialStopped as stop:
-            return SearchOutcome(results, best, stopped_by=str(stop))
+            if stop.record is not None:
+                results[trial] = stop.record
+                _write_results(search_dir, results)
+                best = _write_best(search_dir, results)
+            return SearchOutcome(results, best, stop.signal_name, stop.message)
         results[trial] = record
         _write_results(search_dir, results)
         best = _write_best(search_dir, results)
@@ -482,4 +520,4 @@ def run_search(
         eta = remaining * sum(durations) / len(durations)
         elapsed = time.perf_counter() - started
         log(_progress_line(trial, num_trials, record, best, elapsed, eta))
-    return SearchOutcome(results, best, stopped_by=None)
+    return SearchOutcome(results, best)

@@ -12,7 +12,7 @@ import tensorflow as tf
 from absl.testing import flagsaver
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from leo_tf import checkpoints, search, search_space, trainer, trials
+from leo_tf import checkpoints, evaluation, search, search_space, trainer, trials
 from leo_tf.data import embeddings
 from tests import data_fixtures
 
@@ -54,14 +54,16 @@ def _snapshot(directory):
     }
 
 
-def _search(data_path, search_dir):
+def _search(data_path, search_dir, log=lambda line: None, **options):
+    """The search of NUM_TRIALS trials of SPACE, seed 0; `options` for run_search."""
     return trials.run_search(
         _base_args(data_path),
         search_space.parse_space(SPACE),
         search_dir,
         NUM_TRIALS,
         seed=0,
-        log=lambda line: None,
+        log=log,
+        **options,
     )
 
 
@@ -286,50 +288,63 @@ def test_a_changed_command_refuses_the_directory_of_another_search(interrupted):
 
 
 @pytest.mark.slow
-def test_a_rerun_may_change_the_flags_that_do_not_change_a_trial(tmp_path):
-    """A finished one-trial search rerun with another meta-test size, summary
-    interval and towers: nothing retrains, and trial.cfg and best.cfg take
-    the new values (what --evaluate_best and a rerun trial read)."""
+def test_a_rerun_may_change_the_flags_that_do_not_change_a_trial(tmp_path, monkeypatch):
+    """A finished one-trial search rerun with another meta-test size and
+    summary interval: nothing retrains or is rewritten, and --evaluate_best
+    meta-tests with the new values; another tower count is refused, naming
+    the flag, as is a boolean flag turned on."""
     data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
     search_dir = tmp_path / "search"
     space = search_space.parse_space(SPACE)
     trials.run_search(
         _base_args(data_path), space, search_dir, 1, seed=0, log=lambda line: None
     )
-    results = (search_dir / trials.RESULTS_FILE).read_text()
-    trial_cfg = search_dir / "trial-000" / trials.TRIAL_FLAGFILE
-    checkpoint_files = sorted(p.name for p in (search_dir / "trial-000").iterdir())
-    changed = [
-        "--num_metatest_episodes=1000",
-        "--summary_steps=5",
-        "--num_towers=1",
-        "--jit_compile",
-    ]
+
+    def contents():  # best.cfg is rewritten, the same, by every run
+        return {name: data for name, (data, _) in _snapshot(search_dir).items()}
+
+    before = contents()
+    changed = ["--num_metatest_episodes=1000", "--summary_steps=5"]
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished trial trained again")
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer, "train", no_training)
-        outcome = trials.run_search(
-            [*_base_args(data_path), *changed],
-            space,
-            search_dir,
-            1,
-            seed=0,
-            log=lambda line: None,
+    evaluated = []
+    monkeypatch.setattr(trainer, "train", no_training)
+    monkeypatch.setattr(evaluation, "evaluate", lambda config: evaluated.append(config))
+    monkeypatch.setattr(evaluation, "result_line", lambda results: "")
+    with flagsaver.flagsaver(), pytest.raises(SystemExit) as exit_info:
+        search.run(
+            [
+                "leo_tf.search",
+                *_base_args(data_path),
+                *changed,
+                f"--search_dir={search_dir}",
+                "--num_trials=1",
+                *[f"--space={entry}" for entry in SPACE],
+                "--evaluate_best",
+            ]
         )
-    assert outcome.best["directory"] == "trial-000"
-    assert (search_dir / trials.RESULTS_FILE).read_text() == results
-    for flagfile in (trial_cfg, search_dir / trials.BEST_FLAGFILE):
-        lines = flagfile.read_text().splitlines()
-        for flag in changed:
-            assert flag in lines, (flagfile, flag)
-        assert "--summary_steps=10" not in lines
-    assert trials.trial_config(trial_cfg).train.num_metatest_episodes == 1000
-    assert sorted(p.name for p in (search_dir / "trial-000").iterdir()) == (
-        checkpoint_files
-    )
+    assert exit_info.value.code in (None, 0)  # success
+    assert contents() == before
+    [config] = evaluated
+    assert config.train.num_metatest_episodes == 1000
+    assert config.train.summary_steps == 5
+    assert config.train.checkpoint_path == str(search_dir.resolve() / "trial-000")
+
+    for flag, named in [
+        ("--num_towers=1", "--num_towers=1 now"),
+        (
+            "--allow_split_overlap",
+            "--noallow_split_overlap here, --allow_split_overlap now",
+        ),
+    ]:
+        with pytest.raises(search_space.SearchError) as error:
+            trials.run_search(
+                [*_base_args(data_path), flag], space, search_dir, 1, seed=0
+            )
+        assert named in str(error.value), str(error.value)
+    assert contents() == before
 
 
 def test_a_test_split_the_winner_cannot_be_tested_on_is_refused_before_any_trial(
@@ -340,14 +355,7 @@ def test_a_test_split_the_winner_cannot_be_tested_on_is_refused_before_any_trial
     test_file.unlink()
     search_dir = tmp_path / "search"
     with pytest.raises(embeddings.DataError) as error:
-        trials.run_search(
-            _base_args(data_path),
-            search_space.parse_space(SPACE),
-            search_dir,
-            NUM_TRIALS,
-            seed=0,
-            evaluate_best=True,
-        )
+        _search(data_path, search_dir, evaluate_best=True)
     assert str(test_file) in str(error.value)
     assert not search_dir.exists()
 
@@ -420,27 +428,28 @@ def test_a_flag_searched_twice_is_refused():
         search_space.parse_space(["outer_lr:uniform:0.1:1", "outer_lr:choice:0.1"])
 
 
+def _search_training_with(train, tmp_path, monkeypatch, log):
+    """A search on fresh toy data whose trials train with `train`; (its
+    outcome, the data path, the search directory)."""
+    data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
+    search_dir = tmp_path / "search"
+    monkeypatch.setattr(trainer, "train", train)
+    return _search(data_path, search_dir, log), data_path, search_dir
+
+
 def test_a_signal_stops_the_search_after_the_trial_saves_and_the_command_says_so(
     tmp_path, monkeypatch, capsys
 ):
     """A stopped trial is not recorded; the outcome names the signal, and the
     command ends with its `stopped:` line and 128 + the signal's number."""
-    data_path = data_fixtures.write_toy_dataset(tmp_path / "data")
-    search_dir = tmp_path / "search"
     lines = []
 
     def stopped_train(config, strategy=None):
         del config, strategy
-        return {"step": 10, "stopped_by": "SIGTERM"}
+        return {"step": 10, "stopped_by": "SIGTERM", "saved": True}
 
-    monkeypatch.setattr(trainer, "train", stopped_train)
-    outcome = trials.run_search(
-        _base_args(data_path),
-        search_space.parse_space(SPACE),
-        search_dir,
-        NUM_TRIALS,
-        seed=0,
-        log=lines.append,
+    outcome, data_path, search_dir = _search_training_with(
+        stopped_train, tmp_path, monkeypatch, lines.append
     )
     assert outcome.stopped_by == "SIGTERM"
     assert outcome.results == {} and trials.read_results(search_dir) == {}
@@ -455,6 +464,30 @@ def test_a_signal_stops_the_search_after_the_trial_saves_and_the_command_says_so
         )
     assert exit_info.value.code == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "leo_tf.search: stopped: SIGTERM: the running trial's checkpoint saved; "
-        "rerun the same command to resume"
+        "leo_tf.search: stopped: SIGTERM: trial-000: checkpoint of step 10 of 20 "
+        "saved; rerun the same command to resume"
     )
+
+
+def test_a_signal_at_a_trials_last_step_records_it_then_stops(tmp_path, monkeypatch):
+    """The trial finished: it is recorded (a rerun does not train it again),
+    and the search stops before the next."""
+
+    def finished_train(config, strategy=None):
+        del strategy
+        return {
+            "step": config.train.num_steps_limit,
+            "stopped_by": "SIGINT",
+            "saved": True,
+        }
+
+    outcome, _, search_dir = _search_training_with(
+        finished_train, tmp_path, monkeypatch, lambda line: None
+    )
+    assert outcome.stopped_by == "SIGINT"
+    assert outcome.stop_message == (
+        "trial-000 finished and recorded; rerun the same command to go on with "
+        "the search"
+    )
+    assert list(outcome.results) == [0] and outcome.results[0]["steps"] == 20
+    assert list(trials.read_results(search_dir)) == [0]
