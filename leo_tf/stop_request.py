@@ -1,18 +1,23 @@
 """SIGTERM and SIGINT as a request to stop, which a long loop checks between steps.
 
 Training saves its step and stops; an evaluation stops between batches and
-writes nothing (`stoppable_evaluation`). Inside the `with` block the first signal only sets `signal`
-and says so in the log; a second one is handled as it would be outside the
-block (SIGINT: KeyboardInterrupt; SIGTERM: the process ends), for a user who
-will not wait. The handlers in place before are restored on leaving it.
+writes nothing (`stoppable_evaluation`). Inside the `with` block the first
+signal only sets `signal` and says so in the log; a second one, a second or
+more later, is handled as it would be outside the block (SIGINT:
+KeyboardInterrupt; SIGTERM: the process ends), for a user who will not
+wait. The handlers in place before are restored on leaving it.
 """
 
 import contextlib
 import signal
+import time
 
 from absl import logging
 
 from leo_tf import cli, progress
+
+# A second signal sooner than this after the first is taken for the same one.
+_REPEAT_SECONDS = 1.0
 
 
 class StopRequest:
@@ -28,6 +33,7 @@ class StopRequest:
         self.signal = None
         self._what_happens = what_happens
         self._previous = {}
+        self._first_at = None
 
     def __enter__(self):
         for number in (signal.SIGTERM, signal.SIGINT):
@@ -37,8 +43,9 @@ class StopRequest:
     def _handle(self, number, frame):
         del frame
         name = signal.Signals(number).name
+        now = time.monotonic()
         if self.signal is None:
-            self.signal = name
+            self.signal, self._first_at = name, now
             logging.warning(
                 "%s received: %s; send %s again to stop at once",
                 name,
@@ -46,6 +53,8 @@ class StopRequest:
                 name,
             )
             return
+        if now - self._first_at < _REPEAT_SECONDS:
+            return  # one Ctrl-C delivered twice (e.g. through a wrapper)
         self.__exit__()
         signal.raise_signal(number)  # now to the handler from before the block
 
@@ -94,7 +103,7 @@ def training_stopped(step, limit, saved, skipped=None):
         state = f"checkpoint of step {step} of {limit} saved"
     else:
         state = f"step {step} of {limit} not saved (its weights are not finite; see the log)"
-    if step >= limit and skipped:
+    if step >= limit and skipped and saved:
         return (
             f"training finished, {state}; {skipped} did not run; rerun the same "
             "command to evaluate"

@@ -11,8 +11,12 @@ from leo_tf import stop_request
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
 def test_the_first_signal_is_recorded_and_the_second_goes_to_the_handler_before(
-    caplog, signal_number
+    caplog, monkeypatch, signal_number
 ):
+    """A repeat within a second is the same signal delivered twice; one a
+    second later is the user's second, handled at once."""
+    now = [100.0]
+    monkeypatch.setattr(stop_request.time, "monotonic", lambda: now[0])
     name = signal.Signals(signal_number).name
     before = []
     previous = signal.signal(signal_number, lambda number, frame: before.append(number))
@@ -22,6 +26,10 @@ def test_the_first_signal_is_recorded_and_the_second_goes_to_the_handler_before(
                 assert stop.signal is None
                 os.kill(os.getpid(), signal_number)
                 assert stop.signal == name and before == []
+                now[0] += 0.5
+                os.kill(os.getpid(), signal_number)
+                assert before == []  # taken for the first
+                now[0] += 0.5
                 os.kill(os.getpid(), signal_number)
                 assert before == [signal_number]  # the user's second: at once
                 assert stop.signal == name
@@ -42,3 +50,43 @@ def test_the_handlers_from_before_are_restored_on_leaving():
         assert signal.getsignal(signal.SIGTERM) is not previous[signal.SIGTERM]
         assert signal.getsignal(signal.SIGINT) is not previous[signal.SIGINT]
     assert {n: signal.getsignal(n) for n in previous} == previous
+
+
+@pytest.mark.parametrize(
+    "step, saved, skipped, message",
+    [
+        (
+            3,
+            True,
+            None,
+            "checkpoint of step 3 of 9 saved; rerun the same command " "to resume",
+        ),
+        (
+            3,
+            True,
+            "the meta-test",
+            "checkpoint of step 3 of 9 saved; rerun the "
+            "same command to resume; the meta-test did not run",
+        ),
+        (
+            9,
+            True,
+            "the meta-test",
+            "training finished, checkpoint of step 9 of 9 "
+            "saved; the meta-test did not run; rerun the same command to evaluate",
+        ),
+        # Not saved at the last step: a rerun trains it again, then evaluates.
+        (
+            9,
+            False,
+            "the evaluation",
+            "step 9 of 9 not saved (its weights are not "
+            "finite; see the log); rerun the same command to resume; the evaluation "
+            "did not run",
+        ),
+    ],
+)
+def test_the_stopped_line_of_training_says_what_is_saved_and_what_to_do(
+    step, saved, skipped, message
+):
+    assert stop_request.training_stopped(step, 9, saved, skipped) == message
