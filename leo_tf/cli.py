@@ -11,10 +11,11 @@ one line on stderr and a non-zero exit status:
 * Ctrl-C: exit 130, quietly;
 * standard output closed by its reader (`... | head -1`): exit 141 (128 +
   SIGPIPE), quietly, as a program that SIGPIPE ends;
-* a run that a signal stopped after saving its state (`Stopped`):
-  `<prog>: stopped: <message>`, exit 128 + the signal's number (SIGINT 130,
-  SIGTERM 143), as shells report a command that the signal ended, so that
-  `train && export` does not go on with an unfinished run.
+* a command that a signal stopped (`Stopped`: training saved its step, or
+  an evaluation did not write its results): `<prog>: stopped: <message>`,
+  exit 128 + the signal's number (SIGINT 130, SIGTERM 143), as shells
+  report a command that the signal ended, so that `train && export` does
+  not go on with an unfinished run.
 
 With --debug, the traceback is printed before that line. No TensorFlow is
 imported here, so flag errors are reported before it loads.
@@ -23,6 +24,7 @@ imported here, so flag errors are reported before it loads.
 import contextlib
 import errno
 import os
+import select
 import signal
 import sys
 import traceback
@@ -42,10 +44,11 @@ class Failure(Exception):
 
 
 class Stopped(Exception):
-    """A signal stopped the command after its state was saved.
+    """A signal stopped the command: training after saving its step, or an
+    evaluation before writing its results.
 
     signal_name: e.g. "SIGTERM"; the message (the line) says what was saved
-    and how to resume.
+    or not written, and how to go on.
     """
 
     def __init__(self, signal_name, message):
@@ -103,16 +106,34 @@ def _guarded(prog, main):
             _exit(prog, str(stop), stop.status, label="stopped")
         except KeyboardInterrupt:
             _exit(prog, None, _INTERRUPTED)
-        except BrokenPipeError:
+        except BrokenPipeError as error:
+            if not _stdout_reader_gone():
+                _unexpected(prog, error)
             # Later writes (the log's flush, the interpreter's at exit) would
             # fail again: standard output goes nowhere from here on.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            with open(os.devnull, "w", encoding="utf-8") as devnull:
+                os.dup2(devnull.fileno(), sys.stdout.fileno())
             _exit(prog, None, _PIPE_CLOSED)
         except Exception as error:  # pylint: disable=broad-except
-            hint = "" if _debug() else " (rerun with --debug for the traceback)"
-            _exit(prog, f"{type(error).__name__}: {summary(error)}{hint}", 1)
+            _unexpected(prog, error)
 
     return guarded
+
+
+def _unexpected(prog, error):
+    hint = "" if _debug() else " (rerun with --debug for the traceback)"
+    _exit(prog, f"{type(error).__name__}: {summary(error)}{hint}", 1)
+
+
+def _stdout_reader_gone():
+    """Whether standard output is a pipe whose reading end was closed (poll
+    reports an error on its writing end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _exit(prog, message, status, label="error"):

@@ -248,3 +248,12 @@ def test_a_closed_standard_output_ends_the_command_quietly_with_141():
     process.stdout.close()
     assert process.wait(timeout=60) == 141
     assert process.stderr.read() == ""
+
+
+def test_a_broken_pipe_that_is_not_standard_output_is_an_error(capsys):
+    """A socket's or a child's pipe: an unexpected error, named, exit 1."""
+    assert _run(_raising(BrokenPipeError(32, "Broken pipe"))) == 1
+    assert capsys.readouterr().err == (
+        "leo_tf.test: error: BrokenPipeError: [Errno 32] Broken pipe (rerun with "
+        "--debug for the traceback)\n"
+    )
