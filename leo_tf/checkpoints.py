@@ -674,9 +674,11 @@ def indexed_checkpoint(directory):
         return None
 
 
-def latest_intact_checkpoint(
-    directory, remedy="move the damaged ones away to start again from step 0"
-):
+# What a trainer that finds no intact checkpoint can do.
+RESUME_REMEDY = "move the damaged ones away to start again from step 0"
+
+
+def latest_intact_checkpoint(directory, remedy=RESUME_REMEDY):
     """The latest checkpoint in `directory` that reads back whole, or None.
 
     The latest is the one TensorFlow's `checkpoint` index names, else (no

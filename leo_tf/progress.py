@@ -113,20 +113,20 @@ class EpisodeProgress:
         self.interval = interval
         self.unit = unit
         self._start = None
-        self._printed = None
+        self._printed_at = None
 
     def update(self, done):
         """Records that `done` episodes are evaluated; prints if it is time."""
         now = time.perf_counter()
         if self._start is None:
-            self._start = self._printed = (done, now)
+            self._start, self._printed_at = (done, now), now
             return
-        if now - self._printed[1] < self.interval or done >= self.num_episodes:
+        if now - self._printed_at < self.interval or done >= self.num_episodes:
             return
         first_done, started = self._start
         rate = (done - first_done) / (now - started) if now > started else math.nan
         eta = (self.num_episodes - done) / rate if rate > 0 else math.nan
-        self._printed = (done, now)
+        self._printed_at = now
         print(
             f"{self.label} {done}/{self.num_episodes} {self.unit} | "
             f"{rate:.1f} {self.unit}/s | ETA {duration(eta)}",

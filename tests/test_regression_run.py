@@ -80,8 +80,8 @@ def test_training_resumed_from_a_checkpoint_equals_an_uninterrupted_run(
     trained, tmp_path
 ):
     interrupted = tmp_path / "run"
-    assert run.train(_config(interrupted, num_steps_limit=2)) == {"step": 2}
-    assert run.train(_config(interrupted)) == {"step": 4}
+    assert run.train(_config(interrupted, num_steps_limit=2))["step"] == 2
+    assert run.train(_config(interrupted))["step"] == 4
 
     straight = _variables(str(trained / "ckpt-4"))
     resumed = _variables(str(interrupted / "ckpt-4"))
@@ -119,7 +119,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_by_evaluation_and_resumption(
     assert f"Skipping checkpoint {directory / 'ckpt-4'}" in caplog.text
     # Training resumes from step 2 and saves a new, intact ckpt-4 over the
     # damaged one: the same weights as the uninterrupted run's.
-    assert run.train(_config(directory)) == {"step": 4}
+    assert run.train(_config(directory))["step"] == 4
     checkpoints.verify_checkpoint(directory / "ckpt-4")
     straight, resumed = _variables(str(trained / "ckpt-4")), _variables(
         str(directory / "ckpt-4")
@@ -302,7 +302,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_rerun_corrected(
         patch.setattr(run, "make_train_step", failing_step)
         with pytest.raises(tf.errors.ResourceExhaustedError):
             run.train(_config(directory, metatrain_batch_size=3))
-    assert run.train(_config(directory, num_steps_limit=2)) == {"step": 2}
+    assert run.train(_config(directory, num_steps_limit=2))["step"] == 2
     saved = json.loads((directory / checkpoints.CONFIG_FILE).read_text())
     assert saved["metatrain_batch_size"] == 2
 
@@ -343,12 +343,15 @@ def test_a_signal_saves_the_step_and_stops(trained, tmp_path, monkeypatch, at_st
 
     monkeypatch.setattr(run, "make_train_step", signalling)
     outcome = run.train(_config(directory))
-    assert outcome == {"step": at_step, "stopped_by": "SIGTERM"}
-    assert tf.train.latest_checkpoint(str(directory)) == str(
-        directory / f"ckpt-{at_step}"
+    assert outcome == {"step": at_step, "stopped_by": "SIGTERM", "saved": True}
+    prefix = tf.train.latest_checkpoint(str(directory))
+    assert prefix == str(directory / f"ckpt-{at_step}")
+    saves = tf.train.load_checkpoint(prefix).get_tensor(
+        "save_counter/.ATTRIBUTES/VARIABLE_VALUE"
     )
+    assert saves == 1  # saved once, whether for the signal or as a checkpoint
     monkeypatch.undo()
-    assert run.train(_config(directory)) == {"step": 4}
+    assert run.train(_config(directory))["step"] == 4
     straight = _variables(str(trained / "ckpt-4"))
     for name, value in _variables(str(directory / "ckpt-4")).items():
         if not name.startswith("save_counter"):  # one save more
@@ -376,7 +379,7 @@ def test_a_run_killed_while_validating_validates_again_on_resume(tmp_path, monke
         with pytest.raises(_Killed):
             run.train(_config(directory))
     assert tf.train.latest_checkpoint(str(directory)) == str(directory / "ckpt-2")
-    assert run.train(_config(directory)) == {"step": 4}
+    assert run.train(_config(directory))["step"] == 4
     steps = set()
     for events in glob.glob(str(directory / "events.out.tfevents.*")):
         accumulator = event_accumulator.EventAccumulator(

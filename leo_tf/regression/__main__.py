@@ -50,8 +50,8 @@ def main(argv):
                     stop_request.training_stopped(
                         outcome["step"],
                         config.num_steps_limit,
-                        saved=True,
-                        skipped="the evaluation",
+                        outcome["saved"],
+                        "the evaluation",
                     ),
                 )
         results = run.evaluate(config)

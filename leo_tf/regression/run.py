@@ -255,14 +255,14 @@ def _fixed_on_resume():
     ]
 
 
-def _restore_latest(models, directory, **remedy):
+def _restore_latest(models, directory, remedy=checkpoints.RESUME_REMEDY):
     """Restores the latest intact checkpoint in directory; its prefix, or None.
 
     Damaged checkpoints are skipped for the next older one, with a warning
-    naming each (checkpoints.latest_intact_checkpoint, which `remedy` goes
-    to); CheckpointError if none is intact.
+    naming each (checkpoints.latest_intact_checkpoint); CheckpointError,
+    ending in `remedy`, if none is intact.
     """
-    latest = checkpoints.latest_intact_checkpoint(directory, **remedy)
+    latest = checkpoints.latest_intact_checkpoint(directory, remedy)
     if latest is not None:
         models.checkpoint.restore(latest).assert_existing_objects_matched()
     return latest
@@ -327,7 +327,7 @@ def train(config):
     checkpoint under checkpoint_path.
 
     Returns {"step": the step reached}, with "stopped_by": the signal's name
-    if a SIGTERM or SIGINT stopped it (its step then saved).
+    and "saved": True (its step is saved) if a SIGTERM or SIGINT stopped it.
 
     Holds the directory's lock (checkpoints.RunLock) throughout: a second
     trainer on it is refused, naming this one.
@@ -407,7 +407,7 @@ def _train_holding_the_lock(config, directory):
                 )
                 if not checkpointed:
                     manager.save(checkpoint_number=done)
-                outcome = {"stopped_by": stop.signal}
+                outcome = {"stopped_by": stop.signal, "saved": True}
                 break
     writer.flush()
     return {"step": int(models.step.numpy()), **outcome}
@@ -441,7 +441,7 @@ def evaluate(config):
         num_query_points=config.num_eval_query_points,
         num_prediction_samples=config.num_prediction_samples,
         noise_stddev=config.noise_stddev,
-        leo_learned_noise_stddev=float(models.leo.noise_stddev().numpy()),
+        leo_learned_noise_stddev=_finite_or_none(models.leo.noise_stddev()),
         inner_unroll_length=config.inner_unroll_length,
         finetuning_unroll_length=config.finetuning_unroll_length,
         maml_inner_steps=config.maml_inner_steps,
@@ -490,6 +490,12 @@ def _mean_and_ci95(name, values):
         len(values),
     )
     return {name: None, f"{name}_ci95": None}
+
+
+def _finite_or_none(value):
+    """A scalar as a float, or None (JSON null) if it is not finite."""
+    value = float(value)
+    return value if np.isfinite(value) else None
 
 
 def _training_task(saved, config):
