@@ -96,14 +96,23 @@ class _Summaries:
 
     @contextlib.contextmanager
     def writing(self):
-        """Turns a failing summary write into a CheckpointError."""
+        """Turns a failing summary write into a CheckpointError (but not a
+        closed standard output: the progress line is printed in here)."""
         try:
             yield
+        except BrokenPipeError:
+            raise
         except (OSError, tf.errors.OpError) as error:
+            latest = self._latest()
+            kept = (
+                f"The checkpoints ({latest}) and best_checkpoint are intact; "
+                "rerun to resume from them."
+                if latest
+                else "No checkpoint was written yet; rerun to start again."
+            )
             raise checkpoints.CheckpointError(
                 f"could not write TensorBoard summaries to {self.directory}: "
-                f"{error}. The checkpoints ({self._latest()}) "
-                "and best_checkpoint are intact; rerun to resume from them."
+                f"{error}. {kept}"
             ) from error
 
     def scalars(self, step, values):

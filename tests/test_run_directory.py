@@ -691,6 +691,9 @@ def test_disk_full_while_writing_summaries_is_one_error_and_rerun_resumes(
     monkeypatch.setattr(tf.summary, "create_file_writer", full_writer)
     with pytest.raises(checkpoints.CheckpointError) as error:
         trainer.train(_config(data_path, run, "train", num_steps_limit=30))
+    new_run = run.parent / "new_run"
+    with pytest.raises(checkpoints.CheckpointError) as new_run_error:
+        trainer.train(_config(data_path, new_run))
     monkeypatch.undo()
 
     message = str(error.value)
@@ -699,6 +702,9 @@ def test_disk_full_while_writing_summaries_is_one_error_and_rerun_resumes(
     )
     assert f"The checkpoints ({run / 'ckpt-20'}) and best_checkpoint are intact" in (
         message
+    )
+    assert str(new_run_error.value).endswith(
+        "No checkpoint was written yet; rerun to start again."
     )
     assert not (run / ".lock").exists()
     with caplog.at_level(logging.INFO):

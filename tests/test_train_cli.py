@@ -209,3 +209,20 @@ def test_invalid_flag_fails_in_one_line_before_tensorflow_loads(toy_data, tmp_pa
     assert not {"tensorflow", "keras"} & imported
     assert [p.name for p in directory.iterdir()] == ["keep.txt"]
     assert (directory / "keep.txt").read_text() == "untouched"
+
+
+@pytest.mark.slow
+def test_a_closed_output_pipe_ends_training_quietly_with_141(toy_data, tmp_path):
+    """`leo_tf.train ... | head -1`: the progress line's write to the closed
+    pipe is neither a summary-writing error nor any other error line."""
+    process = run_fixtures.start_module(
+        "leo_tf.train",
+        *run_fixtures.toy_run_flags(
+            toy_data, tmp_path / "run", num_steps_limit=10**6, summary_steps=1
+        ),
+    )
+    assert process.stdout.readline().startswith("step 1/")
+    process.stdout.close()
+    assert process.wait(timeout=120) == 141
+    stderr = process.stderr.read()
+    assert "leo_tf.train: " not in stderr, stderr[-3000:]  # no error line
