@@ -292,6 +292,13 @@ def check_fits(config, embedding_dim, evaluations, data_bytes, available=None):
       data_bytes: the size of the embedding files the run reads.
     """
     tensors = run_tensors(config, embedding_dim, evaluations)
+    check_tensors_fit(tensors, estimated_peak_bytes(tensors, data_bytes), available)
+
+
+def check_tensors_fit(tensors, needed, available=None):
+    """Raises ConfigError if a tensor of `tensors` overflows int32, or if
+    `needed` bytes, a run's estimated peak, exceed `available` ((bytes,
+    source); default available_memory()); each names the flags to lower."""
     largest = max(tensors, key=lambda t: t.elements)
     if largest.elements > INT32_MAX:
         raise ConfigError(
@@ -299,7 +306,6 @@ def check_fits(config, embedding_dim, evaluations, data_bytes, available=None):
             f"would have {largest.elements:,} elements, more than TensorFlow's "
             f"int32 limit of {INT32_MAX:,}; lower {_lower(largest)}"
         )
-    needed = estimated_peak_bytes(tensors, data_bytes)
     limit, source = available or available_memory()
     if needed > limit:
         biggest = max(tensors, key=lambda t: t.bytes)

@@ -37,11 +37,12 @@ def main(argv):
         config = config_from_flags()  # before TensorFlow is even imported
     # pylint: disable=g-import-not-at-top
     from leo_tf import checkpoints, runtime, stop_request
-    from leo_tf.regression import run
+    from leo_tf.regression import memory, run
 
     # pylint: enable=g-import-not-at-top
     runtime.configure_threads()
     with cli.reported(options.ConfigError, checkpoints.CheckpointError):
+        memory.check_run(config)
         if not config.evaluation_mode:
             outcome = run.train(config)
             if "stopped_by" in outcome:
