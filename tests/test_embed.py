@@ -1189,3 +1189,65 @@ def test_real_omniglot_standard_split_is_964_background_659_evaluation():
     with np.load(PACKED_OMNIGLOT) as data:
         background = set(data["alphabet"][data["split"] == "background"])
     assert background == set(splits_lib.BACKGROUND_ALPHABETS)
+
+
+def _file_set_payload(value):
+    return lambda file: file.write(value)
+
+
+def test_a_file_set_that_fails_midway_leaves_every_old_file(tmp_path):
+    """The second file cannot be written: nothing is replaced, no temporary
+    file is left; a set that commits replaces every file."""
+    from leo_tf.embedding import writer  # pylint: disable=g-import-not-at-top
+
+    old = {name: f"old {name}" for name in ("a.txt", "b.txt", "c.txt")}
+    for name, text in old.items():
+        (tmp_path / name).write_text(text)
+
+    def failing(file):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        with writer.FileSet() as files:
+            files.add(str(tmp_path / "a.txt"), _file_set_payload("new a"), "w")
+            files.add(str(tmp_path / "b.txt"), failing, "w")
+            files.commit()
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == old
+
+    with writer.FileSet() as files:
+        for name in old:
+            files.add(str(tmp_path / name), _file_set_payload(f"new {name}"), "w")
+        files.commit()
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {
+        name: f"new {name}" for name in old
+    }
+
+
+def test_a_signal_during_a_file_sets_commit_waits_for_its_last_rename(
+    tmp_path, monkeypatch
+):
+    import signal  # pylint: disable=g-import-not-at-top
+
+    from leo_tf.embedding import writer  # pylint: disable=g-import-not-at-top
+
+    replace = os.replace
+    seen = []
+
+    def replace_then_signal(source, destination):
+        replace(source, destination)
+        if not seen:
+            os.kill(os.getpid(), signal.SIGTERM)  # after the first rename
+
+    def handler(number, frame):
+        seen.append(sorted(p.name for p in tmp_path.iterdir() if p.name[0] != "."))
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        monkeypatch.setattr(writer.os, "replace", replace_then_signal)
+        with writer.FileSet() as files:
+            for name in ("a", "b", "c"):
+                files.add(str(tmp_path / name), _file_set_payload(name), "w")
+            files.commit()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [["a", "b", "c"]]  # delivered once all three were in place

@@ -174,6 +174,17 @@ def _write_outputs(
     output = config.output
     # Again: another run may have written there while this one trained.
     output.check_folder()
+    with writer.FileSet() as files:
+        summaries, classes_path = _stage_outputs(
+            files, config, class_split, by_split, blocks, ids, embeddings
+        )
+        files.commit()
+    return summaries, classes_path
+
+
+def _stage_outputs(files, config, class_split, by_split, blocks, ids, embeddings):
+    """_write_outputs' files, added to `files`; the same return value."""
+    output = config.output
     summaries, classes = {}, {}
     for split in splits_lib.SPLITS:
         names, counts, labels = blocks[split]
@@ -184,6 +195,7 @@ def _write_outputs(
             )
         )
         writer.write_split(
+            files,
             path,
             embeddings[split],
             writer.make_keys(output.dataset_name, row_ids),
@@ -205,6 +217,7 @@ def _write_outputs(
             }
     classes_path = os.path.join(os.path.dirname(path), writer.CLASSES_FILE)
     writer.write_json(
+        files,
         classes_path,
         {
             "dataset_name": output.dataset_name,

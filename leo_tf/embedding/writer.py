@@ -17,8 +17,9 @@ within its class (source order). The same directory gets `classes.json`,
 mapping each class id to its source class name, group, split, label and
 image count.
 
-Each file is written to a temporary file in the same directory and renamed
-into place, so a reader never sees a half-written file. `check_output_folder`,
+Each file is written to a temporary file in the same directory, and all of
+them are then renamed into place together (`FileSet`), so a reader never sees
+a half-written file, nor a new pickle beside old ones. `check_output_folder`,
 called before any image is read, refuses a folder that cannot be written and
 one that already holds these files, unless --overwrite allows to replace
 them: LEO runs may read them.
@@ -29,6 +30,7 @@ import os
 import pathlib
 import pickle
 import re
+import signal
 import tempfile
 from typing import List, Sequence
 
@@ -139,8 +141,8 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: str, write_fn, mode: str) -> None:
-    """Calls write_fn(file) on a temporary file, then renames it to `path`."""
+def _temporary_copy(path: str, write_fn, mode: str) -> str:
+    """Calls write_fn(file) on a new temporary file beside `path`; its path."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, temp_path = tempfile.mkstemp(
@@ -153,19 +155,60 @@ def _atomic_write(path: str, write_fn, mode: str) -> None:
             os.fsync(file.fileno())
         # mkstemp makes the file private (0600); give it the usual permissions.
         os.chmod(temp_path, 0o666 & ~_umask())
-        os.replace(temp_path, path)
     except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
+        os.remove(temp_path)
         raise
+    return temp_path
+
+
+class FileSet:
+    """Files that replace their predecessors together: the old set or the new.
+
+    Each file is written to a temporary file beside its destination
+    (`write_split`, `write_json`); `commit` then renames them all into place
+    with SIGINT and SIGTERM held back until the last, so a run stopped while
+    writing (or failing to write one of them) leaves every earlier file as it
+    was. Leaving the `with` block without a commit removes the temporaries.
+    """
+
+    def __init__(self):
+        self._staged = []  # [(temporary path, destination)]
+
+    def add(self, path: str, write_fn, mode: str) -> None:
+        self._staged.append((_temporary_copy(path, write_fn, mode), path))
+
+    def commit(self) -> None:
+        held = {signal.SIGINT, signal.SIGTERM}
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            while self._staged:
+                temp_path, path = self._staged[0]
+                os.replace(temp_path, path)
+                self._staged.pop(0)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for temp_path, _ in self._staged:
+            if os.path.exists(temp_path):
+                os.remove(temp_path)
+        self._staged = []
 
 
 def write_split(
-    path: str, embeddings: np.ndarray, keys: np.ndarray, labels: np.ndarray
+    files: FileSet,
+    path: str,
+    embeddings: np.ndarray,
+    keys: np.ndarray,
+    labels: np.ndarray,
 ) -> None:
-    """Writes one split's pickle atomically.
+    """Adds one split's pickle to `files`.
 
     Args:
+      files: the FileSet it is committed with.
       path: destination .pkl.
       embeddings: float32 [n, D].
       keys: str [n].
@@ -183,11 +226,11 @@ def write_split(
         "keys": keys.astype(str),
         "labels": labels.astype(np.int64),
     }
-    _atomic_write(path, lambda f: pickle.dump(record, f, PICKLE_PROTOCOL), "wb")
+    files.add(path, lambda f: pickle.dump(record, f, PICKLE_PROTOCOL), "wb")
 
 
-def write_json(path: str, content) -> None:
-    """Writes `content` as indented, key-sorted JSON, atomically."""
-    _atomic_write(
+def write_json(files: FileSet, path: str, content) -> None:
+    """Adds `content`, as indented, key-sorted JSON, to `files`."""
+    files.add(
         path, lambda f: f.write(json.dumps(content, indent=1, sort_keys=True)), "w"
     )
