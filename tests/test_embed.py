@@ -679,7 +679,7 @@ def test_images_of_several_sizes_kept_as_they_are_are_named(tmp_path):
     with pytest.raises(images_lib.ImageSourceError) as error:
         images_lib.load_image_folder(str(tmp_path / "pngs"), layout="class")
     assert str(error.value) == (
-        f"--image_dir={tmp_path / 'pngs'} (all): images of 2 sizes (4 of 20x20, "
+        f"--image_dir={tmp_path / 'pngs'}: images of 2 sizes (4 of 20x20, "
         "2 of 17x50); pass --image_size to resize them all to one size"
     )
     resized = images_lib.load_image_folder(
@@ -1251,3 +1251,37 @@ def test_a_signal_during_a_file_sets_commit_waits_for_its_last_rename(
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert seen == [["a", "b", "c"]]  # delivered once all three were in place
+
+
+def _png_class(folder, count=2):
+    folder.mkdir(parents=True)
+    for index in range(count):
+        png = tf.io.encode_png(np.full((4, 4, 3), index, np.uint8)).numpy()
+        (folder / f"{index}.png").write_bytes(png)
+
+
+def test_class_folders_without_readable_images_are_named_not_a_type_error(
+    tmp_path, caplog
+):
+    """A group/class tree read as class folders, and classes of .bmp files:
+    one line saying what was expected, and a warning naming skipped files."""
+    grouped = tmp_path / "grouped"
+    _png_class(grouped / "alphabet" / "a")
+    with pytest.raises(images_lib.ImageSourceError) as error:
+        images_lib.load_image_folder(str(grouped), layout="class")
+    assert str(error.value) == (
+        f"--image_dir={grouped}: no .png/.jpg/.jpeg images found for layout "
+        "'class' (its class folders hold folders: --image_dir_layout=group/class?)"
+    )
+    mixed = tmp_path / "mixed"
+    for name in ("cat", "dog"):
+        _png_class(mixed / name)
+    (mixed / "bird").mkdir()
+    (mixed / "bird" / "0.bmp").write_bytes(b"BM")
+    with caplog.at_level("WARNING"):
+        image_set = images_lib.load_image_folder(str(mixed), layout="class")
+    assert sorted(set(image_set.class_names.tolist())) == ["cat", "dog"]
+    assert (
+        f"--image_dir={mixed}: skipped 1 files that are not .png/.jpg/.jpeg "
+        "images, e.g. bird/0.bmp" in caplog.text
+    )

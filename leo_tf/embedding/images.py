@@ -584,15 +584,18 @@ def load_image_folder(
             )
         label_names = builder.info.features["label"].names
         parts, file_names = [], []
-        for split in sorted(builder.info.splits.keys()):
+        for split, info in sorted(builder.info.splits.items()):
+            if info.num_examples == 0:  # folders without a single image
+                continue
             dataset = builder.as_dataset(split=split, shuffle_files=False)
+            where = "" if layout == "class" else f" ({split})"
             try:
                 images, values = _read_examples(
                     dataset,
                     ["label", "image/filename"],
                     image_size,
                     channels,
-                    description=f"--image_dir={directory} ({split})",
+                    description=f"--image_dir={directory}{where}",
                 )
             except tf.errors.InvalidArgumentError as error:
                 raise _undecodable(directory, error) from None
@@ -606,10 +609,48 @@ def load_image_folder(
             file_names.extend(
                 os.path.basename(f.decode()) for f in values["image/filename"]
             )
+    _warn_of_skipped_files(directory, layout)
     if not parts:
+        hint = ""
+        if layout == "class" and any(
+            os.path.isdir(os.path.join(directory, name, entry))
+            for name in os.listdir(directory)
+            if os.path.isdir(os.path.join(directory, name))
+            for entry in os.listdir(os.path.join(directory, name))
+        ):
+            hint = " (its class folders hold folders: --image_dir_layout=group/class?)"
         raise ImageSourceError(
-            f"--image_dir={directory}: no images found for layout {layout!r}"
+            f"--image_dir={directory}: no {'/'.join(IMAGE_SUFFIXES)} images found "
+            f"for layout {layout!r}{hint}"
         )
     images = concatenate(parts)
     order = np.lexsort((np.array(file_names), images.class_names))
     return images.take(order)
+
+
+# The image files TFDS' ImageFolder reads (by suffix, in any case).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _warn_of_skipped_files(directory, layout):
+    """Logs a warning naming the files under `directory`, at the layout's
+    image depth, that are not read: other suffixes (e.g. .bmp)."""
+    depth = layout.count("/") + 2  # class/image, group/class/image
+    skipped = []
+    for root, _, names in os.walk(directory, followlinks=True):
+        relative = os.path.relpath(root, directory)
+        level = 0 if relative == "." else relative.count(os.sep) + 1
+        if level == depth - 1:
+            skipped += [
+                os.path.join(relative, name)
+                for name in names
+                if not name.lower().endswith(IMAGE_SUFFIXES)
+            ]
+    if skipped:
+        logging.warning(
+            "--image_dir=%s: skipped %d files that are not %s images, e.g. %s",
+            directory,
+            len(skipped),
+            "/".join(IMAGE_SUFFIXES),
+            ", ".join(sorted(skipped)[:3]),
+        )

@@ -32,6 +32,7 @@ import pickle
 import re
 import signal
 import tempfile
+import threading
 from typing import List, Sequence
 
 import numpy as np
@@ -165,10 +166,10 @@ class FileSet:
     """Files that replace their predecessors together: the old set or the new.
 
     Each file is written to a temporary file beside its destination
-    (`write_split`, `write_json`); `commit` then renames them all into place
-    with SIGINT and SIGTERM held back until the last, so a run stopped while
-    writing (or failing to write one of them) leaves every earlier file as it
-    was. Leaving the `with` block without a commit removes the temporaries.
+    (`write_split`, `write_json`); `commit` then renames them all into place,
+    handling a SIGINT or SIGTERM that arrives meanwhile after the last, so a
+    run stopped while writing (or failing to write one of them) leaves every
+    earlier file as it was. Leaving the `with` block without a commit removes the temporaries.
     """
 
     def __init__(self):
@@ -178,15 +179,26 @@ class FileSet:
         self._staged.append((_temporary_copy(path, write_fn, mode), path))
 
     def commit(self) -> None:
-        held = {signal.SIGINT, signal.SIGTERM}
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        """Renames every file into place; a SIGINT or SIGTERM that arrives
+        meanwhile is handled after the last (on the main thread, where Python
+        handles signals)."""
+        held = []
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                previous[number] = signal.signal(
+                    number, lambda number, frame: held.append(number)
+                )
         try:
             while self._staged:
                 temp_path, path = self._staged[0]
                 os.replace(temp_path, path)
                 self._staged.pop(0)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+            for number in dict.fromkeys(held):
+                signal.raise_signal(number)
 
     def __enter__(self):
         return self
