@@ -1071,6 +1071,17 @@ def test_bad_numeric_flags_are_refused_naming_the_flag_and_its_range(
     assert expected in message and "\n" not in message
 
 
+@pytest.mark.parametrize("value", ["..", ".", "a/b"])
+def test_an_embedding_crop_that_is_not_one_folder_is_refused(value):
+    """`..` once passed, trained, and failed when the pickles were renamed."""
+    with pytest.raises(config_lib.ConfigError) as error:
+        parse_flags(f"--embedding_crop={value}")
+    assert str(error.value) == (
+        f"--embedding_crop={value}: must be a folder's name (not empty, no '/', "
+        "not '.' or '..')"
+    )
+
+
 def test_every_numeric_flag_has_a_range():
     """Each int and float flag of leo_tf.embed refuses some value."""
     fields = [

@@ -276,7 +276,10 @@ def dataset_name_makes_keys(output):
 
 
 def folder_name(value):
-    return None if value and "/" not in value else "must be a non-empty folder name"
+    """A single folder's name: not empty, no "/", not "." or ".."."""
+    if value and "/" not in value and value not in (".", ".."):
+        return None
+    return "must be a folder's name (not empty, no '/', not '.' or '..')"
 
 
 @dataclasses.dataclass(frozen=True)
