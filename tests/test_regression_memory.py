@@ -7,7 +7,6 @@ import pytest
 from leo_tf import config as options
 from leo_tf.regression import config as config_lib
 from leo_tf.regression import memory
-from tests import run_fixtures
 
 GIB = 2**30
 
@@ -67,38 +66,3 @@ def test_evaluation_mode_counts_no_training_batch():
     memory.check_run(config)  # the training batch does not exist
     names = [t.name for t in memory.run_tensors(config)]
     assert not any("meta-training" in name for name in names)
-
-
-@pytest.mark.parametrize(
-    "flagfile",
-    sorted(run_fixtures.REPO.glob("flags/regression_*.cfg")),
-    ids=lambda path: path.name,
-)
-def test_the_flagfiles_runs_fit_in_two_gib(flagfile):
-    from absl import flags  # pylint: disable=g-import-not-at-top
-
-    from leo_tf.regression import __main__ as regression_main
-
-    values = flags.FlagValues()
-    regression_main.define_flags(values)
-    values(["prog", f"--flagfile={flagfile}"])
-    memory.check_run(
-        regression_main.config_from_flags(values), available=(2 * GIB, "two GiB")
-    )
-
-
-@pytest.mark.slow
-def test_the_command_refuses_a_run_too_big_in_one_line_before_writing(tmp_path):
-    directory = tmp_path / "run"
-    process = run_fixtures.run_module(
-        "leo_tf.regression",
-        f"--checkpoint_path={directory}",
-        "--metatrain_batch_size=1000000",
-        timeout=120,
-    )
-    assert process.returncode == 1
-    last = process.stderr.strip().splitlines()[-1]
-    assert last.startswith(
-        "leo_tf.regression: error: --metatrain_batch_size=1000000: the per-task "
-    )
-    assert not directory.exists()

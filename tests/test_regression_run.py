@@ -23,7 +23,7 @@ from leo_tf import checkpoints
 from leo_tf import config as options
 from leo_tf.regression import __main__ as regression_main
 from leo_tf.regression import config as config_lib
-from leo_tf.regression import figure, run
+from leo_tf.regression import figure, memory, run
 from tests import run_fixtures
 
 
@@ -468,20 +468,36 @@ def test_regression_flagfiles_parse_and_validate(flagfile):
     assert flagfile.read_text().startswith("#"), "it says what it reproduces"
     assert config.num_shots == int(flagfile.stem.split("_")[1].removesuffix("shot"))
     assert config.noise_stddev == 0.3  # the paper's observation noise
+    memory.check_run(config, available=(2**31, "2 GiB"))  # fits in 2 GiB
 
 
-def test_command_line_reports_a_bad_flag_in_one_line_before_writing(tmp_path):
+@pytest.mark.parametrize(
+    "batch_size, problem",
+    [
+        (0, "must be at least 1"),
+        # Refused by the size check (regression/memory.py), after TensorFlow
+        # loads but before anything is written.
+        (10**6, "the per-task parameters of a meta-training batch"),
+    ],
+)
+def test_command_line_reports_a_bad_flag_in_one_line_before_writing(
+    tmp_path, batch_size, problem
+):
     directory = tmp_path / "run"
     process = run_fixtures.run_module(
         "leo_tf.regression",
         f"--checkpoint_path={directory}",
-        "--metatrain_batch_size=0",
+        f"--metatrain_batch_size={batch_size}",
         timeout=120,
     )
 
     assert process.returncode == 1
-    assert process.stderr.strip().splitlines()[-1] == (
-        "leo_tf.regression: error: --metatrain_batch_size=0: must be at least 1"
+    assert (
+        process.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"leo_tf.regression: error: --metatrain_batch_size={batch_size}: {problem}"
+        )
     )
     assert not directory.exists()
 
