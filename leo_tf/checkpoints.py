@@ -336,9 +336,14 @@ def write_json_atomically(path, payload):
     Raises CheckpointError naming `path` if it cannot be written; `path` is
     then as it was and no temporary file is left.
     """
-    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    write_file_atomically(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def write_file_atomically(path, content):
+    """write_text_atomically (`content` str or bytes), a failure raised as a
+    CheckpointError naming `path`; `path` is then as it was."""
     try:
-        write_text_atomically(path, text)
+        write_text_atomically(path, content)
     except OSError as error:
         raise CheckpointError(f"could not write {path}: {error}") from error
 

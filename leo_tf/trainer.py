@@ -308,12 +308,11 @@ class _TrainingLoop:
                     with self.summaries.writing():
                         log.write(step)
                 checkpointed = step % config.train.checkpoint_steps == 0
-                if checkpointed or step == limit:
+                checkpointed = checkpointed or step == limit
+                if checkpointed:
                     outcome = self._checkpoint(step)
                 if stop.signal:
-                    outcome = self._stop(
-                        stop.signal, step, checkpointed or step == limit
-                    )
+                    outcome = self._stop(stop.signal, step, checkpointed)
                     break
         self.summaries.flush()
         logging.info(

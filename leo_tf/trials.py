@@ -502,19 +502,19 @@ def run_search(
         _start_trial(directory, lines, _trial_header(trial, seed, space))
         values = " ".join(f"--{name}={text}" for name, text in draws.items())
         log(f"{directory.name} ({trial + 1}/{num_trials}): {values}")
+        stop = None
         try:
             record = _run_trial(
                 trial, draws, space, directory, free_flag_lines(lines), log
             )
-        except TrialStopped as stop:
-            if stop.record is not None:
-                results[trial] = stop.record
-                _write_results(search_dir, results)
-                best = _write_best(search_dir, results)
+        except TrialStopped as stopped:
+            stop, record = stopped, stopped.record
+        if record is not None:
+            results[trial] = record
+            _write_results(search_dir, results)
+            best = _write_best(search_dir, results)
+        if stop is not None:
             return SearchOutcome(results, best, stop.signal_name, stop.message)
-        results[trial] = record
-        _write_results(search_dir, results)
-        best = _write_best(search_dir, results)
         durations.append(record["wall_s"])
         remaining = sum(1 for t, *_ in plan if t not in results)
         eta = remaining * sum(durations) / len(durations)

@@ -371,7 +371,8 @@ def _read_examples(
     }
 
 
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# The image files TFDS' ImageFolder reads (by suffix, in any case).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _undecodable(directory: str, error: Exception) -> ImageSourceError:
@@ -381,7 +382,7 @@ def _undecodable(directory: str, error: Exception) -> ImageSourceError:
     for root, folders, files in os.walk(directory, followlinks=True):
         folders.sort()
         for name in sorted(files):
-            if not name.lower().endswith(_IMAGE_SUFFIXES):
+            if not name.lower().endswith(IMAGE_SUFFIXES):
                 continue
             path = os.path.join(root, name)
             try:
@@ -612,12 +613,7 @@ def load_image_folder(
     _warn_of_skipped_files(directory, layout)
     if not parts:
         hint = ""
-        if layout == "class" and any(
-            os.path.isdir(os.path.join(directory, name, entry))
-            for name in os.listdir(directory)
-            if os.path.isdir(os.path.join(directory, name))
-            for entry in os.listdir(os.path.join(directory, name))
-        ):
+        if layout == "class" and _holds_grandchild_folders(directory):
             hint = " (its class folders hold folders: --image_dir_layout=group/class?)"
         raise ImageSourceError(
             f"--image_dir={directory}: no {'/'.join(IMAGE_SUFFIXES)} images found "
@@ -628,8 +624,15 @@ def load_image_folder(
     return images.take(order)
 
 
-# The image files TFDS' ImageFolder reads (by suffix, in any case).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+def _holds_grandchild_folders(directory):
+    """Whether a folder of `directory` holds a folder (group/class layout)."""
+    children = (os.path.join(directory, name) for name in os.listdir(directory))
+    return any(
+        os.path.isdir(os.path.join(child, name))
+        for child in children
+        if os.path.isdir(child)
+        for name in os.listdir(child)
+    )
 
 
 def _warn_of_skipped_files(directory, layout):

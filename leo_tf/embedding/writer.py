@@ -169,7 +169,8 @@ class FileSet:
     (`write_split`, `write_json`); `commit` then renames them all into place,
     handling a SIGINT or SIGTERM that arrives meanwhile after the last, so a
     run stopped while writing (or failing to write one of them) leaves every
-    earlier file as it was. Leaving the `with` block without a commit removes the temporaries.
+    earlier file as it was. Leaving the `with` block without a commit removes
+    the temporaries.
     """
 
     def __init__(self):

@@ -452,7 +452,7 @@ def evaluate(config):
     if png is None:
         logging.warning("matplotlib is not installed: no %s", FIGURE_FILE)
     else:
-        _write_atomically(directory / FIGURE_FILE, png)
+        checkpoints.write_file_atomically(directory / FIGURE_FILE, png)
     checkpoints.write_json_atomically(directory / RESULTS_FILE, results)
     return results
 
@@ -510,14 +510,6 @@ def _training_task(saved, config):
             "Evaluating with %s; the run was trained with %s", evaluated, trained
         )
     return trained
-
-
-def _write_atomically(path, content):
-    """checkpoints.write_text_atomically, a failure as a CheckpointError."""
-    try:
-        checkpoints.write_text_atomically(path, content)
-    except OSError as error:
-        raise checkpoints.CheckpointError(f"could not write {path}: {error}") from error
 
 
 def result_line(results):
