@@ -15,7 +15,9 @@ one line on stderr and a non-zero exit status:
   an evaluation did not write its results): `<prog>: stopped: <message>`,
   exit 128 + the signal's number (SIGINT 130, SIGTERM 143), as shells
   report a command that the signal ended, so that `train && export` does
-  not go on with an unfinished run.
+  not go on with an unfinished run. A training loop takes a closed standard
+  output for a SIGPIPE of this kind (`stop_request.StopRequest`): it saves
+  its step and ends with exit 141 and this line.
 
 With --debug, the traceback is printed before that line. No TensorFlow is
 imported here, so flag errors are reported before it loads.
@@ -107,12 +109,9 @@ def _guarded(prog, main):
         except KeyboardInterrupt:
             _exit(prog, None, _INTERRUPTED)
         except BrokenPipeError as error:
-            if not _stdout_reader_gone():
+            if not stdout_reader_gone():
                 _unexpected(prog, error)
-            # Later writes (the log's flush, the interpreter's at exit) would
-            # fail again: standard output goes nowhere from here on.
-            with open(os.devnull, "w", encoding="utf-8") as devnull:
-                os.dup2(devnull.fileno(), sys.stdout.fileno())
+            discard_stdout()
             _exit(prog, None, _PIPE_CLOSED)
         except Exception as error:  # pylint: disable=broad-except
             _unexpected(prog, error)
@@ -125,7 +124,7 @@ def _unexpected(prog, error):
     _exit(prog, f"{type(error).__name__}: {summary(error)}{hint}", 1)
 
 
-def _stdout_reader_gone():
+def stdout_reader_gone():
     """Whether standard output is a pipe whose reading end was closed (poll
     reports an error on its writing end)."""
     try:
@@ -134,6 +133,14 @@ def _stdout_reader_gone():
         return bool(poller.poll(0))
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def discard_stdout():
+    """Sends standard output to /dev/null from here on: after its reader is
+    gone, later writes (a progress line, the log's flush, the interpreter's
+    at exit) would fail again."""
+    with open(os.devnull, "w", encoding="utf-8") as devnull:
+        os.dup2(devnull.fileno(), sys.stdout.fileno())
 
 
 def _exit(prog, message, status, label="error"):

@@ -23,8 +23,9 @@ _REPEAT_SECONDS = 1.0
 class StopRequest:
     """Records the first SIGTERM or SIGINT received inside the block.
 
-    `signal` is None until one arrives, then its name ("SIGTERM" or "SIGINT").
-    Must be entered on the main thread (Python delivers signals there only).
+    `signal` is None until one arrives, then its name ("SIGTERM" or "SIGINT";
+    "SIGPIPE" for a closed standard output, `output_closed_stops`). Must be
+    entered on the main thread (Python delivers signals there only).
     """
 
     def __init__(self, what_happens):
@@ -61,6 +62,25 @@ class StopRequest:
     def __exit__(self, *exc):
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+
+    @contextlib.contextmanager
+    def output_closed_stops(self):
+        """Standard output closed by its reader inside (`... | head -3`, or
+        `| tee` ended by the Ctrl-C that reached this process too) is a
+        request to stop like a signal, "SIGPIPE": the loop saves and stops
+        instead of dying with its unsaved steps. Standard output goes to
+        /dev/null from then on."""
+        try:
+            yield
+        except BrokenPipeError:
+            if not cli.stdout_reader_gone():
+                raise
+            cli.discard_stdout()
+            if self.signal is None:
+                self.signal = "SIGPIPE"
+                logging.warning(
+                    "standard output closed (SIGPIPE): %s", self._what_happens
+                )
 
 
 @contextlib.contextmanager

@@ -305,7 +305,7 @@ class _TrainingLoop:
                 if step == first_step + 1:
                     log.restart_clock(step)  # steps/s without the tracing time
                 if step % config.train.summary_steps == 0 or step == limit:
-                    with self.summaries.writing():
+                    with stop.output_closed_stops(), self.summaries.writing():
                         log.write(step)
                 checkpointed = step % config.train.checkpoint_steps == 0
                 checkpointed = checkpointed or step == limit

@@ -518,7 +518,11 @@ def test_command_line_trains_and_evaluates_a_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_ends_the_command_with_its_stopped_line(tmp_path):
+@pytest.mark.parametrize("stop_by, status", [("SIGINT", 130), ("SIGPIPE", 141)])
+def test_ctrl_c_or_a_closed_output_ends_the_command_with_its_stopped_line(
+    tmp_path, stop_by, status
+):
+    """SIGINT, or standard output's reader gone (`| head`), saves the step."""
     directory = tmp_path / "run"
     values = {**dataclasses.asdict(_config(directory)), "num_steps_limit": 10**6}
     process = run_fixtures.start_module(
@@ -527,14 +531,19 @@ def test_ctrl_c_ends_the_command_with_its_stopped_line(tmp_path):
     for line in process.stdout:
         if line.startswith("step 4/"):
             break
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-3000:]
+    if stop_by == "SIGINT":
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    else:
+        process.stdout.close()
+        process.wait(timeout=120)
+        stderr = process.stderr.read()
+    assert process.returncode == status, stderr[-3000:]
     prefix = tf.train.latest_checkpoint(str(directory))
     step = int(prefix.rsplit("-", 1)[1])
     assert step >= 4
     assert stderr.strip().splitlines()[-1] == (
-        f"leo_tf.regression: stopped: SIGINT: checkpoint of step {step} of "
+        f"leo_tf.regression: stopped: {stop_by}: checkpoint of step {step} of "
         "1000000 saved; rerun the same command to resume; the evaluation did "
         "not run"
     )

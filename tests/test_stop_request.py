@@ -52,6 +52,35 @@ def test_the_handlers_from_before_are_restored_on_leaving():
     assert {n: signal.getsignal(n) for n in previous} == previous
 
 
+@pytest.mark.parametrize("earlier", [None, "SIGTERM"])
+def test_a_closed_standard_output_is_a_stop_request(caplog, monkeypatch, earlier):
+    """Its reader gone, output is discarded and the loop stops as for a
+    SIGPIPE (an earlier signal stays the one reported)."""
+    discarded = []
+    monkeypatch.setattr(stop_request.cli, "stdout_reader_gone", lambda: True)
+    monkeypatch.setattr(stop_request.cli, "discard_stdout", lambda: discarded.append(1))
+    with caplog.at_level(logging.WARNING):
+        with stop_request.StopRequest("the loop saves and stops") as stop:
+            stop.signal = earlier
+            with stop.output_closed_stops():
+                raise BrokenPipeError(32, "Broken pipe")
+    assert discarded == [1]
+    assert stop.signal == (earlier or "SIGPIPE")
+    logged = "standard output closed (SIGPIPE): the loop saves and stops"
+    assert (logged in caplog.text) == (earlier is None)
+
+
+def test_a_broken_pipe_other_than_standard_output_is_not_a_stop_request(
+    monkeypatch,
+):
+    monkeypatch.setattr(stop_request.cli, "stdout_reader_gone", lambda: False)
+    with stop_request.StopRequest("the loop saves and stops") as stop:
+        with pytest.raises(BrokenPipeError):
+            with stop.output_closed_stops():
+                raise BrokenPipeError(32, "Broken pipe")
+    assert stop.signal is None
+
+
 @pytest.mark.parametrize(
     "step, saved, skipped, message",
     [

@@ -212,17 +212,29 @@ def test_invalid_flag_fails_in_one_line_before_tensorflow_loads(toy_data, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_closed_output_pipe_ends_training_quietly_with_141(toy_data, tmp_path):
-    """`leo_tf.train ... | head -1`: the progress line's write to the closed
-    pipe is neither a summary-writing error nor any other error line."""
+def test_a_closed_output_pipe_saves_the_step_and_ends_training_with_141(
+    toy_data, tmp_path
+):
+    """`leo_tf.train ... | head -1` (or `| tee` killed by Ctrl-C): the
+    progress line's write to the closed pipe stops training as SIGPIPE would,
+    but after saving the step; no summary-writing or other error line."""
+    directory = tmp_path / "run"
     process = run_fixtures.start_module(
         "leo_tf.train",
         *run_fixtures.toy_run_flags(
-            toy_data, tmp_path / "run", num_steps_limit=10**6, summary_steps=1
+            toy_data, directory, num_steps_limit=10**6, summary_steps=1
         ),
     )
     assert process.stdout.readline().startswith("step 1/")
     process.stdout.close()
     assert process.wait(timeout=120) == 141
     stderr = process.stderr.read()
-    assert "leo_tf.train: " not in stderr, stderr[-3000:]  # no error line
+    prefix = tf.train.latest_checkpoint(str(directory))
+    step = int(prefix.rsplit("-", 1)[1])
+    assert step >= 2  # a step after the one whose line was read
+    assert "standard output closed (SIGPIPE): training saves" in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"leo_tf.train: stopped: SIGPIPE: checkpoint of step {step} of 1000000 "
+        "saved; rerun the same command to resume"
+    ), stderr[-3000:]
+    assert not (directory / ".lock").exists()

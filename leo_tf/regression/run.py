@@ -388,7 +388,8 @@ def _train_holding_the_lock(config, directory):
             done = step + 1
             models.step.assign(done)
             if done % config.summary_steps == 0 or done == limit:
-                _write_summaries(writer, done, window, limit)
+                with stop.output_closed_stops():
+                    _write_summaries(writer, done, window, limit)
                 window = _Window(done)
             checkpointed = done % config.checkpoint_steps == 0 or done == limit
             if checkpointed:
