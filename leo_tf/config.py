@@ -19,6 +19,7 @@ the data and the run directory are opened.
 
 import dataclasses
 import math
+import os
 import typing
 from typing import ClassVar
 
@@ -50,7 +51,7 @@ class ConfigError(ValueError):
 # --- Options: dataclass fields that are flags --------------------------------
 
 
-def option(default, help_text, *checks, choices=None, define=None):
+def option(default, help_text, *checks, choices=None, define=None, path=False):
     """A dataclass field that is also the flag of the same name.
 
     Args:
@@ -60,6 +61,9 @@ def option(default, help_text, *checks, choices=None, define=None):
       choices: the values of an enum flag (and the only valid ones).
       define: the absl DEFINE function, where the type does not say it
         (bool, int, float, str and tuples of str, a comma-separated list, do).
+      path: the value names a file or directory: a leading `~` or `~user`
+        becomes that home directory (`values_of`), as in --flagfile, since
+        the shell leaves `--flag=~/dir` as it is.
     """
     if choices:
         checks = (*checks, one_of(choices))
@@ -70,6 +74,7 @@ def option(default, help_text, *checks, choices=None, define=None):
             "checks": checks,
             "choices": choices,
             "define": define,
+            "path": path,
         },
     )
 
@@ -121,17 +126,22 @@ def define_flags_of(classes, flag_values=FLAGS):
 
 
 def values_of(cls, flag_values=FLAGS):
-    """An unchecked `cls` whose option fields hold the parsed flags' values."""
+    """An unchecked `cls` whose option fields hold the parsed flags' values
+    (paths with `~` expanded)."""
     return cls(
         **{
-            field.name: _typed(flag_values[field.name].value)
+            field.name: _typed(field, flag_values[field.name].value)
             for field in option_fields(cls)
         }
     )
 
 
-def _typed(value):
-    return tuple(value) if isinstance(value, list) else value
+def _typed(field, value):
+    if isinstance(value, list):
+        return tuple(value)
+    if field.metadata["path"] and isinstance(value, str):
+        return os.path.expanduser(value)
+    return value
 
 
 def check(config):
@@ -289,7 +299,7 @@ def shared(name, default):
     """The option of hyperparameter `name`, with this command's default: its
     help and checks are the same in every command."""
     help_text, *checks = _SHARED[name]
-    return option(default, help_text, *checks)
+    return option(default, help_text, *checks, path=name == "checkpoint_path")
 
 
 # --- leo_tf.train ---------------------------------------------------------------
@@ -339,6 +349,7 @@ class DataConfig:
         None,
         "Path to the dataset. Default: the per-user cache "
         "directory, where the built-in synthetic set is written.",
+        path=True,
     )
     dataset_name: str = option(
         "miniImageNet",

@@ -75,11 +75,14 @@ class ExportOptions:
     """The flags of `leo_tf.export`, beside leo_tf.train's (whose
     --checkpoint_path names the run to export)."""
 
-    export_dir: str = config_lib.option(None, "Directory to write the SavedModel to.")
+    export_dir: str = config_lib.option(
+        None, "Directory to write the SavedModel to.", path=True
+    )
     checkpoint: str = config_lib.option(
         "best",
         "Which checkpoint: best (best_checkpoint/), latest, or a checkpoint "
         "prefix such as runs/x/ckpt-5000.",
+        path=True,
     )
     overwrite: bool = config_lib.option(
         False, "Replace a previous SavedModel in --export_dir."

@@ -43,7 +43,7 @@ class SearchOptions:
     """The search's own flags (beside every flag of leo_tf.train)."""
 
     search_dir: str = config_lib.option(
-        None, "Directory of the search's trials and results."
+        None, "Directory of the search's trials and results.", path=True
     )
     num_trials: int = config_lib.option(
         20,

@@ -273,6 +273,48 @@ def test_every_field_is_one_flag_with_its_default_and_help(command):
         assert config_lib.values_of(cls, values) == cls(), cls.__name__
 
 
+PATH_FLAGS = {
+    "train": {"data_path", "checkpoint_path"},
+    "export": {"data_path", "checkpoint_path", "export_dir", "checkpoint"},
+    "search": {"data_path", "checkpoint_path", "search_dir"},
+    "embed": {"packed_omniglot", "image_dir", "tfds_data_dir", "data_path"},
+    "regression": {"checkpoint_path"},
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_leading_tilde_in_a_path_flag_is_the_home_directory(command, monkeypatch):
+    """`--data_path=~/emb` reaches the program unexpanded (the shell expands
+    `~` only at a word's start); path flags expand it, other flags do not."""
+    monkeypatch.setenv("HOME", "/home/someone")
+    classes, _ = COMMANDS[command]
+    values = flags.FlagValues()
+    config_lib.define_flags_of(classes, values)
+    fields = {f.name: f for cls in classes for f in config_lib.option_fields(cls)}
+    paths = {name for name, f in fields.items() if f.metadata["path"]}
+    assert paths == PATH_FLAGS[command]
+    plain = {
+        name
+        for name, f in fields.items()
+        if f.type is str and name not in paths and not f.metadata["choices"]
+    }
+    values(
+        [
+            "prog",
+            *(f"--{name}=~/runs/{name}" for name in paths),
+            *(f"--{name}=~x" for name in plain),
+        ]
+    )
+    for cls in classes:
+        built = config_lib.values_of(cls, values)
+        for field in config_lib.option_fields(cls):
+            value = getattr(built, field.name)
+            if field.name in paths:
+                assert value == f"/home/someone/runs/{field.name}"
+            elif field.name in plain:
+                assert value == "~x"
+
+
 def test_shared_hyperparameters_have_one_help_and_check():
     leo = config_lib.ModelConfig
     regression = regression_config.RegressionConfig

@@ -61,12 +61,14 @@ class SourceConfig:
         "",
         "Packed Omniglot arrays (.npz with images, char_id, drawing, alphabet, "
         "character), e.g. ../shared/data/omniglot_28.npz.",
+        path=True,
     )
     image_dir: str = option(
         "",
         "Directory of images read with TFDS' ImageFolder: DIR/<class>/<image> "
         "(--image_dir_layout=class) or DIR/<group>/<class>/<image> "
         "(--image_dir_layout=group/class, e.g. Omniglot's alphabet/character).",
+        path=True,
     )
     image_dir_layout: str = option(
         "class", "Folder layout of --image_dir.", choices=FOLDER_LAYOUTS
@@ -79,7 +81,9 @@ class SourceConfig:
     tfds_splits: Tuple[str, ...] = option(
         ("train", "test"), "TFDS splits to pool before the class-level split."
     )
-    tfds_data_dir: str = option("", "TFDS data directory (default: TFDS' own).")
+    tfds_data_dir: str = option(
+        "", "TFDS data directory (default: TFDS' own).", path=True
+    )
     tfds_download: bool = option(
         True, "Let TFDS download and prepare --tfds_name if needed."
     )
@@ -291,6 +295,7 @@ class OutputConfig:
         "Root of the output: <data_path>/<dataset_name>/"
         "<embedding_crop>/<split>_embeddings.pkl.",
         names_a_directory,
+        path=True,
     )
     dataset_name: str = option(
         "omniglot", "Letters and digits only; first field of every key."
