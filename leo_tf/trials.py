@@ -493,6 +493,14 @@ def run_search(
     except OSError as error:
         raise SearchError(f"--search_dir={search_dir}: {error}") from None
     results = read_results(search_dir)
+    beyond = sorted(trial for trial in results if trial >= num_trials)
+    if beyond:
+        log(
+            f"{search_dir / RESULTS_FILE} also holds {len(beyond)} trial(s) beyond "
+            f"--num_trials={num_trials} (up to "
+            f"{trial_directory(search_dir, beyond[-1]).name}): they are ranked "
+            "with the others"
+        )
     _write_hparams_config(search_dir, space)
     best = _write_best(search_dir, results) if results else None
     started, durations = time.perf_counter(), []

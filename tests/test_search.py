@@ -147,6 +147,25 @@ def test_a_killed_search_rerun_keeps_every_finished_trial_and_resumes(interrupte
 
 
 @pytest.mark.slow
+def test_a_rerun_with_fewer_trials_ranks_every_finished_one_and_says_so(interrupted):
+    lines = []
+    outcome = trials.run_search(
+        _base_args(interrupted["data_path"]),
+        search_space.parse_space(SPACE),
+        interrupted["search_dir"],
+        2,
+        seed=0,
+        log=lines.append,
+    )
+    assert outcome.results == interrupted["outcome"].results  # none retrained
+    assert outcome.best == interrupted["outcome"].best
+    assert lines == [
+        f"{interrupted['search_dir'] / trials.RESULTS_FILE} also holds 2 trial(s) "
+        "beyond --num_trials=2 (up to trial-003): they are ranked with the others"
+    ]
+
+
+@pytest.mark.slow
 def test_failed_and_diverged_trials_are_recorded_with_their_reason(interrupted):
     results = interrupted["outcome"].results
 
