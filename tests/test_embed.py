@@ -345,6 +345,130 @@ def test_images_too_small_for_conv4_are_refused_naming_image_size_before_trainin
     assert not (tmp_path / "out").exists()
 
 
+def _never_trains(*args, **kwargs):
+    raise AssertionError("trained although the embedding could not be made")
+
+
+def _small_memory(monkeypatch, num_bytes):
+    monkeypatch.setattr(
+        images_lib.memory, "available_memory", lambda: (num_bytes, "a test limit")
+    )
+
+
+def _twenty_pixel_images(monkeypatch):
+    """8 classes of 4 images 20x20, 1 channel, as if read from the source."""
+    names = np.repeat([f"alphabet/c{i}" for i in range(8)], 4)
+    groups = np.array([name.split("/")[0] for name in names])
+    images = images_lib.ImageSet(np.zeros((32, 20, 20, 1), np.uint8), names, groups)
+    monkeypatch.setattr(pipeline, "load_images", lambda source: images)
+    monkeypatch.setattr(pretrain, "train_classifier", _never_trains)
+
+
+def _view_shifts_config(data_path, shifts):
+    config = output_config(data_path)
+    split = options.SplitConfig(class_split="random", split_sizes="4,2,2")
+    output = dataclasses.replace(config.output, view_shifts=shifts)
+    return dataclasses.replace(config, split=split, output=output)
+
+
+def test_view_shifts_of_a_whole_image_side_are_refused_before_training(
+    tmp_path, monkeypatch
+):
+    _twenty_pixel_images(monkeypatch)
+    with pytest.raises(images_lib.ImageSourceError) as error:
+        pipeline.run(_view_shifts_config(tmp_path / "out", 20))
+    assert str(error.value) == (
+        "--view_shifts=20: must be less than the images' side (they are 20x20): "
+        "a view shifted by a whole side holds only edge pixels"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_views_that_do_not_fit_in_memory_are_refused_before_training(
+    tmp_path, monkeypatch
+):
+    """The largest split (4 classes of 4) padded to 38x38, its view's copy
+    and the 32 images held: 16 * 38 * 38 + 16 * 400 + 32 * 400 bytes."""
+    _twenty_pixel_images(monkeypatch)
+    needed = 16 * 38 * 38 + 16 * 400 + 32 * 400
+    _small_memory(monkeypatch, needed - 1)
+    with pytest.raises(images_lib.ImageSourceError) as error:
+        pipeline.run(_view_shifts_config(tmp_path / "out", 9))
+    assert str(error.value) == (
+        "--view_shifts=9: the images and the views of the largest split (16 "
+        "images padded to 38x38) need about 0.0 GiB of memory, more than the "
+        "0.0 GiB available (a test limit); lower --view_shifts"
+    )
+    assert not (tmp_path / "out").exists()
+    _small_memory(monkeypatch, needed)
+    with pytest.raises(AssertionError, match="trained although"):
+        pipeline.run(_view_shifts_config(tmp_path / "out", 9))
+
+
+def test_packed_images_resized_beyond_memory_are_refused_naming_image_size(
+    fake_omniglot, monkeypatch
+):
+    """The result, and 4 float32 intermediates of a chunk of images."""
+    path, arrays = fake_omniglot
+    count = len(arrays["images"])
+    monkeypatch.setattr(images_lib, "_CONVERSION_CHUNK", 7)
+    needed = 64 * 64 * (count + 16 * 7)
+    _small_memory(monkeypatch, needed - 1)
+    with pytest.raises(images_lib.ImageSourceError) as error:
+        images_lib.load_packed_omniglot(str(path), image_size=64)
+    assert str(error.value).startswith(
+        f"--image_size=64: the {count} images at 64x64 need about "
+    )
+    assert str(error.value).endswith(" (a test limit); lower --image_size")
+    _small_memory(monkeypatch, needed)
+    assert images_lib.load_packed_omniglot(str(path), 64).images.shape[1:] == (
+        64,
+        64,
+        1,
+    )
+
+
+def test_packed_images_converted_in_chunks_equal_those_converted_at_once(
+    fake_omniglot, monkeypatch
+):
+    path, _ = fake_omniglot
+    monkeypatch.setattr(images_lib, "_CONVERSION_CHUNK", 7)  # 80 = 11 * 7 + 3
+    chunked = images_lib.load_packed_omniglot(str(path), 40, 3)
+    monkeypatch.setattr(images_lib, "_CONVERSION_CHUNK", 10**6)
+    whole = images_lib.load_packed_omniglot(str(path), 40, 3)
+    assert chunked.images.shape == (80, 40, 40, 3)
+    np.testing.assert_array_equal(chunked.images, whole.images)
+    np.testing.assert_array_equal(chunked.class_names, whole.class_names)
+
+
+@pytest.mark.parametrize(
+    "image_size, flag, remedy",
+    [
+        (0, "", "pass --image_size to shrink them"),
+        (10, "--image_size=10: ", "lower --image_size"),
+    ],
+)
+def test_images_read_beyond_memory_are_refused_as_they_are_read(
+    monkeypatch, image_size, flag, remedy
+):
+    """Refused once the images read and their stacked copy would not fit:
+    here at the third of 5 images (3 * 2 * side^2 bytes > the limit)."""
+    side = image_size or 20
+    _small_memory(monkeypatch, 5 * side * side)
+    dataset = tf.data.Dataset.from_tensor_slices(
+        {"image": np.zeros((5, 20, 20, 1), np.uint8), "label": np.arange(5)}
+    )
+    with pytest.raises(images_lib.ImageSourceError) as error:
+        images_lib.dataset_to_image_set(
+            dataset, image_size=image_size, description="a test set"
+        )
+    assert str(error.value) == (
+        f"a test set: {flag}the first 3 images (the last {side}x{side}) and "
+        "their stacked copy need about 0.0 GiB of memory, more than the 0.0 GiB "
+        f"available (a test limit); {remedy}"
+    )
+
+
 def test_unwritable_output_folder_is_refused_before_reading_images(
     tmp_path, no_images, monkeypatch
 ):
@@ -845,6 +969,22 @@ def test_same_seed_gives_identical_pickles_and_another_seed_differs(
         np.testing.assert_array_equal(a["keys"], b["keys"])  # same split ...
         assert not np.allclose(a["embeddings"], b["embeddings"])  # ... new net
     assert file_digest(again.classes_path) == file_digest(first.classes_path)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pixel_statistics_are_numpys_mean_and_variance_per_channel(
+    monkeypatch, channels
+):
+    """Counted in chunks (here of 1000 pixels, the last one partial)."""
+    monkeypatch.setattr(pretrain, "_PIXEL_CHUNK", 1000)
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, size=(7, 23, 19, channels), dtype=np.uint8)
+    images[0, 0, 0] = 255  # the top level is counted
+    mean, variance = pretrain.pixel_statistics(images)
+    pixels = images.reshape(-1, channels).astype(np.float64)
+    np.testing.assert_allclose(mean, pixels.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(variance, pixels.var(axis=0), rtol=1e-12)
+    assert mean.shape == variance.shape == (channels,)
 
 
 def test_shifted_views_move_the_image_with_its_edge_pixels_repeated():

@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from leo_tf import memory
 from leo_tf.data import embeddings as embeddings_lib
 from leo_tf.embedding.options import FOLDER_LAYOUTS
 
@@ -50,6 +51,19 @@ _PACKED_KEYS = ("images", "char_id", "drawing", "alphabet", "character")
 
 class ImageSourceError(ValueError):
     """An image source is missing, malformed, or inconsistent."""
+
+
+def check_memory(num_bytes, what, remedy, available=None):
+    """ImageSourceError unless `num_bytes`, what `what` (e.g. "--image_size=
+    4000: the 32460 images at 4000x4000") needs, fit in the memory available:
+    `available` ((bytes, source)), by default `memory.available_memory()`.
+    `remedy` ends the message."""
+    limit, source = available or memory.available_memory()
+    if num_bytes > limit:
+        raise ImageSourceError(
+            f"{what} need about {num_bytes / 2**30:.1f} GiB of memory, more "
+            f"than the {limit / 2**30:.1f} GiB available ({source}); {remedy}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,8 +188,36 @@ def load_packed_omniglot(path: str, image_size: int = 0, channels: int = 0) -> I
     )
     order = np.lexsort((arrays["drawing"], class_names))
     alphabets, class_names = alphabets[order], class_names[order]
-    converted = convert_images(images[order][..., None], image_size, channels)
-    return ImageSet(converted.numpy(), class_names, alphabets)
+    if image_size:
+        # The result, and the float32 intermediates of one chunk (4 alive).
+        pixels = image_size**2 * (channels or 1)
+        check_memory(
+            pixels * (len(images) + 16 * min(len(images), _CONVERSION_CHUNK)),
+            f"--image_size={image_size}: the {len(images)} images at "
+            f"{image_size}x{image_size}",
+            "lower --image_size",
+        )
+    converted = _convert_in_chunks(images[order][..., None], image_size, channels)
+    return ImageSet(converted, class_names, alphabets)
+
+
+# Images converted at once by `_convert_in_chunks`.
+_CONVERSION_CHUNK = 1024
+
+
+def _convert_in_chunks(images, image_size, channels):
+    """convert_images of uint8 [n, H, W, C] -> [n, S, S, C'], a chunk of
+    images at a time, so that its float32 intermediates stay chunk-sized
+    (each image is converted alone, so the result is the same)."""
+    chunks = range(0, len(images), _CONVERSION_CHUNK)
+    converted = None
+    for start in chunks:
+        chunk = images[start : start + _CONVERSION_CHUNK]
+        result = convert_images(chunk, image_size, channels).numpy()
+        if converted is None:
+            converted = np.empty((len(images), *result.shape[1:]), np.uint8)
+        converted[start : start + len(result)] = result
+    return converted
 
 
 def read_packed_arrays(path: str) -> dict:
@@ -350,10 +392,14 @@ def _read_examples(
         return out
 
     images, values = [], {key: [] for key in features}
+    held, available = 0, memory.available_memory()
     for example in dataset.map(convert).as_numpy_iterator():
         images.append(example["image"])
         for key in features:
             values[key].append(example[key])
+        held += example["image"].nbytes
+        if 2 * held > available[0]:
+            _refuse_read_images(images, held, image_size, description, available)
     if not images:
         raise ImageSourceError(f"{description}: no examples")
     sizes = collections.Counter(image.shape[:2] for image in images)
@@ -369,6 +415,20 @@ def _read_examples(
     return np.stack(images).astype(np.uint8), {
         key: np.array(value) for key, value in values.items()
     }
+
+
+def _refuse_read_images(images, held, image_size, description, available):
+    """ImageSourceError, naming --image_size: the images read so far (`held`
+    bytes) and the array they would be stacked into do not fit."""
+    height, width = images[-1].shape[:2]
+    flag = f"--image_size={image_size}: " if image_size else ""
+    check_memory(
+        2 * held,
+        f"{description}: {flag}the first {len(images)} images (the last "
+        f"{height}x{width}) and their stacked copy",
+        "lower --image_size" if image_size else "pass --image_size to shrink them",
+        available,
+    )
 
 
 # The image files TFDS' ImageFolder reads (by suffix, in any case).

@@ -250,6 +250,33 @@ def _check_images_fit(image_set, backbone):
         )
 
 
+def _check_view_shifts(by_split, shifts):
+    """ImageSourceError, naming --view_shifts, before any training: a shift
+    of a whole image side (its views would hold only edge pixels), or views
+    of the largest split (`pretrain.shifted_views`: the split padded by
+    `shifts` pixels a side, and a view's copy) that do not fit in memory
+    beside the images held."""
+    if not shifts:
+        return
+    largest = max(by_split.values(), key=lambda s: s.num_images).images
+    count, height, width, channels = largest.shape
+    if shifts >= min(height, width):
+        raise images_lib.ImageSourceError(
+            f"--view_shifts={shifts}: must be less than the images' side (they "
+            f"are {height}x{width}): a view shifted by a whole side holds only "
+            "edge pixels"
+        )
+    padded = count * (height + 2 * shifts) * (width + 2 * shifts) * channels
+    held = sum(s.images.nbytes for s in by_split.values())
+    images_lib.check_memory(
+        held + padded + largest.nbytes,
+        f"--view_shifts={shifts}: the images and the views of the largest "
+        f"split ({count} images padded to {height + 2 * shifts}x"
+        f"{width + 2 * shifts})",
+        "lower --view_shifts",
+    )
+
+
 def run(config: EmbedConfig) -> EmbedResult:
     """Makes and writes the embeddings. See the module docstring.
 
@@ -284,6 +311,7 @@ def run(config: EmbedConfig) -> EmbedResult:
             s: splits_lib.add_rotations(v) if s in config.split.rotation_splits else v
             for s, v in by_split.items()
         }
+    _check_view_shifts(by_split, config.output.view_shifts)
 
     # Class ids are numbered over train, then val, then test classes.
     blocks = {s: _class_blocks(by_split[s].class_names) for s in splits_lib.SPLITS}

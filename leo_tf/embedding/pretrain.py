@@ -49,10 +49,28 @@ class TrainedClassifier:
     history: Dict[str, List[float]]
 
 
+# Pixels counted at once by `pixel_statistics` (np.bincount copies them to int64).
+_PIXEL_CHUNK = 2**22
+
+
 def pixel_statistics(images: np.ndarray):
-    """Per-channel mean and variance of images uint8 [n, H, W, C] -> ([C], [C])."""
-    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64)
-    return pixels.mean(axis=0), pixels.var(axis=0)
+    """Per-channel mean and variance of images uint8 [n, H, W, C] -> ([C], [C]).
+
+    From each channel's histogram of its 256 levels, counted a chunk of
+    pixels at a time: no copy of all the images (a float64 one was 8 times
+    their size).
+    """
+    levels = np.arange(256, dtype=np.float64)
+    pixels = images.reshape(-1, images.shape[-1])  # [n H W, C]
+    counts = np.zeros((pixels.shape[1], 256))  # [C, 256]
+    for start in range(0, len(pixels), _PIXEL_CHUNK):
+        chunk = pixels[start : start + _PIXEL_CHUNK]
+        for channel, channel_counts in enumerate(counts):
+            channel_counts += np.bincount(chunk[:, channel], minlength=256)
+    total = counts.sum(axis=1)
+    mean = counts @ levels / total
+    variance = (counts * (levels - mean[:, None]) ** 2).sum(axis=1) / total
+    return mean, variance
 
 
 def build_feature_extractor(
