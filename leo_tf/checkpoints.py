@@ -52,7 +52,7 @@ import tensorflow as tf
 from absl import logging
 
 from leo_tf import config as config_lib
-from leo_tf import file_kinds
+from leo_tf import error_text, file_kinds
 from leo_tf.config import ConfigError
 
 BEST_LINK = "best_checkpoint"
@@ -296,6 +296,31 @@ def remove_stale_temporaries(directory):
     for path in directory.glob(f"{CHECKPOINT_PREFIX}-*_temp*"):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(manager, step, also_intact=""):
+    """`manager.save(checkpoint_number=step)`: the prefix written.
+
+    A write that fails (disk full, read-only) raises CheckpointError naming
+    the directory and the checkpoints that are intact (with `also_intact`,
+    e.g. " and best_checkpoint"), after removing the `ckpt-<step>_temp`
+    TensorFlow was writing into.
+    """
+    try:
+        return manager.save(checkpoint_number=step)
+    except (OSError, tf.errors.OpError) as error:
+        remove_stale_temporaries(manager.directory)
+        previous = manager.latest_checkpoint
+        kept = (
+            f"The previous checkpoints ({previous}){also_intact} are intact; "
+            "rerun to resume from them."
+            if previous
+            else "No earlier checkpoint was written; rerun to start again."
+        )
+        raise CheckpointError(
+            f"could not write the checkpoint of step {step} to "
+            f"{manager.directory}: {error_text.summary(error)}. {kept}"
+        ) from error
 
 
 def check_usable(directory, for_writing):
@@ -623,7 +648,9 @@ def verify_checkpoint(prefix):
     try:
         reader = tf.train.load_checkpoint(str(prefix))
     except (tf.errors.OpError, ValueError) as error:
-        raise CheckpointError(f"{index}: damaged ({_reason(error)})") from error
+        raise CheckpointError(
+            f"{index}: damaged ({error_text.summary(error)})"
+        ) from error
     try:
         for name in reader.get_variable_to_shape_map():
             reader.get_tensor(name)
@@ -632,7 +659,9 @@ def verify_checkpoint(prefix):
             pathlib.Path(prefix).parent.glob(f"{pathlib.Path(prefix).name}.data-*")
         )
         named = str(data[0]) if len(data) == 1 else f"{prefix}.data-*"
-        raise CheckpointError(f"{named}: damaged ({_reason(error)})") from error
+        raise CheckpointError(
+            f"{named}: damaged ({error_text.summary(error)})"
+        ) from error
 
 
 def check_regular_files(prefix):
@@ -662,12 +691,6 @@ def check_newer_replaceable(directory, prefix):
                 f"{error}; resuming from {prefix or 'step 0'} would save "
                 f"{pathlib.Path(each).name} over it: move it away, then rerun"
             ) from None
-
-
-def _reason(error):
-    """The first line of an error's message."""
-    message = getattr(error, "message", None) or str(error)
-    return message.strip().splitlines()[0] if message.strip() else type(error).__name__
 
 
 def indexed_checkpoint(directory):

@@ -33,6 +33,8 @@ import traceback
 
 from absl import app, flags, logging
 
+from leo_tf import error_text
+
 flags.DEFINE_boolean(
     "debug", False, "Print the full traceback of an error before its one line."
 )
@@ -121,7 +123,7 @@ def _guarded(prog, main):
 
 def _unexpected(prog, error):
     hint = "" if _debug() else " (rerun with --debug for the traceback)"
-    _exit(prog, f"{type(error).__name__}: {summary(error)}{hint}", 1)
+    _exit(prog, f"{type(error).__name__}: {error_text.summary(error)}{hint}", 1)
 
 
 def stdout_reader_gone():
@@ -156,21 +158,3 @@ def _exit(prog, message, status, label="error"):
 
 def _debug():
     return flags.FLAGS.is_parsed() and flags.FLAGS.debug
-
-
-def summary(error):
-    """The first line of an exception's message that says what went wrong.
-
-    TensorFlow's graph execution errors start with "Graph execution error:"
-    and the Python stack of the failing op ("Detected at node ... defined
-    at", then indented "File ..." lines) before the op's own message.
-    """
-    for line in str(error).splitlines():
-        text = line.strip()
-        if (
-            text
-            and line == line.lstrip()
-            and not text.startswith(("Graph execution error", "Detected at node"))
-        ):
-            return text
-    return str(error).strip() or "(no message)"

@@ -55,7 +55,7 @@ from absl import flags, logging
 
 from leo_tf import cli
 from leo_tf import config as config_lib
-from leo_tf import file_kinds
+from leo_tf import error_text, file_kinds
 
 METADATA_ASSET = "leo_metadata.json"
 SAVED_MODEL_FILE = "saved_model.pb"
@@ -158,14 +158,8 @@ def _restore_prefix(leo, which, prefix):
     except (tf.errors.OpError, IndexError, ValueError) as error:
         # A truncated data file raises IndexError ("Read less bytes ...").
         raise ExportError(
-            f"--checkpoint={which}: cannot read {prefix}: {_one_line(error)}"
+            f"--checkpoint={which}: cannot read {prefix}: {error_text.summary(error)}"
         ) from error
-
-
-def _one_line(error):
-    """The first line of an OSError's or a TensorFlow error's message."""
-    message = getattr(error, "message", None) or str(error)
-    return message.strip().splitlines()[0] if message.strip() else repr(error)
 
 
 def _source_paths(checkpoint_path, which, config):
@@ -247,7 +241,7 @@ def check_replaceable(export_dir, overwrite):
         entries = sorted(target.iterdir())
     except OSError as error:
         raise ExportError(
-            f"--export_dir={export_dir}: cannot be read ({_one_line(error)})"
+            f"--export_dir={export_dir}: cannot be read ({error_text.summary(error)})"
         ) from error
     if not entries:
         return
@@ -542,7 +536,7 @@ def write_saved_model(model, metadata, export_dir):
     except (OSError, tf.errors.OpError) as error:
         raise ExportError(
             f"--export_dir={export_dir}: cannot write the SavedModel: "
-            f"{_one_line(error)}"
+            f"{error_text.summary(error)}"
         ) from error
     finally:
         if staging is not None and staging.exists():

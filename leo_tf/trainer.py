@@ -154,21 +154,9 @@ class _Saver:
                 self.manager.latest_checkpoint,
             )
             return None
-        try:
-            return self.manager.save(checkpoint_number=step)
-        except (OSError, tf.errors.OpError) as error:
-            self.directory.remove_stale_temporaries()  # ckpt-N_temp
-            previous = self.manager.latest_checkpoint
-            raise checkpoints.CheckpointError(
-                f"could not write the checkpoint of step {step} to "
-                f"{self.directory.path}: {error}. "
-                + (
-                    f"The previous checkpoints ({previous}) and best_checkpoint "
-                    "are intact; rerun to resume from them."
-                    if previous
-                    else "No earlier checkpoint was written; rerun to start again."
-                )
-            ) from error
+        return checkpoints.save_checkpoint(
+            self.manager, step, also_intact=" and best_checkpoint"
+        )
 
 
 class _Validation:

@@ -19,7 +19,7 @@ import tensorflow as tf
 from absl import logging
 from tensorboard.plugins.hparams import api as hp
 
-from leo_tf import checkpoints, memory, progress, stop_request, trainer
+from leo_tf import checkpoints, error_text, memory, progress, stop_request, trainer
 from leo_tf import config as config_lib
 from leo_tf.data import meta_dataset
 from leo_tf.data.embeddings import DataError
@@ -353,9 +353,8 @@ def _scored(directory):
 
 
 def _reason(error):
-    """One line: the exception's type and its message's first line."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    """One line: the exception's type and what its message says went wrong."""
+    return f"{type(error).__name__}: {error_text.summary(error)}"
 
 
 def _write_best(search_dir, results):

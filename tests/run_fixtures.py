@@ -2,14 +2,18 @@
 
 The toy run (5-way 1-shot on data_fixtures' 'toy' set) as a RunConfig for
 in-process runs and as flags for the commands, leo_tf commands in a child
-process with this checkout's environment, and snapshots of run directories.
+process with this checkout's environment, snapshots of run directories, and
+read-only directories.
 """
 
+import contextlib
 import hashlib
 import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 from leo_tf import config as config_lib
 
@@ -125,3 +129,22 @@ def snapshot(directory):
             digest = os.readlink(path) if path.is_symlink() else "dir"
         state[str(path.relative_to(directory))] = (digest, stat.st_mtime_ns)
     return state
+
+
+@contextlib.contextmanager
+def read_only(directory):
+    """Inside, the existing `directory` is one nobody can write in, root
+    included (root ignores permission bits; an immutable directory stops it)."""
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(directory)]).returncode != 0:
+            pytest.fail("cannot make a read-only directory as root (chattr)")
+        try:
+            yield directory
+        finally:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+    else:
+        directory.chmod(0o555)
+        try:
+            yield directory
+        finally:
+            directory.chmod(0o755)

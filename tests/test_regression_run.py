@@ -427,6 +427,50 @@ def test_resuming_with_other_task_or_training_flags_is_refused(trained, override
     assert sorted(p.name for p in trained.iterdir()) == before
 
 
+@pytest.mark.slow
+def test_a_read_only_run_is_refused_before_it_is_evaluated(
+    trained, tmp_path, monkeypatch
+):
+    """Its results could not be written: refused before any task is evaluated."""
+    directory = tmp_path / "run"
+    shutil.copytree(trained, directory)
+
+    def evaluating(*args, **kwargs):
+        raise AssertionError("evaluated a run whose results cannot be written")
+
+    monkeypatch.setattr(run, "_held_out_metrics", evaluating)
+    with run_fixtures.read_only(directory):
+        with pytest.raises(checkpoints.CheckpointError) as error:
+            run.evaluate(_config(directory))
+    assert str(error.value) == f"--checkpoint_path={directory}: not writable"
+
+
+def test_a_failing_checkpoint_write_is_one_error_naming_what_is_intact(
+    tmp_path, monkeypatch
+):
+    """Disk full at step 4: the ckpt-4_temp TensorFlow wrote into is removed,
+    and the error names the directory and the checkpoint of step 2."""
+    directory = tmp_path / "run"
+    original_save = tf.train.CheckpointManager.save
+
+    def failing_save(self, checkpoint_number=None, **kwargs):
+        if checkpoint_number == 4:
+            (directory / "ckpt-4_temp").mkdir()
+            raise OSError(28, "No space left on device")
+        return original_save(self, checkpoint_number=checkpoint_number, **kwargs)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", failing_save)
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        run.train(_config(directory))
+    assert str(error.value) == (
+        f"could not write the checkpoint of step 4 to {directory}: [Errno 28] No "
+        f"space left on device. The previous checkpoints ({directory}/ckpt-2) are "
+        "intact; rerun to resume from them."
+    )
+    assert not (directory / "ckpt-4_temp").exists()
+    assert tf.train.latest_checkpoint(str(directory)) == str(directory / "ckpt-2")
+
+
 def test_evaluation_without_a_checkpoint_says_so(tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match="no checkpoint"):
         run.evaluate(_config(tmp_path))

@@ -1,12 +1,10 @@
 """Tests for leo_tf.data.synthetic: the built-in default data set."""
 
-import contextlib
 import errno
 import os
 import pathlib
 import pickle
 import re
-import subprocess
 import threading
 
 import numpy as np
@@ -153,28 +151,9 @@ def test_data_path_that_is_a_file_is_named(tmp_path):
     assert a_file.read_text() == "not a folder"
 
 
-@contextlib.contextmanager
-def read_only_directory(path):
-    """`path` made a directory nobody can write in, root included."""
-    path.mkdir()
-    if os.geteuid() == 0:
-        # Root ignores permission bits; an immutable directory stops it.
-        if subprocess.run(["chattr", "+i", str(path)]).returncode != 0:
-            pytest.fail("cannot make a read-only directory as root (chattr)")
-        try:
-            yield path
-        finally:
-            subprocess.run(["chattr", "-i", str(path)], check=True)
-    else:
-        path.chmod(0o555)
-        try:
-            yield path
-        finally:
-            path.chmod(0o755)
-
-
 def test_unwritable_data_path_is_named(tmp_path):
-    with read_only_directory(tmp_path / "data") as data_path:
+    (tmp_path / "data").mkdir()
+    with run_fixtures.read_only(tmp_path / "data") as data_path:
         with pytest.raises(DataError) as info:
             synthetic.ensure_synthetic(data_path)
         reason = "Operation not permitted" if os.geteuid() == 0 else "Permission denied"

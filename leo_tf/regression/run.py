@@ -397,7 +397,7 @@ def _train_holding_the_lock(config, directory):
                 # both on resume, so TensorBoard misses no validation.
                 _validate(writer, done, config, models, predict)
                 writer.flush()
-                manager.save(checkpoint_number=done)
+                checkpoints.save_checkpoint(manager, done)
                 window = _Window(done)  # validation time is not training speed
             if stop.signal:
                 logging.warning(
@@ -407,7 +407,7 @@ def _train_holding_the_lock(config, directory):
                     done,
                 )
                 if not checkpointed:
-                    manager.save(checkpoint_number=done)
+                    checkpoints.save_checkpoint(manager, done)
                 outcome = {"stopped_by": stop.signal, "saved": True}
                 break
     writer.flush()
@@ -422,6 +422,7 @@ def evaluate(config):
     """
     directory = pathlib.Path(config.checkpoint_path)
     checkpoints.check_usable(directory, for_writing=False)
+    checkpoints.check_usable(directory, for_writing=True)  # for the results
     saved = _check_compatible(directory, config, config_lib.FIXED_FOR_EVALUATION)
     models = Models(config)
     latest = _restore_latest(models, directory, remedy="nothing to evaluate")
