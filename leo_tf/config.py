@@ -239,7 +239,7 @@ def seed_range(value):
 
 
 def names_a_directory(value):
-    return None if value else "must name a directory"
+    return None if value and value.strip() else "must name a directory"
 
 
 def dropout_rate_range(value):

@@ -146,6 +146,8 @@ def test_data_path_defaults_to_the_user_cache(tmp_path, monkeypatch):
         ("--num_latents=0", "--num_latents=0: must be at least 1"),
         ("--inner_unroll_length=-1", "--inner_unroll_length=-1: must be at least 0"),
         ("--embedding_crop=left", "--embedding_crop=left: must be one of center"),
+        ("--checkpoint_path=", "--checkpoint_path=: must name a directory"),
+        ("--checkpoint_path=  ", "--checkpoint_path=  : must name a directory"),
     ],
 )
 def test_invalid_values_name_the_flag(tmp_path, flag, message):

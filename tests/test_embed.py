@@ -624,6 +624,11 @@ def test_omniglot_split_draws_whole_validation_alphabets_by_seed():
     assert len(others) > 1  # the seed matters
     with pytest.raises(splits_lib.SplitError, match="unknown"):
         splits_lib.omniglot_split(np.array(["x/c"]), np.array(["Klingon"]), 1, 0)
+    with pytest.raises(splits_lib.SplitError) as error:  # a class-layout folder
+        splits_lib.omniglot_split(np.array(["c"]), np.array([""]), 1, 0)
+    assert "these images have no groups: read Omniglot's folders with " in str(
+        error.value
+    )
 
 
 def test_random_split_cuts_a_seeded_class_permutation():
@@ -795,6 +800,43 @@ def test_an_image_that_cannot_be_decoded_is_named(tmp_path, damage):
         images_lib.load_image_folder(str(tmp_path / "pngs"), layout="class")
     assert str(error.value).startswith(
         f"--image_dir={tmp_path / 'pngs'}: cannot decode {bad}: "
+    )
+    assert "{{function_node" not in str(error.value)
+    assert "[Op:" not in str(error.value)
+
+
+# A 1x1 GIF: header, logical screen, 2-colour table, one image of LZW data.
+_ONE_PIXEL_GIF = (
+    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff"
+    b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+)
+
+
+@pytest.mark.parametrize(
+    "kind, found",
+    [("file", "a regular file"), ("link", "a broken symbolic link to 'gone'")],
+)
+def test_an_image_dir_that_is_not_a_directory_says_what_it_is(tmp_path, kind, found):
+    path = tmp_path / "images"
+    if kind == "file":
+        path.write_text("not a folder")
+    else:
+        path.symlink_to("gone")
+    with pytest.raises(images_lib.ImageSourceError) as error:
+        images_lib.load_image_folder(str(path), layout="class")
+    assert str(error.value) == (
+        f"--image_dir={path}: {found}, not a directory of images"
+    )
+
+
+def test_a_gif_named_png_is_named_as_a_gif(tmp_path):
+    paths = _png_folder(tmp_path / "pngs", [(20, 20)] * 3)
+    paths[4].write_bytes(_ONE_PIXEL_GIF)  # b/1.png
+    with pytest.raises(images_lib.ImageSourceError) as error:
+        images_lib.load_image_folder(str(tmp_path / "pngs"), layout="class")
+    assert str(error.value) == (
+        f"--image_dir={tmp_path / 'pngs'}: {paths[4]} is a GIF (frames [1, 1, 1, "
+        "3]), not a still image: save it as a PNG or JPEG"
     )
 
 
@@ -1358,11 +1400,15 @@ def test_a_file_set_that_fails_midway_leaves_every_old_file(tmp_path):
     def failing(file):
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(writer.OutputError) as error:
         with writer.FileSet() as files:
             files.add(str(tmp_path / "a.txt"), _file_set_payload("new a"), "w")
             files.add(str(tmp_path / "b.txt"), failing, "w")
             files.commit()
+    assert str(error.value) == (
+        f"could not write {tmp_path / 'b.txt'}: No space left on device; nothing "
+        "was replaced (any earlier files there are as they were)"
+    )
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == old
 
     with writer.FileSet() as files:

@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from leo_tf import memory
+from leo_tf import error_text, file_kinds, memory
 from leo_tf.data import embeddings as embeddings_lib
 from leo_tf.embedding.options import FOLDER_LAYOUTS
 
@@ -437,8 +437,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 def _undecodable(directory: str, error: Exception) -> ImageSourceError:
     """ImageSourceError naming the first image file under `directory` (in
-    path order) that TensorFlow cannot decode: what made reading the folder
-    fail with `error`, whose message names no file."""
+    path order) that TensorFlow cannot decode as one still image: what made
+    reading the folder fail with `error`, whose message names no file. (A
+    GIF, whatever its name, decodes as a stack of frames.)"""
     for root, folders, files in os.walk(directory, followlinks=True):
         folders.sort()
         for name in sorted(files):
@@ -446,15 +447,21 @@ def _undecodable(directory: str, error: Exception) -> ImageSourceError:
                 continue
             path = os.path.join(root, name)
             try:
-                tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+                image = tf.io.decode_image(tf.io.read_file(path))
             except tf.errors.OpError as problem:
-                reason = problem.message.strip().splitlines()[0]
+                reason = error_text.summary(problem)
                 return ImageSourceError(
                     f"--image_dir={directory}: cannot decode {path}: {reason}"
                 )
+            if image.shape.rank != 3:
+                return ImageSourceError(
+                    f"--image_dir={directory}: {path} is a GIF (frames "
+                    f"{list(image.shape)}), not a still image: save it as a PNG "
+                    "or JPEG"
+                )
     return ImageSourceError(
         f"--image_dir={directory}: an image could not be decoded: "
-        f"{str(error).strip().splitlines()[-1]}"
+        f"{error_text.unwrapped(str(error).strip().splitlines()[-1])}"
     )
 
 
@@ -633,6 +640,11 @@ def load_image_folder(
         )
     directory = os.path.abspath(os.path.expanduser(directory))
     if not os.path.isdir(directory):
+        if os.path.lexists(directory):
+            raise ImageSourceError(
+                f"--image_dir={directory}: {file_kinds.describe(directory)}, not "
+                "a directory of images"
+            )
         raise ImageSourceError(f"--image_dir: no such directory {directory!r}")
     shape = (None, None, channels or 3)
     with tempfile.TemporaryDirectory() as link_root:

@@ -137,6 +137,13 @@ def omniglot_split(
     """
     class_to_alphabet = _class_groups(class_names, groups)
     alphabets = set(class_to_alphabet.values())
+    if alphabets == {""}:
+        raise SplitError(
+            "--class_split=omniglot needs each class's alphabet, and these "
+            "images have no groups: read Omniglot's folders with "
+            "--image_dir_layout=group/class (alphabet/character), or choose "
+            "--class_split=random"
+        )
     unknown = alphabets - set(BACKGROUND_ALPHABETS) - set(EVALUATION_ALPHABETS)
     if unknown:
         raise SplitError(

@@ -177,7 +177,15 @@ class FileSet:
         self._staged = []  # [(temporary path, destination)]
 
     def add(self, path: str, write_fn, mode: str) -> None:
-        self._staged.append((_temporary_copy(path, write_fn, mode), path))
+        """Writes `path`'s new content (write_fn(file), file opened in `mode`)
+        to a temporary file; OutputError, naming it, if that fails."""
+        try:
+            self._staged.append((_temporary_copy(path, write_fn, mode), path))
+        except OSError as error:
+            raise OutputError(
+                f"could not write {path}: {error.strerror or error}; nothing "
+                "was replaced (any earlier files there are as they were)"
+            ) from error
 
     def commit(self) -> None:
         """Renames every file into place; a SIGINT or SIGTERM that arrives
