@@ -60,6 +60,17 @@ def _last_line(text):
             tf.errors.InvalidArgumentError(None, None, GRAPH_ERROR),
             "InvalidArgumentError: indices[0] = 5 is not in [0, 2)",
         ),
+        (
+            tf.errors.ResourceExhaustedError(
+                None,
+                None,
+                "{{function_node __wrapped__SaveV2_dtypes_34_device_/job:localhost/"
+                "replica:0/task:0/device:CPU:0}} run/ckpt-40_temp/part; No space "
+                "left on device [Op:SaveV2] name: ",
+            ),
+            "ResourceExhaustedError: run/ckpt-40_temp/part; No space left on "
+            "device (rerun",
+        ),
     ],
 )
 def test_unexpected_error_is_one_line_naming_its_type(capsys, error, line):
