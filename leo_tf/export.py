@@ -122,15 +122,28 @@ def _with_real_directory(prefix):
 def check_checkpoint_prefix(which, checkpoint_path):
     """ExportError unless --checkpoint=which (best, latest or a prefix) names
     a checkpoint that exists: a prefix needs its .index file (on any file
-    system TensorFlow reads)."""
+    system TensorFlow reads) and, on a local disk, must lie in the run
+    directory (the metadata records that run's configuration)."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-    if which in ("best", "latest") or tf.io.gfile.exists(f"{which}.index"):
+    if which in ("best", "latest"):
         return
-    raise ExportError(
-        f"--checkpoint={which}: no such checkpoint ({which}.index); a prefix is "
-        f"a path, e.g. {pathlib.Path(checkpoint_path) / 'ckpt-1000'}"
-    )
+    if not tf.io.gfile.exists(f"{which}.index"):
+        raise ExportError(
+            f"--checkpoint={which}: no such checkpoint ({which}.index); a prefix "
+            f"is a path, e.g. {pathlib.Path(checkpoint_path) / 'ckpt-1000'}"
+        )
+    if "://" in which:
+        return
+    run = pathlib.Path(checkpoint_path).resolve()
+    home = pathlib.Path(which).parent.resolve()
+    if home != run and run not in home.parents:
+        raise ExportError(
+            f"--checkpoint={which}: not a checkpoint of --checkpoint_path="
+            f"{checkpoint_path} ({home} is outside it), whose config.json the "
+            "SavedModel would record as its training configuration; pass the "
+            "directory of the run that wrote it as --checkpoint_path"
+        )
 
 
 def _restore_prefix(leo, which, prefix):
@@ -162,13 +175,10 @@ def _restore_prefix(leo, which, prefix):
         ) from error
 
 
-def _source_paths(checkpoint_path, which, config):
-    """(description, path) of each source an export must leave untouched."""
+def _source_paths(checkpoint_path, config):
+    """(description, path) of each source an export must leave untouched
+    (the checkpoint exported lies in the run directory, or is remote)."""
     sources = [(f"the checkpoint path {checkpoint_path}", checkpoint_path)]
-    if which not in ("best", "latest"):
-        sources.append(
-            (f"the directory of --checkpoint={which}", pathlib.Path(which).parent)
-        )
     data_path = config["data"].get("data_path")
     if isinstance(data_path, str) and data_path:
         sources.append(
@@ -586,7 +596,7 @@ def export(checkpoint_path, export_dir, which="best", overwrite=False):
             "(not a leo_tf training directory)"
         )
     check_checkpoint_prefix(which, checkpoint_path)
-    check_sources(export_dir, _source_paths(checkpoint_path, which, config))
+    check_sources(export_dir, _source_paths(checkpoint_path, config))
     check_writable(export_dir)
     remove_leftovers(export_dir)
     check_replaceable(export_dir, overwrite)

@@ -434,19 +434,26 @@ def test_export_never_touches_its_sources(
     assert _tree(tmp_path / "src") == before
 
 
-def test_export_dir_of_an_explicit_checkpoint_is_refused(run_copy, tmp_path):
+def test_an_explicit_checkpoint_outside_the_run_directory_is_refused(
+    run_copy, tmp_path
+):
+    """Its weights would go out with the run's config.json as their training
+    configuration (another run's, for all the export can tell)."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     for path in run_copy.glob("ckpt-10.*"):
         shutil.copy(path, elsewhere)
-    before = _tree(elsewhere)
+    before = _tree(tmp_path)
     prefix = elsewhere / "ckpt-10"
     with pytest.raises(export_lib.ExportError) as error:
-        export_lib.export(run_copy, elsewhere, which=str(prefix), overwrite=True)
-    assert str(error.value).startswith(
-        f"--export_dir={elsewhere}: is the directory of --checkpoint={prefix};"
+        export_lib.export(run_copy, tmp_path / "model", which=str(prefix))
+    assert str(error.value) == (
+        f"--checkpoint={prefix}: not a checkpoint of --checkpoint_path={run_copy} "
+        f"({elsewhere.resolve()} is outside it), whose config.json the SavedModel "
+        "would record as its training configuration; pass the directory of the "
+        "run that wrote it as --checkpoint_path"
     )
-    assert _tree(elsewhere) == before
+    assert _tree(tmp_path) == before
 
 
 @pytest.mark.parametrize("kind", ["a regular file", "a socket"])
