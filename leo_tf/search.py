@@ -96,6 +96,13 @@ def _checked_space(options):
     the space are invalid."""
     if not options.search_dir:
         raise search_space.SearchError("--search_dir is required")
+    if flags.FLAGS.evaluation_mode:
+        raise search_space.SearchError(
+            "--evaluation_mode: a search trains its trials; to meta-test the "
+            "best one, add --evaluate_best to the search, or run `python -m "
+            f"leo_tf.train --flagfile={options.search_dir}/best.cfg "
+            "--evaluation_mode`"
+        )
     config_lib.check(options)
     space = search_space.parse_space(options.space or search_space.DEFAULT_SPACE)
     search_space.check_space(_base_args(), space)

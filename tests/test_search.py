@@ -14,7 +14,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from leo_tf import checkpoints, evaluation, search, search_space, trainer, trials
 from leo_tf.data import embeddings
-from tests import data_fixtures
+from tests import data_fixtures, run_fixtures
 
 # One dimension of each kind; num_latents changes the model's shapes.
 SPACE = (
@@ -438,6 +438,24 @@ def test_space_values_invalid_for_training_fail_before_anything_is_written(
 
     assert str(error.value).startswith(
         "--space=dropout_rate:uniform:0:1: --dropout_rate=1.0: must be 0 or in"
+    )
+    assert not (tmp_path / "s").exists()
+
+
+def test_evaluation_mode_is_refused_saying_how_to_evaluate(tmp_path):
+    """A search would ignore it and train; refused before anything is written."""
+    process = run_fixtures.run_module(
+        "leo_tf.search",
+        "--flagfile=flags/quickstart.cfg",
+        f"--search_dir={tmp_path / 's'}",
+        "--evaluation_mode",
+    )
+    assert process.returncode == 1
+    assert process.stderr.strip().splitlines()[-1] == (
+        "leo_tf.search: error: --evaluation_mode: a search trains its trials; to "
+        "meta-test the best one, add --evaluate_best to the search, or run "
+        f"`python -m leo_tf.train --flagfile={tmp_path / 's'}/best.cfg "
+        "--evaluation_mode`"
     )
     assert not (tmp_path / "s").exists()
 
