@@ -88,6 +88,13 @@ def free_flag_lines(lines):
     return [line for line in lines if _flag_name(line) in FREE_IN_A_SEARCH]
 
 
+def checkpoint_path_line(directory):
+    """`--checkpoint_path=` a trial's `directory` where it is now: a search
+    directory may be moved or copied, and the trials' flagfiles keep the
+    path they were written with, so the search passes this after them."""
+    return f"--checkpoint_path={pathlib.Path(directory).resolve()}"
+
+
 _TRAIN_FLAGS = frozenset(config_lib.train_flag_names())
 
 
@@ -106,7 +113,9 @@ def _flag_name(line):
 
 def _check_same_trial(path, lines):
     """SearchError unless the flagfile at `path`, if any, holds `lines` but
-    for the flags FREE_IN_A_SEARCH, naming the first flag that differs."""
+    for the flags FREE_IN_A_SEARCH and --checkpoint_path (the trial's own
+    directory, wherever the search directory now is: `checkpoint_path_line`),
+    naming the first flag that differs."""
     if not path.exists():
         return
 
@@ -116,7 +125,7 @@ def _check_same_trial(path, lines):
         return {
             _flag_name(line): line
             for line in flag_lines
-            if _flag_name(line) not in FREE_IN_A_SEARCH
+            if _flag_name(line) not in FREE_IN_A_SEARCH | {"checkpoint_path"}
         }
 
     saved = fixed(_flag_lines(path.read_text(encoding="utf-8")))
@@ -298,7 +307,9 @@ def _run_trial(trial, draws, space, directory, free_lines, log):
     started = time.perf_counter()
     record = {"trial": trial, "directory": directory.name, "hparams": hparams}
     try:
-        config = trial_config(directory / TRIAL_FLAGFILE, free_lines)
+        config = trial_config(
+            directory / TRIAL_FLAGFILE, [*free_lines, checkpoint_path_line(directory)]
+        )
     except config_lib.ConfigError as error:
         return {**record, "status": "failed", "reason": str(error), "wall_s": 0.0}
     resumed = checkpoints.indexed_checkpoint(directory)
@@ -358,11 +369,22 @@ def _reason(error):
 
 
 def _write_best(search_dir, results):
-    """Copies the best trial's flagfile to best.cfg; returns its record."""
+    """Copies the best trial's flagfile to best.cfg, with its --checkpoint_path
+    where the trial is now; returns its record."""
     best = ranked(results)[0]
     if best["status"] != "ok":
         return None
-    source = pathlib.Path(search_dir) / best["directory"] / TRIAL_FLAGFILE
+    directory = pathlib.Path(search_dir) / best["directory"]
+    lines = [
+        (
+            checkpoint_path_line(directory)
+            if _flag_name(line) == "checkpoint_path"
+            else line
+        )
+        for line in (directory / TRIAL_FLAGFILE)
+        .read_text(encoding="utf-8")
+        .splitlines()
+    ]
     header = (
         f"# Best of {len(results)} finished trials of this search: "
         f"{best['directory']}, "
@@ -370,8 +392,7 @@ def _write_best(search_dir, results):
         f"{best['best_step']}.\n"
     )
     checkpoints.write_text_atomically(
-        pathlib.Path(search_dir) / BEST_FLAGFILE,
-        header + source.read_text(encoding="utf-8"),
+        pathlib.Path(search_dir) / BEST_FLAGFILE, header + "\n".join(lines) + "\n"
     )
     return best
 

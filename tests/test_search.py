@@ -166,6 +166,30 @@ def test_a_rerun_with_fewer_trials_ranks_every_finished_one_and_says_so(interrup
 
 
 @pytest.mark.slow
+def test_a_moved_search_directory_resumes_where_it_is_now(interrupted, tmp_path):
+    """Copied elsewhere with its last result dropped: the trial is resumed
+    in the copy (its flagfile still names the original directory), nothing
+    is written to the original, and best.cfg names the copy's trial."""
+    original = interrupted["search_dir"]
+    moved = tmp_path / "moved"
+    shutil.copytree(original, moved)
+    results = (moved / trials.RESULTS_FILE).read_text().splitlines()
+    (moved / trials.RESULTS_FILE).write_text("\n".join(results[:-1]) + "\n")
+    before = _snapshot(original)
+
+    outcome = _search(interrupted["data_path"], moved)
+
+    assert _snapshot(original) == before
+    assert sorted(outcome.results) == list(range(NUM_TRIALS))
+    assert outcome.results[KILLED]["status"] == "ok"
+    assert outcome.results[KILLED]["resumed_from_step"] == 20  # the copy's
+    best = trials.trial_config(moved / "best.cfg")
+    assert best.train.checkpoint_path == str(
+        (moved / outcome.best["directory"]).resolve()
+    )
+
+
+@pytest.mark.slow
 def test_failed_and_diverged_trials_are_recorded_with_their_reason(interrupted):
     results = interrupted["outcome"].results
 
