@@ -119,9 +119,17 @@ def test_ensure_refuses_a_foreign_or_partial_folder(tmp_path):
     assert "generator.json" in message and "Delete" in message
 
     synthetic.ensure_synthetic(tmp_path / "ok")
-    (tmp_path / "ok" / "synthetic" / "center" / "val_embeddings.pkl").unlink()
-    with pytest.raises(DataError, match="val_embeddings.pkl: file not found"):
+    val = tmp_path / "ok" / "synthetic" / "center" / "val_embeddings.pkl"
+    val.unlink()
+    with pytest.raises(DataError, match="val_embeddings.pkl: file not found, in"):
         synthetic.ensure_synthetic(tmp_path / "ok")
+    val.mkdir()
+    with pytest.raises(DataError) as info:
+        synthetic.ensure_synthetic(tmp_path / "ok")
+    assert str(info.value).startswith(
+        f"{val}: expected a file, found a directory, in an existing synthetic "
+        "data set. Delete "
+    )
 
 
 def test_default_data_path(monkeypatch, tmp_path):

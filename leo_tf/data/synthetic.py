@@ -186,9 +186,10 @@ def _check_existing(dataset_dir: pathlib.Path, seed: int) -> None:
         path = embeddings_lib.split_path(
             dataset_dir.parent, DATASET_NAME, EMBEDDING_CROP, split
         )
-        if not path.is_file():
+        problem = embeddings_lib.not_a_file_problem(path)
+        if problem:
             raise embeddings_lib.DataError(
-                f"{path}: file not found in an existing synthetic data set. "
+                f"{path}: {problem}, in an existing synthetic data set. "
                 f"Delete {dataset_dir} to have it written again."
             )
 
