@@ -199,7 +199,7 @@ def results_table(results):
         rows.append(
             [
                 str(rank),
-                str(record["trial"]),
+                record["directory"],
                 record["status"],
                 "-" if accuracy is None else f"{accuracy:.4f}",
                 str(record.get("best_step") or "-"),

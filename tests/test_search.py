@@ -484,6 +484,35 @@ def test_evaluation_mode_is_refused_saying_how_to_evaluate(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_the_results_table_ranks_trials_by_directory_name_with_their_reasons():
+    results = {
+        0: dict(
+            trial=0,
+            directory="trial-000",
+            status="failed",
+            reason="ValueError: bad",
+            wall_s=1.0,
+            hparams={"outer_lr": 1e-3},
+        ),
+        1: dict(
+            trial=1,
+            directory="trial-001",
+            status="ok",
+            metavalid_accuracy=0.91234,
+            best_step=20,
+            steps=20,
+            wall_s=65.0,
+            hparams={"outer_lr": 0.00042},
+        ),
+    }
+    assert trials.results_table(results).splitlines() == [
+        "rank  trial      status  metavalid  best step  steps  wall   outer_lr",
+        "1     trial-001  ok      0.9123     20         20     1m05s  0.00042",
+        "2     trial-000  failed  -          -          -      0m01s  0.001",
+        "trial-000 failed: ValueError: bad",
+    ]
+
+
 def test_a_flag_searched_twice_is_refused():
     with pytest.raises(search_space.SearchError, match="--outer_lr is searched twice"):
         search_space.parse_space(["outer_lr:uniform:0.1:1", "outer_lr:choice:0.1"])
