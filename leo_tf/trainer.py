@@ -299,6 +299,7 @@ class _TrainingLoop:
                 checkpointed = checkpointed or step == limit
                 if checkpointed:
                     outcome = self._checkpoint(step)
+                    log.restart_clock(step)  # validation time is not training speed
                 if stop.signal:
                     outcome = self._stop(stop.signal, step, checkpointed)
                     break

@@ -146,6 +146,38 @@ def test_restarting_the_clock_leaves_the_time_before_out(tmp_path, clock, model)
     assert scalars["train/steps_per_second"][5] == pytest.approx(2.0)
 
 
+def test_training_speed_leaves_meta_validation_out(
+    toy_data, tmp_path, clock, monkeypatch, capsys
+):
+    """Each step takes 0.01 s of the fake clock, each meta-validation 1000 s:
+    every progress line, after a checkpoint too, says 100 steps/s."""
+    from leo_tf import trainer  # pylint: disable=g-import-not-at-top
+    from tests import run_fixtures  # pylint: disable=g-import-not-at-top
+
+    add, estimate = progress.TrainingLog.add, trainer._Validation.estimate
+
+    def timed_add(self, metrics):
+        clock.now += 0.01
+        add(self, metrics)
+
+    def slow_estimate(self, step):
+        clock.now += 1000.0
+        return estimate(self, step)
+
+    monkeypatch.setattr(progress.TrainingLog, "add", timed_add)
+    monkeypatch.setattr(trainer._Validation, "estimate", slow_estimate)
+    config = run_fixtures.toy_run_config(
+        toy_data, tmp_path / "run", num_steps_limit=30, summary_steps=5
+    )
+    trainer.train(config)
+    speeds = [
+        line.split(" | ")[3]
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("step ")
+    ]
+    assert speeds == ["100.0 steps/s"] * 6
+
+
 def test_quiet_log_prints_nothing(tmp_path, clock, model, capsys):
     writer = tf.summary.create_file_writer(str(tmp_path))
     log = progress.TrainingLog(writer, model, 0, LIMIT, verbose=False)
