@@ -86,13 +86,22 @@ class _Summaries:
 
     def __init__(self, directory, chief, latest):
         self.directory = directory
+        self._chief = chief
         self._latest = latest
-        with self.writing():
-            self.writer = (
-                tf.summary.create_file_writer(str(directory))
-                if chief
-                else tf.summary.create_noop_writer()
-            )
+        self._writer = None
+
+    @property
+    def writer(self):
+        """The file writer, made on first use: a rerun with no step to train
+        adds no events file."""
+        if self._writer is None:
+            with self.writing():
+                self._writer = (
+                    tf.summary.create_file_writer(str(self.directory))
+                    if self._chief
+                    else tf.summary.create_noop_writer()
+                )
+        return self._writer
 
     @contextlib.contextmanager
     def writing(self):
@@ -123,8 +132,9 @@ class _Summaries:
             self.writer.flush()
 
     def flush(self):
-        with self.writing():
-            self.writer.flush()
+        if self._writer is not None:
+            with self.writing():
+                self._writer.flush()
 
 
 class _Saver:

@@ -90,6 +90,14 @@ def _enospc(path):
 # --- Ownership ---------------------------------------------------------------
 
 
+def test_a_rerun_of_a_finished_run_writes_no_events_file(data_path, run):
+    """Nothing to train, nothing to summarise: TensorBoard's directory stays
+    as it was (a file writer adds an events file as it is made)."""
+    before = sorted(p.name for p in run.glob("events.out.tfevents.*"))
+    assert trainer.train(_config(data_path, run))["step"] == 20
+    assert sorted(p.name for p in run.glob("events.out.tfevents.*")) == before
+
+
 def test_second_trainer_is_refused_naming_the_holder_and_writes_nothing(
     data_path, run, no_training
 ):
