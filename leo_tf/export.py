@@ -35,8 +35,8 @@ The checkpoint is best_checkpoint by default, or the latest intact one,
 saying so, if it is missing or damaged (run_directory.RunDirectory).
 
 An export never touches its sources: an --export_dir that is, contains or
-lies inside the run directory, the exported checkpoint's directory or the
-run's data is refused, and so is one that holds anything but a previous
+lies inside the run directory (where the exported checkpoint must lie) or
+the run's data is refused, and so is one that holds anything but a previous
 SavedModel (which --overwrite replaces). The SavedModel is written to a
 hidden staging directory beside --export_dir and renamed into place; the
 staging and retired directories of killed exports are removed by the next.
@@ -122,8 +122,8 @@ def _with_real_directory(prefix):
 def check_checkpoint_prefix(which, checkpoint_path):
     """ExportError unless --checkpoint=which (best, latest or a prefix) names
     a checkpoint that exists: a prefix needs its .index file (on any file
-    system TensorFlow reads) and, on a local disk, must lie in the run
-    directory (the metadata records that run's configuration)."""
+    system TensorFlow reads) and must lie in the run directory (the metadata
+    records that run's configuration)."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
     if which in ("best", "latest"):
@@ -133,11 +133,10 @@ def check_checkpoint_prefix(which, checkpoint_path):
             f"--checkpoint={which}: no such checkpoint ({which}.index); a prefix "
             f"is a path, e.g. {pathlib.Path(checkpoint_path) / 'ckpt-1000'}"
         )
-    if "://" in which:
-        return
-    run = pathlib.Path(checkpoint_path).resolve()
-    home = pathlib.Path(which).parent.resolve()
-    if home != run and run not in home.parents:
+    run = pathlib.Path(checkpoint_path).resolve()  # a local directory
+    remote = "://" in which
+    home = which.rsplit("/", 1)[0] if remote else pathlib.Path(which).parent.resolve()
+    if remote or (home != run and run not in home.parents):
         raise ExportError(
             f"--checkpoint={which}: not a checkpoint of --checkpoint_path="
             f"{checkpoint_path} ({home} is outside it), whose config.json the "
@@ -629,15 +628,16 @@ def main(argv):
     options = config_lib.values_of(ExportOptions)
     if not options.export_dir:
         raise cli.Failure("--export_dir is required")
+    checkpoint_path = config_lib.values_of(config_lib.TrainConfig).checkpoint_path
     with cli.reported(config_lib.ConfigError, ExportError):
         config_lib.check(options)
-        check_checkpoint_path(flags.FLAGS.checkpoint_path)
+        check_checkpoint_path(checkpoint_path)
     # Imported here so that flag errors are reported before TensorFlow loads.
     from leo_tf import checkpoints  # pylint: disable=g-import-not-at-top
 
     with cli.reported(ExportError, checkpoints.CheckpointError):
         path = export(
-            flags.FLAGS.checkpoint_path,
+            checkpoint_path,
             options.export_dir,
             options.checkpoint,
             options.overwrite,

@@ -96,7 +96,7 @@ def _checked_space(options):
     the space are invalid."""
     if not options.search_dir:
         raise search_space.SearchError("--search_dir is required")
-    if flags.FLAGS.evaluation_mode:
+    if config_lib.values_of(config_lib.TrainConfig).evaluation_mode:
         raise search_space.SearchError(
             "--evaluation_mode: a search trains its trials; to meta-test the "
             "best one, add --evaluate_best to the search, or run `python -m "

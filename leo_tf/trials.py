@@ -67,7 +67,9 @@ def trial_flag_lines(base_args, draws, directory):
     values["evaluation_mode"].value = False
     values["evaluate_after_training"].value = False
     if values["data_path"].value:
-        values["data_path"].value = os.path.abspath(values["data_path"].value)
+        values["data_path"].value = os.path.abspath(
+            os.path.expanduser(values["data_path"].value)
+        )
     return serialized(values)
 
 
@@ -88,11 +90,17 @@ def free_flag_lines(lines):
     return [line for line in lines if _flag_name(line) in FREE_IN_A_SEARCH]
 
 
-def checkpoint_path_line(directory):
-    """`--checkpoint_path=` a trial's `directory` where it is now: a search
-    directory may be moved or copied, and the trials' flagfiles keep the
-    path they were written with, so the search passes this after them."""
-    return f"--checkpoint_path={pathlib.Path(directory).resolve()}"
+def _relocate_trial(path, directory):
+    """Points the trial flagfile at `path` to its `directory` where it is now,
+    if the search directory was moved or copied since it was written; the
+    other lines stay as they were. Whether it was moved."""
+    here = f"--checkpoint_path={pathlib.Path(directory).resolve()}"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    moved = [here if _flag_name(line) == "checkpoint_path" else line for line in lines]
+    if moved == lines:
+        return False
+    checkpoints.write_text_atomically(path, "\n".join(moved) + "\n")
+    return True
 
 
 _TRAIN_FLAGS = frozenset(config_lib.train_flag_names())
@@ -114,7 +122,7 @@ def _flag_name(line):
 def _check_same_trial(path, lines):
     """SearchError unless the flagfile at `path`, if any, holds `lines` but
     for the flags FREE_IN_A_SEARCH and --checkpoint_path (the trial's own
-    directory, wherever the search directory now is: `checkpoint_path_line`),
+    directory, wherever the search directory now is: `_relocate_trial`),
     naming the first flag that differs."""
     if not path.exists():
         return
@@ -307,9 +315,7 @@ def _run_trial(trial, draws, space, directory, free_lines, log):
     started = time.perf_counter()
     record = {"trial": trial, "directory": directory.name, "hparams": hparams}
     try:
-        config = trial_config(
-            directory / TRIAL_FLAGFILE, [*free_lines, checkpoint_path_line(directory)]
-        )
+        config = trial_config(directory / TRIAL_FLAGFILE, free_lines)
     except config_lib.ConfigError as error:
         return {**record, "status": "failed", "reason": str(error), "wall_s": 0.0}
     resumed = checkpoints.indexed_checkpoint(directory)
@@ -369,22 +375,11 @@ def _reason(error):
 
 
 def _write_best(search_dir, results):
-    """Copies the best trial's flagfile to best.cfg, with its --checkpoint_path
-    where the trial is now; returns its record."""
+    """Copies the best trial's flagfile to best.cfg; returns its record."""
     best = ranked(results)[0]
     if best["status"] != "ok":
         return None
-    directory = pathlib.Path(search_dir) / best["directory"]
-    lines = [
-        (
-            checkpoint_path_line(directory)
-            if _flag_name(line) == "checkpoint_path"
-            else line
-        )
-        for line in (directory / TRIAL_FLAGFILE)
-        .read_text(encoding="utf-8")
-        .splitlines()
-    ]
+    source = pathlib.Path(search_dir) / best["directory"] / TRIAL_FLAGFILE
     header = (
         f"# Best of {len(results)} finished trials of this search: "
         f"{best['directory']}, "
@@ -392,7 +387,8 @@ def _write_best(search_dir, results):
         f"{best['best_step']}.\n"
     )
     checkpoints.write_text_atomically(
-        pathlib.Path(search_dir) / BEST_FLAGFILE, header + "\n".join(lines) + "\n"
+        pathlib.Path(search_dir) / BEST_FLAGFILE,
+        header + source.read_text(encoding="utf-8"),
     )
     return best
 
@@ -512,6 +508,17 @@ def run_search(
         search_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise SearchError(f"--search_dir={search_dir}: {error}") from None
+    relocated = [
+        directory
+        for _, _, directory, _ in plan
+        if (directory / TRIAL_FLAGFILE).exists()
+        and _relocate_trial(directory / TRIAL_FLAGFILE, directory)
+    ]
+    if relocated:
+        log(
+            f"{search_dir} was moved or copied: the --checkpoint_path of "
+            f"{len(relocated)} trial flagfile(s) now names the trial here"
+        )
     results = read_results(search_dir)
     beyond = sorted(trial for trial in results if trial >= num_trials)
     if beyond:

@@ -434,6 +434,32 @@ def test_export_never_touches_its_sources(
     assert _tree(tmp_path / "src") == before
 
 
+def test_a_remote_checkpoint_prefix_is_outside_a_local_run(run_copy):
+    tf.io.gfile.makedirs("ram://other_run")
+    with tf.io.gfile.GFile("ram://other_run/ckpt-1.index", "wb") as index:
+        index.write(b"an index")
+    with pytest.raises(export_lib.ExportError) as error:
+        export_lib.check_checkpoint_prefix("ram://other_run/ckpt-1", run_copy)
+    assert str(error.value).startswith(
+        f"--checkpoint=ram://other_run/ckpt-1: not a checkpoint of "
+        f"--checkpoint_path={run_copy} (ram://other_run is outside it)"
+    )
+
+
+@pytest.mark.slow
+def test_the_command_expands_a_leading_tilde_in_its_paths(run_copy, tmp_path):
+    """--checkpoint_path=~/... and --export_dir=~/... with HOME at tmp_path."""
+    process = run_fixtures.run_module(
+        "leo_tf.export",
+        "--checkpoint_path=~/src/run",
+        "--export_dir=~/model",
+        env={"HOME": str(tmp_path)},
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.stdout.strip() == f"SavedModel written to {tmp_path / 'model'}"
+    assert (tmp_path / "model" / "saved_model.pb").is_file()
+
+
 def test_an_explicit_checkpoint_outside_the_run_directory_is_refused(
     run_copy, tmp_path
 ):

@@ -167,19 +167,35 @@ def test_a_rerun_with_fewer_trials_ranks_every_finished_one_and_says_so(interrup
 
 @pytest.mark.slow
 def test_a_moved_search_directory_resumes_where_it_is_now(interrupted, tmp_path):
-    """Copied elsewhere with its last result dropped: the trial is resumed
-    in the copy (its flagfile still names the original directory), nothing
-    is written to the original, and best.cfg names the copy's trial."""
+    """Copied elsewhere with its last result dropped: the trials' flagfiles
+    are pointed at the copy (their one changed line), the trial is resumed
+    there, nothing is written to the original, and best.cfg names the
+    copy's trial."""
     original = interrupted["search_dir"]
     moved = tmp_path / "moved"
     shutil.copytree(original, moved)
     results = (moved / trials.RESULTS_FILE).read_text().splitlines()
     (moved / trials.RESULTS_FILE).write_text("\n".join(results[:-1]) + "\n")
     before = _snapshot(original)
+    lines = []
 
-    outcome = _search(interrupted["data_path"], moved)
+    outcome = _search(interrupted["data_path"], moved, lines.append)
 
     assert _snapshot(original) == before
+    assert lines[0] == (
+        f"{moved} was moved or copied: the --checkpoint_path of 4 trial "
+        "flagfile(s) now names the trial here"
+    )
+    for trial in range(NUM_TRIALS):
+        name = trials.trial_directory(original, trial).name
+        old = (original / name / "trial.cfg").read_text().splitlines()
+        new = (moved / name / "trial.cfg").read_text().splitlines()
+        assert [(a, b) for a, b in zip(old, new) if a != b] == [
+            (
+                f"--checkpoint_path={(original / name).resolve()}",
+                f"--checkpoint_path={(moved / name).resolve()}",
+            )
+        ]
     assert sorted(outcome.results) == list(range(NUM_TRIALS))
     assert outcome.results[KILLED]["status"] == "ok"
     assert outcome.results[KILLED]["resumed_from_step"] == 20  # the copy's
@@ -511,6 +527,13 @@ def test_the_results_table_ranks_trials_by_directory_name_with_their_reasons():
         "2     trial-000  failed  -          -          -      0m01s  0.001",
         "trial-000 failed: ValueError: bad",
     ]
+
+
+def test_a_tilde_in_the_data_path_is_the_home_directory(monkeypatch, tmp_path):
+    """As leo_tf.train expands it: the flagfile holds the absolute path."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    lines = trials.trial_flag_lines(["--data_path=~/emb"], {}, tmp_path / "t")
+    assert f"--data_path={tmp_path / 'emb'}" in lines
 
 
 def test_a_flag_searched_twice_is_refused():
