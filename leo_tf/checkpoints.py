@@ -310,24 +310,32 @@ def save_checkpoint(manager, step, also_intact=""):
         return manager.save(checkpoint_number=step)
     except (OSError, tf.errors.OpError) as error:
         remove_stale_temporaries(manager.directory)
-        previous = manager.latest_checkpoint
-        kept = (
-            f"The previous checkpoints ({previous}){also_intact} are intact; "
-            "rerun to resume from them."
-            if previous
-            else "No earlier checkpoint was written; rerun to start again."
-        )
         raise CheckpointError(
             f"could not write the checkpoint of step {step} to "
-            f"{manager.directory}: {error_text.summary(error)}. {kept}"
+            f"{manager.directory}: {error_text.summary(error)}. "
+            + what_is_kept(manager.latest_checkpoint, also_intact)
         ) from error
 
 
-def check_usable(directory, for_writing):
+def what_is_kept(latest, also_intact=""):
+    """The sentence of a failed write's error that says what a rerun resumes
+    from: the checkpoints up to `latest` (with `also_intact`, e.g. " and
+    best_checkpoint"), or nothing yet when `latest` is None."""
+    if latest is None:
+        return "No checkpoint was written yet; rerun to start again."
+    return (
+        f"The checkpoints ({latest}){also_intact} are intact; rerun to resume "
+        "from them."
+    )
+
+
+def check_usable(directory, for_writing, writes=None):
     """Raises CheckpointError if `directory` cannot be used, touching nothing.
 
     For writing, the directory (or its nearest existing parent, where it will
     be created) must be a writable directory; for reading, it must exist.
+    `writes`, what the command would write there (e.g. "the meta-test writes
+    test_results.json"), is added to a refusal for writing.
     """
     directory = pathlib.Path(directory)
     if directory.exists():
@@ -336,7 +344,8 @@ def check_usable(directory, for_writing):
         if not os.access(directory, os.R_OK | os.X_OK):
             raise CheckpointError(f"--checkpoint_path={directory}: not readable")
         if for_writing and not os.access(directory, os.W_OK):
-            raise CheckpointError(f"--checkpoint_path={directory}: not writable")
+            why = f" ({writes} there)" if writes else ""
+            raise CheckpointError(f"--checkpoint_path={directory}: not writable{why}")
         return
     if directory.is_symlink():
         raise CheckpointError(

@@ -28,10 +28,5 @@ def summary(error):
             and line == line.lstrip()
             and not text.startswith(("Graph execution error", "Detected at node"))
         ):
-            return unwrapped(text)
+            return _TF_OP_SUFFIX.sub("", _TF_FUNCTION_NODE.sub("", text)) or text
     return str(error).strip() or "(no message)"
-
-
-def unwrapped(line):
-    """`line` without TensorFlow's `{{function_node ...}}` and `[Op:...]`."""
-    return _TF_OP_SUFFIX.sub("", _TF_FUNCTION_NODE.sub("", line)) or line

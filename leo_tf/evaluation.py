@@ -64,7 +64,9 @@ def evaluate(config):
     """
     directory = run_directory.RunDirectory(config.train.checkpoint_path)
     directory.check_usable(for_writing=False)
-    directory.check_usable(for_writing=True)
+    directory.check_usable(
+        for_writing=True, writes=f"the meta-test writes {checkpoints.RESULTS_FILE}"
+    )
     test_classes = meta_dataset.load_classes(config.data, "test")
     embedding_dim = test_classes.embedding_dim
     directory.check_compatible(config, embedding_dim, checkpoints.FIXED_FOR_EVALUATION)

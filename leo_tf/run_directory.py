@@ -150,9 +150,10 @@ class RunDirectory:
 
     # --- Configuration -------------------------------------------------------
 
-    def check_usable(self, for_writing):
-        """CheckpointError unless the directory can be read (and written)."""
-        checkpoints.check_usable(self.path, for_writing)
+    def check_usable(self, for_writing, writes=None):
+        """CheckpointError unless the directory can be read (and written, for
+        what `writes` says: see checkpoints.check_usable)."""
+        checkpoints.check_usable(self.path, for_writing, writes)
 
     def check_compatible(self, config, embedding_dim, fixed):
         """ConfigError unless `config` agrees with config.json on `fixed`

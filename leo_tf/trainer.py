@@ -35,6 +35,7 @@ from absl import logging
 from leo_tf import (
     checkpoints,
     distribute,
+    error_text,
     meta_eval,
     progress,
     run_directory,
@@ -112,16 +113,10 @@ class _Summaries:
         except BrokenPipeError:
             raise
         except (OSError, tf.errors.OpError) as error:
-            latest = self._latest()
-            kept = (
-                f"The checkpoints ({latest}) and best_checkpoint are intact; "
-                "rerun to resume from them."
-                if latest
-                else "No checkpoint was written yet; rerun to start again."
-            )
             raise checkpoints.CheckpointError(
                 f"could not write TensorBoard summaries to {self.directory}: "
-                f"{error}. {kept}"
+                f"{error_text.summary(error)}. "
+                + checkpoints.what_is_kept(self._latest(), " and best_checkpoint")
             ) from error
 
     def scalars(self, step, values):

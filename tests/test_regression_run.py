@@ -442,7 +442,10 @@ def test_a_read_only_run_is_refused_before_it_is_evaluated(
     with run_fixtures.read_only(directory):
         with pytest.raises(checkpoints.CheckpointError) as error:
             run.evaluate(_config(directory))
-    assert str(error.value) == f"--checkpoint_path={directory}: not writable"
+    assert str(error.value) == (
+        f"--checkpoint_path={directory}: not writable (the evaluation writes "
+        "regression_results.json there)"
+    )
 
 
 def test_a_failing_checkpoint_write_is_one_error_naming_what_is_intact(
@@ -464,8 +467,8 @@ def test_a_failing_checkpoint_write_is_one_error_naming_what_is_intact(
         run.train(_config(directory))
     assert str(error.value) == (
         f"could not write the checkpoint of step 4 to {directory}: [Errno 28] No "
-        f"space left on device. The previous checkpoints ({directory}/ckpt-2) are "
-        "intact; rerun to resume from them."
+        f"space left on device. The checkpoints ({directory}/ckpt-2) are intact; "
+        "rerun to resume from them."
     )
     assert not (directory / "ckpt-4_temp").exists()
     assert tf.train.latest_checkpoint(str(directory)) == str(directory / "ckpt-2")

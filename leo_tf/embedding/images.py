@@ -461,7 +461,7 @@ def _undecodable(directory: str, error: Exception) -> ImageSourceError:
                 )
     return ImageSourceError(
         f"--image_dir={directory}: an image could not be decoded: "
-        f"{error_text.unwrapped(str(error).strip().splitlines()[-1])}"
+        f"{error_text.summary(error)}"
     )
 
 

@@ -422,7 +422,9 @@ def evaluate(config):
     """
     directory = pathlib.Path(config.checkpoint_path)
     checkpoints.check_usable(directory, for_writing=False)
-    checkpoints.check_usable(directory, for_writing=True)  # for the results
+    checkpoints.check_usable(
+        directory, for_writing=True, writes=f"the evaluation writes {RESULTS_FILE}"
+    )
     saved = _check_compatible(directory, config, config_lib.FIXED_FOR_EVALUATION)
     models = Models(config)
     latest = _restore_latest(models, directory, remedy="nothing to evaluate")
