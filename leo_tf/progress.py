@@ -31,7 +31,13 @@ SUMMARY_NAMES = {
 
 
 class TrainingLog:
-    """Running means of the step metrics, summaries and the progress line."""
+    """Running means of the step metrics, summaries and the progress line.
+
+    Steps/s (and the ETA from it) counts the time since the window started
+    or `restart_clock` was last called: the trainer restarts it after the
+    first step's tracing and after each checkpoint's meta-validation, so
+    neither is counted.
+    """
 
     _SCALARS = tuple(SUMMARY_NAMES)
 
