@@ -148,19 +148,19 @@ def check_checkpoint_prefix(which, checkpoint_path):
 def _restore_prefix(leo, which, prefix):
     """Restores `leo` from --checkpoint=which, a prefix; the step.
 
-    A local checkpoint is read back whole first (checkpoints.verify_checkpoint),
-    as best and latest are: a damaged one is refused naming its file, before a
-    partial restore.
+    The checkpoint (local and in the run directory: check_checkpoint_prefix)
+    is read back whole first (checkpoints.verify_checkpoint), as best and
+    latest are: a damaged one is refused naming its file, before a partial
+    restore.
     """
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
     from leo_tf import checkpoints  # pylint: disable=g-import-not-at-top
 
-    if os.path.exists(f"{prefix}.index"):
-        try:
-            checkpoints.verify_checkpoint(prefix)
-        except checkpoints.CheckpointError as error:
-            raise ExportError(f"--checkpoint={which}: {error}") from error
+    try:
+        checkpoints.verify_checkpoint(prefix)
+    except checkpoints.CheckpointError as error:
+        raise ExportError(f"--checkpoint={which}: {error}") from error
     try:
         return leo.restore(prefix)
     except tf.errors.NotFoundError as error:

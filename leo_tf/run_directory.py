@@ -226,10 +226,6 @@ class RunDirectory:
         """Makes TensorFlow's `checkpoint` index name `prefix` as the latest."""
         checkpoints.index_checkpoint(self.path, prefix)
 
-    def remove_stale_temporaries(self):
-        """Removes what a killed or failed write left half-written."""
-        checkpoints.remove_stale_temporaries(self.path)
-
     # --- The best checkpoint ---------------------------------------------------
 
     def load_best_record(self):

@@ -135,9 +135,8 @@ class _Summaries:
 class _Saver:
     """The latest checkpoints (the 5 newest), never of non-finite weights."""
 
-    def __init__(self, leo, saving_directory, directory):
+    def __init__(self, leo, saving_directory):
         self.leo = leo
-        self.directory = directory
         self.manager = tf.train.CheckpointManager(
             leo.checkpoint,
             str(saving_directory),
@@ -227,7 +226,7 @@ class _TrainingLoop:
         self.directory = directory
         self.data = data
         self.leo = leo
-        self.saver = _Saver(leo, saving_dir, directory)
+        self.saver = _Saver(leo, saving_dir)
         warn_towers_under_strategy(config, strategy)
         self.train_step = steps.compile_train_step(
             leo.model,

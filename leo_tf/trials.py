@@ -90,10 +90,14 @@ def free_flag_lines(lines):
     return [line for line in lines if _flag_name(line) in FREE_IN_A_SEARCH]
 
 
-def _relocate_trial(path, directory):
-    """Points the trial flagfile at `path` to its `directory` where it is now,
-    if the search directory was moved or copied since it was written; the
-    other lines stay as they were. Whether it was moved."""
+def _relocate_trial(directory):
+    """Points the flagfile of the trial in `directory`, if it has one, to the
+    directory where it is now, if the search directory was moved or copied
+    since it was written; the other lines stay as they were. Whether it was
+    moved."""
+    path = directory / TRIAL_FLAGFILE
+    if not path.exists():
+        return False
     here = f"--checkpoint_path={pathlib.Path(directory).resolve()}"
     lines = path.read_text(encoding="utf-8").splitlines()
     moved = [here if _flag_name(line) == "checkpoint_path" else line for line in lines]
@@ -508,16 +512,13 @@ def run_search(
         search_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise SearchError(f"--search_dir={search_dir}: {error}") from None
-    relocated = [
-        directory
-        for _, _, directory, _ in plan
-        if (directory / TRIAL_FLAGFILE).exists()
-        and _relocate_trial(directory / TRIAL_FLAGFILE, directory)
-    ]
+    relocated = 0
+    for _, _, directory, _ in plan:
+        relocated += _relocate_trial(directory)
     if relocated:
         log(
             f"{search_dir} was moved or copied: the --checkpoint_path of "
-            f"{len(relocated)} trial flagfile(s) now names the trial here"
+            f"{relocated} trial flagfile(s) now names the trial here"
         )
     results = read_results(search_dir)
     beyond = sorted(trial for trial in results if trial >= num_trials)
